@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint demo tiny bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check openvla_ros training test benchmarks launch setup.py
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS) test
+
+tiny: $(STAMP)
+	$(PY) -m openvla_ros.tiny artifacts/tiny
+
+demo: $(STAMP)
+	$(PY) -m openvla_ros.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/inference.py
+
+clean:
+	rm -rf $(VENV) artifacts build *.egg-info
