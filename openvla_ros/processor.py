@@ -120,7 +120,7 @@ class ImageTransform:
             image = np.ascontiguousarray(image[::-1, ::-1])
         size = (self.image_size, self.image_size)
         if image.shape[:2] != size:
-            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+            image = np.array(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
         if self.center_crop:
             image = center_crop_and_resize(image)
         return image

@@ -1,0 +1,405 @@
+"""Loading and saving OpenVLA checkpoints in the Hugging Face layout, without remote code.
+
+A checkpoint directory holds ``config.json`` (``model_type: openvla``), ``model.safetensors`` or
+sharded ``model-*.safetensors`` with ``model.safetensors.index.json``, tokenizer files and often
+``dataset_statistics.json``. Any ``auto_map`` or ``*.py`` file in it is ignored: only safetensors
+weights and JSON are read. Hub ids are resolved with ``huggingface_hub.snapshot_download`` restricted to
+those files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from openvla_ros.configuration_openvla import OpenVLAConfig
+from openvla_ros.errors import CheckpointError, QuantizationError
+from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+STATISTICS_NAME = "dataset_statistics.json"
+SINGLE_WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# DINOv2 LayerScale weights are saved as `scale_factor` by the official code and named `gamma` in timm.
+_OFFICIAL_LAYERSCALE = re.compile(r"^(vision_backbone\..*\.ls[12])\.scale_factor$")
+_INTERNAL_LAYERSCALE = re.compile(r"^(vision_backbone\..*\.ls[12])\.gamma$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def official_to_internal_key(key: str) -> str:
+    """Returns the module key of an official checkpoint weight name (LayerScale rename)."""
+    return _OFFICIAL_LAYERSCALE.sub(r"\1.gamma", key)
+
+
+def internal_to_official_key(key: str) -> str:
+    """Returns the official checkpoint name of a module key (LayerScale rename)."""
+    return _INTERNAL_LAYERSCALE.sub(r"\1.scale_factor", key)
+
+
+def resolve_checkpoint_dir(model: str) -> Path:
+    """Returns the local directory of ``model``: a directory path, or a hub id fetched/cached locally.
+
+    Raises:
+        CheckpointError: when the path does not exist, or the hub id cannot be fetched (offline and
+            not in the local cache, unknown repository).
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{model} is a file; pass the checkpoint directory that holds config.json")
+    if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise CheckpointError(
+            f"checkpoint directory {model} does not exist; pass an existing directory or a hub id "
+            "such as openvla/openvla-7b"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=model, allow_patterns=HUB_FILE_PATTERNS))
+    except Exception as exc:  # the hub client raises many unrelated types for one cause
+        raise CheckpointError(
+            f"cannot fetch {model!r} from the model hub and it is not in the local cache ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); on a machine with network access run "
+            f"`hf download {model}` and pass the downloaded directory (or copy the cache, HF_HOME)"
+        ) from exc
+
+
+def read_config(checkpoint_dir: Path) -> OpenVLAConfig:
+    """Returns the checkpoint's config with ``dataset_statistics.json`` merged into ``norm_stats``.
+
+    Raises:
+        CheckpointError: when config.json is missing, not JSON, or not an OpenVLA config.
+    """
+    config_path = checkpoint_dir / CONFIG_NAME
+    data = _read_json(config_path, what="the model config")
+    try:
+        config = OpenVLAConfig.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_path} is not a usable OpenVLA config: {exc}") from exc
+    statistics_path = checkpoint_dir / STATISTICS_NAME
+    if statistics_path.is_file():
+        for key, value in _read_json(statistics_path, what="dataset statistics").items():
+            config.norm_stats.setdefault(key, value)
+    return config
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found: {path.parent} is not an OpenVLA checkpoint (it needs {path.name} for {what})"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} ({what}) is unreadable or not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} ({what}) must hold a JSON object")
+    return data
+
+
+def weight_files(checkpoint_dir: Path) -> list[Path]:
+    """Returns the safetensors files of a checkpoint, in index order.
+
+    Raises:
+        CheckpointError: when there are none, a shard named by the index is missing, or only
+            pickle (``*.bin``) weights exist.
+    """
+    index_path = checkpoint_dir / INDEX_NAME
+    if index_path.is_file():
+        index = _read_json(index_path, what="the weight index")
+        names = sorted(set(index.get("weight_map", {}).values()))
+        if not names:
+            raise CheckpointError(f"{index_path} has an empty weight_map")
+        files = [checkpoint_dir / name for name in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {checkpoint_dir} is incomplete: missing shard(s) {', '.join(missing)}; "
+                "download it again"
+            )
+        return files
+    if (checkpoint_dir / SINGLE_WEIGHTS_NAME).is_file():
+        return [checkpoint_dir / SINGLE_WEIGHTS_NAME]
+    shards = sorted(checkpoint_dir.glob("model-*.safetensors"))
+    if shards:
+        return shards
+    if list(checkpoint_dir.glob("*.bin")):
+        raise CheckpointError(
+            f"{checkpoint_dir} holds only pickle (*.bin) weights, which are not loaded for safety; "
+            "convert them to safetensors"
+        )
+    raise CheckpointError(f"no *.safetensors weights in {checkpoint_dir}")
+
+
+def _iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(
+            f"weight file {path} is corrupt or truncated ({exc}); download or save the checkpoint again"
+        ) from exc
+
+
+def resolve_device(device: str) -> torch.device:
+    """Returns the torch device for ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``.
+
+    Raises:
+        QuantizationError: when CUDA is requested but not available, or the name is unknown.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise QuantizationError(f"device {device!r} requested but CUDA is not available; use device 'cpu'")
+        return torch.device(device)
+    raise QuantizationError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Returns the compute dtype: ``auto`` is bfloat16 on CUDA and float32 on CPU.
+
+    Raises:
+        QuantizationError: for an unknown dtype name.
+    """
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise QuantizationError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _require_bitsandbytes(quantization: str):
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise QuantizationError(
+            f"quantization {quantization!r} needs bitsandbytes, which is not importable ({exc}); "
+            "pip install bitsandbytes, or use quantization 'none'"
+        ) from exc
+    if quantization == "8bit":
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    return bitsandbytes
+
+
+def quantizable_linears(model: OpenVLAForActionPrediction) -> list[str]:
+    """Returns the names of the Linear layers that quantisation replaces: the LLM's, lm_head excluded.
+
+    The vision backbone, projector and lm_head stay in the compute dtype (accuracy, and bitsandbytes'
+    CPU 4-bit path needs output sizes that are multiples of 32).
+    """
+    return [
+        f"language_model.model.{name}"
+        for name, module in model.language_model.model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+
+
+def _quantized_linear(linear: nn.Linear, quantization: str, compute_dtype: torch.dtype, device: torch.device):
+    bnb = _require_bitsandbytes(quantization)
+    weight = linear.weight.data
+    bias = linear.bias is not None
+    if quantization == "4bit":
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
+            quant_type="nf4", device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False, threshold=6.0,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Int8Params(weight.to(compute_dtype), requires_grad=False, has_fp16_weights=False)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    return layer.to(device)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, module)
+
+
+def load_model(
+    checkpoint_dir: Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    quantization: str = "none",
+    config: OpenVLAConfig | None = None,
+) -> OpenVLAForActionPrediction:
+    """Returns the model of a local checkpoint directory, in eval mode on ``device``.
+
+    Weights are streamed shard by shard into an empty model; with ``quantization`` 8bit/4bit the LLM's
+    Linear layers become bitsandbytes layers as soon as they are loaded.
+
+    Raises:
+        CheckpointError: missing/corrupt files, or weights that do not match the config (missing or
+            unexpected keys, wrong shapes).
+        QuantizationError: unknown quantisation/dtype/device, or bitsandbytes unavailable.
+    """
+    from accelerate import init_empty_weights
+
+    if quantization not in QUANTIZATIONS:
+        raise QuantizationError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    target_device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, target_device)
+    if quantization != "none":
+        _require_bitsandbytes(quantization)
+    config = config or read_config(checkpoint_dir)
+    files = weight_files(checkpoint_dir)
+    with init_empty_weights(include_buffers=False):
+        model = OpenVLAForActionPrediction(config)
+    expected = set(model.state_dict())
+    pending_linears = set(quantizable_linears(model)) if quantization != "none" else set()
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for path in files:
+        shard: dict[str, torch.Tensor] = {}
+        for key, tensor in _iter_shard(path):
+            name = official_to_internal_key(key)
+            if name not in expected:
+                unexpected.append(key)
+                continue
+            shard[name] = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
+        try:
+            model.load_state_dict(shard, strict=False, assign=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"weights in {path.name} do not fit the architecture in config.json: {exc}"
+            ) from exc
+        seen.update(shard)
+        del shard
+        for name in sorted(pending_linears):
+            linear = model.get_submodule(name)
+            if all(not p.is_meta for p in linear.parameters()):
+                _set_submodule(model, name, _quantized_linear(linear, quantization, compute_dtype, target_device))
+                pending_linears.discard(name)
+    missing = sorted(expected - seen)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} does not match its config: {len(missing)} missing weight(s) "
+            f"{_preview(missing)} and {len(unexpected)} unexpected weight(s) {_preview(unexpected)}; "
+            "the files may be incomplete or from another architecture"
+        )
+    model.to(target_device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _preview(names: Iterable[str], limit: int = 5) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def load_tokenizer(checkpoint_dir: Path):
+    """Returns the checkpoint's tokenizer (never running code from the checkpoint).
+
+    Raises:
+        CheckpointError: when no tokenizer files are present or they cannot be read.
+    """
+    from transformers import AutoTokenizer
+
+    if not any((checkpoint_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(
+            f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy the base model's "
+            "tokenizer files into it"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(checkpoint_dir), trust_remote_code=False)
+    except Exception as exc:  # tokenizers/transformers raise a variety of types for bad files
+        raise CheckpointError(f"cannot load the tokenizer of {checkpoint_dir}: {exc}") from exc
+
+
+def save_checkpoint(
+    model: OpenVLAForActionPrediction,
+    out_dir: Path,
+    *,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Writes ``model`` in the official layout (official weight names) and returns ``out_dir``.
+
+    The directory is written beside ``out_dir`` and renamed into place, so an interrupted save never
+    leaves a half-written checkpoint. ``dataset_statistics.json`` mirrors ``config.norm_stats``.
+
+    Raises:
+        CheckpointError: when ``out_dir`` exists and is not empty.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state = {
+            internal_to_official_key(key): (tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor)
+            .detach().cpu().contiguous()
+            for key, tensor in model.state_dict().items()
+        }
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for key in sorted(state):
+            nbytes = state[key].numel() * state[key].element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = state[key]
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(staging / SINGLE_WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for number, shard in enumerate(shards, start=1):
+                name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        config_dict = model.config.to_dict()
+        config_dict["torch_dtype"] = str(dtype or next(iter(state.values())).dtype).replace("torch.", "")
+        (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2))
+        if model.config.norm_stats:
+            (staging / STATISTICS_NAME).write_text(json.dumps(model.config.norm_stats, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+            vocab_file = getattr(tokenizer, "vocab_file", None)
+            if vocab_file and os.path.isfile(vocab_file):
+                shutil.copyfile(vocab_file, staging / "tokenizer.model")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

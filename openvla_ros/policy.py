@@ -1,0 +1,206 @@
+"""The policy: image + instruction -> 7-DoF physical action, stringing model, processor and codec.
+
+    policy = OpenVLAPolicy.from_pretrained("openvla/openvla-7b", quantization="4bit",
+                                           unnorm_key="bridge_orig")
+    action = policy.predict_action(rgb_uint8_image, "pick up the red block")  # float64[7]
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openvla_ros.action_codec import ACTION_DIM, ActionNormalizer, ActionTokenizer, select_unnorm_key
+from openvla_ros.configuration_openvla import OpenVLAConfig
+from openvla_ros.errors import CheckpointError, InstructionError, OpenVLAError, QuantizationError
+from openvla_ros.loading import load_model, load_tokenizer, read_config, resolve_checkpoint_dir
+from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
+from openvla_ros.processor import ImageTransform, prompt_token_ids
+
+logger = logging.getLogger(__name__)
+
+# The action ids are the last 256 of the unpadded Llama vocabulary (32000), whatever the padding.
+BASE_VOCAB_SIZE = 32000
+
+
+class OpenVLAPolicy:
+    """A loaded OpenVLA model with its tokenizer, image transform and action codec.
+
+    Build it with :meth:`from_pretrained`; call :meth:`predict_action` per control step.
+    """
+
+    def __init__(
+        self,
+        model: OpenVLAForActionPrediction,
+        tokenizer,
+        *,
+        unnorm_key: str | None = None,
+        center_crop: bool = False,
+        rotate_180: bool = False,
+        checkpoint_dir: Path | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config: OpenVLAConfig = model.config
+        self.checkpoint_dir = checkpoint_dir
+        self.unnorm_key = select_unnorm_key(self.config.norm_stats, unnorm_key)
+        action_stats = self.config.norm_stats[self.unnorm_key].get("action")
+        if not isinstance(action_stats, dict):
+            raise CheckpointError(f"norm_stats[{self.unnorm_key!r}] has no 'action' statistics")
+        try:
+            self.normalizer = ActionNormalizer.from_stats(action_stats)
+        except ValueError as exc:
+            raise CheckpointError(f"norm_stats[{self.unnorm_key!r}]['action'] is malformed: {exc}") from exc
+        if self.normalizer.dim != ACTION_DIM:
+            raise CheckpointError(
+                f"norm_stats[{self.unnorm_key!r}] describes {self.normalizer.dim}-D actions; "
+                f"this policy produces {ACTION_DIM}-D end-effector deltas"
+            )
+        self.action_tokenizer = ActionTokenizer(vocab_size=min(BASE_VOCAB_SIZE, len(tokenizer)))
+        self.image_transform = ImageTransform(
+            image_size=self.config.image_size, center_crop=center_crop, rotate_180=rotate_180
+        )
+        self._prompt_cache: tuple[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        quantization: str = "none",
+        dtype: str = "auto",
+        device: str = "auto",
+        adapter: str | None = None,
+        merge_adapter: bool = True,
+        unnorm_key: str | None = None,
+        center_crop: bool = False,
+        rotate_180: bool = False,
+    ) -> OpenVLAPolicy:
+        """Loads a checkpoint directory or hub id (safetensors only, no remote code).
+
+        Args:
+            model: checkpoint directory or hub id (e.g. ``openvla/openvla-7b``).
+            quantization: ``none``, ``8bit`` or ``4bit`` (bitsandbytes; LLM layers only).
+            dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+            adapter: optional directory of a peft LoRA adapter trained on this base.
+            merge_adapter: merge the adapter into the weights (not possible on a quantised base, where
+                it stays a separate branch).
+            unnorm_key: which dataset's statistics un-normalise actions (may be None with one key).
+            center_crop: take the centre 90%-area crop (models trained with crop augmentation).
+            rotate_180: rotate camera images by 180 degrees first.
+
+        Raises:
+            CheckpointError, QuantizationError, UnnormKeyError: with the problem and the way out.
+        """
+        checkpoint_dir = resolve_checkpoint_dir(model)
+        config = read_config(checkpoint_dir)
+        select_unnorm_key(config.norm_stats, unnorm_key)  # fail before the (slow) weight load
+        tokenizer = load_tokenizer(checkpoint_dir)
+        network = load_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization, config=config)
+        if adapter:
+            network = attach_adapter(network, Path(adapter), merge=merge_adapter and quantization == "none")
+        return cls(
+            network,
+            tokenizer,
+            unnorm_key=unnorm_key,
+            center_crop=center_crop,
+            rotate_180=rotate_180,
+            checkpoint_dir=checkpoint_dir,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def prompt_ids(self, instruction: str) -> torch.Tensor:
+        """Returns the [1, T] prompt ids of an instruction (the last one is cached).
+
+        Raises:
+            InstructionError: when the instruction is empty or too long.
+        """
+        if self._prompt_cache is not None and self._prompt_cache[0] == instruction:
+            return self._prompt_cache[1]
+        ids = torch.tensor([prompt_token_ids(self.tokenizer, instruction)], dtype=torch.long, device=self.device)
+        max_length = self.config.text_config.max_position_embeddings
+        num_patches = (self.config.image_size // 14) ** 2
+        if ids.shape[1] + num_patches + ACTION_DIM > max_length:
+            raise InstructionError(
+                f"instruction takes {ids.shape[1]} tokens; with {num_patches} image patches and "
+                f"{ACTION_DIM} actions it exceeds the model's context of {max_length}; shorten it"
+            )
+        self._prompt_cache = (instruction, ids)
+        return ids
+
+    def prepare_inputs(self, image: np.ndarray, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(input_ids [1, T], pixel_values [1, 6, S, S])`` on the model's device.
+
+        Raises:
+            ImageError, InstructionError: for bad inputs.
+        """
+        pixel_values = self.image_transform.pixel_values(image)[None].to(self.device)
+        return self.prompt_ids(instruction), pixel_values
+
+    def predict_action_ids(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        """Returns the 7 greedily decoded action-token ids (int64).
+
+        Raises:
+            ImageError, InstructionError: for bad inputs.
+        """
+        input_ids, pixel_values = self.prepare_inputs(image, instruction)
+        ids = self.model.generate_action_ids(
+            input_ids,
+            pixel_values,
+            self.action_tokenizer.first_action_id,
+            self.action_tokenizer.last_action_id,
+            num_tokens=ACTION_DIM,
+        )
+        return ids[0].cpu().numpy()
+
+    def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        """Returns the physical action float64[7] = [dx, dy, dz, droll, dpitch, dyaw, gripper].
+
+        Raises:
+            ImageError: when ``image`` is not a uint8 HxWx3 RGB array.
+            InstructionError: when the instruction is empty or too long.
+        """
+        ids = self.predict_action_ids(image, instruction)
+        action = self.normalizer.unnormalize(self.action_tokenizer.decode(ids))
+        if not np.all(np.isfinite(action)):
+            raise OpenVLAError(f"decoded action is not finite: {action}; check the checkpoint's norm_stats")
+        return action.astype(np.float64)
+
+    def release(self) -> None:
+        """Drops the model and frees accelerator memory; the policy is unusable afterwards."""
+        self.model = None  # type: ignore[assignment]
+        self._prompt_cache = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def attach_adapter(model: OpenVLAForActionPrediction, adapter_dir: Path, merge: bool) -> OpenVLAForActionPrediction:
+    """Returns ``model`` with a peft LoRA adapter applied (merged into the weights when ``merge``).
+
+    Raises:
+        CheckpointError: when the adapter directory is missing or does not fit the model.
+        QuantizationError: when peft is not installed.
+    """
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise QuantizationError(f"loading an adapter needs peft ({exc}); pip install peft") from exc
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json); pass the "
+            "`adapter/` folder written by training/finetune.py"
+        )
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except Exception as exc:  # peft raises several types for a mismatching adapter
+        raise CheckpointError(f"adapter {adapter_dir} does not fit this model: {exc}") from exc
+    if merge:
+        return wrapped.merge_and_unload()
+    return wrapped.base_model.model

@@ -1,0 +1,210 @@
+"""A tiny, randomly initialised OpenVLA checkpoint with the official layout, built offline.
+
+    python -m openvla_ros.tiny OUT_DIR [--seed N]
+
+The checkpoint has the same structure as OpenVLA-7B at toy sizes: the same timm architectures
+(DINOv2-reg4 and SigLIP, patch 14 at 224x224, so 256 patches each) with small widths and depths, the
+3-layer projector, a 2-layer Llama with the padded 32064-token vocabulary, and a SentencePiece BPE
+tokenizer trained here with Llama-2's settings, so that id 29871 is the bare-space piece and the
+action tokens are ids 31744..31999. It carries ``norm_stats`` for the key ``tiny_demo`` and a matching
+``dataset_statistics.json``. It loads through exactly the same code as the official checkpoints.
+
+Random weights at the libraries' default initialisation make the image barely matter (LayerScale
+1e-5, unit norms, zero biases); those are redrawn so that images and instructions visibly change the
+output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from openvla_ros.action_codec import DEFAULT_MASK
+from openvla_ros.configuration_openvla import DEFAULT_TIMM_IDS, OpenVLAConfig, make_text_config
+from openvla_ros.loading import save_checkpoint
+from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
+
+TINY_UNNORM_KEY = "tiny_demo"
+VOCAB_SIZE = 32000
+PADDED_VOCAB_SIZE = 32064
+# Llama-2's vocabulary ends with 2129 single characters, "▁" first (id 29871); the generated text
+# therefore uses exactly 2128 other characters and no newline (newlines fall back to byte pieces).
+_NUM_OTHER_CHARACTERS = VOCAB_SIZE - 29871 - 1
+
+TINY_TEXT_CONFIG = {
+    "vocab_size": PADDED_VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "pad_token_id": VOCAB_SIZE,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+TINY_VIT_OVERRIDES = [
+    {"embed_dim": 32, "depth": 3, "num_heads": 2},
+    {"embed_dim": 48, "depth": 3, "num_heads": 2},
+]
+# Physical ranges of the tiny demo's actions: metres and radians per step, gripper 0 (closed)..1 (open).
+TINY_Q01 = [-0.02, -0.02, -0.02, -0.1, -0.1, -0.1, 0.0]
+TINY_Q99 = [0.02, 0.02, 0.02, 0.1, 0.1, 0.1, 1.0]
+
+
+def tiny_norm_stats() -> dict:
+    """Returns the ``norm_stats`` entry of the tiny checkpoint (OpenVLA's statistics format)."""
+    q01 = np.array(TINY_Q01)
+    q99 = np.array(TINY_Q99)
+    return {
+        TINY_UNNORM_KEY: {
+            "action": {
+                "mean": ((q01 + q99) / 2).tolist(),
+                "std": ((q99 - q01) / 4).tolist(),
+                "max": (q99 * 1.1).tolist(),
+                "min": (q01 * 1.1).tolist(),
+                "q01": q01.tolist(),
+                "q99": q99.tolist(),
+                "mask": list(DEFAULT_MASK),
+            },
+            "num_transitions": 1000,
+            "num_trajectories": 10,
+        }
+    }
+
+
+def tiny_config() -> OpenVLAConfig:
+    """Returns the config of the tiny checkpoint."""
+    return OpenVLAConfig(
+        timm_model_ids=list(DEFAULT_TIMM_IDS),
+        image_sizes=[224, 224],
+        use_fused_vision_backbone=True,
+        llm_backbone_id="tiny-llama",
+        text_config=make_text_config(dict(TINY_TEXT_CONFIG)),
+        norm_stats=tiny_norm_stats(),
+        timm_override_args=[dict(o) for o in TINY_VIT_OVERRIDES],
+    )
+
+
+def _training_text(rng: np.random.Generator) -> list[str]:
+    extra = [chr(c) for c in range(33, 127)]
+    extra += [chr(0x4E00 + i) for i in range(_NUM_OTHER_CHARACTERS - len(extra))]
+    onsets = "bcdfghjklmnprstvwz"
+    vowels = "aeiou"
+    syllables = [a + b for a in onsets for b in vowels] + [a + b + c for a in onsets for b in vowels for c in "nrst"]
+    words = ["".join(rng.choice(syllables, size=int(rng.integers(1, 4)))) for _ in range(40000)]
+    common = (
+        "in what action should the robot take to pick up place put move push open close the a red green "
+        "blue yellow block cup drawer on into left right of out"
+    ).split()
+    lines = []
+    for _ in range(60000):
+        picks = rng.zipf(1.2, size=int(rng.integers(4, 14))) % len(words)
+        lines.append(" ".join(words[i] if i % 3 else common[i % len(common)] for i in picks))
+    lines.append(" ".join(extra))
+    lines.extend(["In: What action should the robot take to pick up the red block? Out:"] * 50)
+    return lines
+
+
+def make_tiny_tokenizer(out_dir: Path, seed: int = 0):
+    """Trains a Llama-2-layout SentencePiece BPE tokenizer (32000 pieces + ``<PAD>``) and returns it.
+
+    Raises:
+        RuntimeError: when the trained vocabulary does not have Llama-2's layout.
+    """
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_text(np.random.default_rng(seed))),
+        model_writer=proto,
+        vocab_size=VOCAB_SIZE,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+        max_sentence_length=100000,
+    )
+    (out_dir / "tokenizer.model").write_bytes(proto.getvalue())
+    (out_dir / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "LlamaTokenizer", "add_bos_token": true, "add_eos_token": false, '
+        '"legacy": false, "model_max_length": 2048, "padding_side": "right"}'
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+    if tokenizer.convert_ids_to_tokens(29871) != "\u2581" or len(tokenizer) != VOCAB_SIZE + 1:
+        raise RuntimeError("the tiny tokenizer does not reproduce Llama-2's vocabulary layout")
+    return tokenizer
+
+
+def _redraw_parameters(model: OpenVLAForActionPrediction, generator: torch.Generator) -> None:
+    """Gives LayerScale, norm weights and biases non-trivial random values so every input matters."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith((".gamma", "ls1.gamma", "ls2.gamma")):
+                parameter.copy_(0.5 + torch.rand(parameter.shape, generator=generator))
+            elif name.endswith(".bias"):
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+            elif parameter.ndim == 1 and "norm" in name:
+                parameter.copy_(1.0 + 0.3 * torch.randn(parameter.shape, generator=generator))
+            elif name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+            elif parameter.ndim == 2:
+                fan_in = parameter.shape[1]
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in**0.5)
+
+
+def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+    """Builds the tiny checkpoint in ``out_dir`` (deterministic for a given seed) and returns its path.
+
+    Raises:
+        CheckpointError: when ``out_dir`` exists and is not empty.
+    """
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = OpenVLAForActionPrediction(tiny_config())
+    _redraw_parameters(model, torch.Generator().manual_seed(seed))
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = make_tiny_tokenizer(Path(scratch) / "tokenizer", seed=seed)
+        save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_bytes=6 * 1024**2)
+        shutil.copyfile(Path(scratch) / "tokenizer" / "tokenizer.model", out_dir / "tokenizer.model")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m openvla_ros.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="directory to create (must not exist or be empty)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = parser.parse_args(argv)
+    from openvla_ros.errors import OpenVLAError
+
+    try:
+        path = make_tiny_checkpoint(args.out_dir, seed=args.seed)
+    except OpenVLAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
