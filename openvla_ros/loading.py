@@ -321,18 +321,25 @@ def _preview(names: Iterable[str], limit: int = 5) -> str:
 def load_tokenizer(checkpoint_dir: Path):
     """Returns the checkpoint's tokenizer (never running code from the checkpoint).
 
+    The class comes from ``tokenizer_config.json`` when it is a Llama tokenizer, otherwise the generic
+    fast tokenizer reads ``tokenizer.json``.
+
     Raises:
         CheckpointError: when no tokenizer files are present or they cannot be read.
     """
-    from transformers import AutoTokenizer
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     if not any((checkpoint_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(
             f"{checkpoint_dir} has no tokenizer (tokenizer.json or tokenizer.model); copy the base model's "
             "tokenizer files into it"
         )
+    settings_path = checkpoint_dir / "tokenizer_config.json"
+    settings = _read_json(settings_path, what="tokenizer settings") if settings_path.is_file() else {}
+    is_llama = str(settings.get("tokenizer_class", "LlamaTokenizer")).startswith("LlamaTokenizer")
+    tokenizer_class = LlamaTokenizer if is_llama else PreTrainedTokenizerFast
     try:
-        return AutoTokenizer.from_pretrained(str(checkpoint_dir), trust_remote_code=False)
+        return tokenizer_class.from_pretrained(str(checkpoint_dir))
     except Exception as exc:  # tokenizers/transformers raise a variety of types for bad files
         raise CheckpointError(f"cannot load the tokenizer of {checkpoint_dir}: {exc}") from exc
 
@@ -396,6 +403,9 @@ def save_checkpoint(
             vocab_file = getattr(tokenizer, "vocab_file", None)
             if vocab_file and os.path.isfile(vocab_file):
                 shutil.copyfile(vocab_file, staging / "tokenizer.model")
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -186,7 +185,6 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = make_tiny_tokenizer(Path(scratch) / "tokenizer", seed=seed)
         save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_bytes=6 * 1024**2)
-        shutil.copyfile(Path(scratch) / "tokenizer" / "tokenizer.model", out_dir / "tokenizer.model")
     return out_dir
 
 

@@ -1,0 +1,87 @@
+"""One-shot prediction from the command line.
+
+    python -m openvla_ros.predict --model DIR_OR_ID --image PATH --instruction TEXT
+        [--unnorm-key K] [--quantization none|8bit|4bit] [--center-crop] [--json]
+
+Prints the 7 action values [dx, dy, dz, droll, dpitch, dyaw, gripper] (a JSON list with --json).
+Exit status 0 on success, 2 with one error line on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from openvla_ros.action_codec import ACTION_NAMES
+from openvla_ros.errors import ImageError, OpenVLAError
+from openvla_ros.loading import QUANTIZATIONS
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Returns an image file as a uint8 HxWx3 RGB array.
+
+    Raises:
+        ImageError: when the file is missing or not a decodable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ImageError(f"image file {path} not found")
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageError(f"{path} is not a readable image ({exc}); pass a PNG or JPEG file") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m openvla_ros.predict", description="Predict one OpenVLA action for an image and an instruction."
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. openvla/openvla-7b)")
+    parser.add_argument("--image", required=True, type=Path, help="RGB image file (PNG/JPEG)")
+    parser.add_argument("--instruction", required=True, help="what the robot should do")
+    parser.add_argument("--unnorm-key", default=None, help="dataset statistics key (e.g. bridge_orig)")
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--adapter", default=None, help="optional LoRA adapter directory")
+    parser.add_argument("--center-crop", action="store_true", help="centre 90%%-area crop (crop-augmented models)")
+    parser.add_argument("--rotate-180", action="store_true", help="rotate the image by 180 degrees first")
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from openvla_ros.policy import OpenVLAPolicy
+
+    try:
+        image = read_image(args.image)
+        policy = OpenVLAPolicy.from_pretrained(
+            args.model,
+            quantization=args.quantization,
+            dtype=args.dtype,
+            device=args.device,
+            adapter=args.adapter,
+            unnorm_key=args.unnorm_key,
+            center_crop=args.center_crop,
+            rotate_180=args.rotate_180,
+        )
+        action = policy.predict_action(image, args.instruction)
+    except OpenVLAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([float(v) for v in action]))
+    else:
+        print("  ".join(f"{name}={value:+.6f}" for name, value in zip(ACTION_NAMES, action, strict=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

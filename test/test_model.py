@@ -1,0 +1,203 @@
+"""The OpenVLA model on tiny checkpoints: image/instruction sensitivity, decoding, loading, saving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from openvla_ros.errors import (
+    CheckpointError,
+    ImageError,
+    InstructionError,
+    QuantizationError,
+    UnnormKeyError,
+)
+from openvla_ros.loading import load_model, save_checkpoint, weight_files
+from openvla_ros.policy import OpenVLAPolicy
+from openvla_ros.tiny import make_tiny_checkpoint
+
+INSTRUCTION = "pick up the red block"
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoint: Path) -> OpenVLAPolicy:
+    return OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), device="cpu")
+
+
+def _images(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def _first_logits(policy: OpenVLAPolicy, image: np.ndarray, instruction: str) -> torch.Tensor:
+    input_ids, pixel_values = policy.prepare_inputs(image, instruction)
+    with torch.no_grad():
+        logits = policy.model(input_ids, pixel_values).logits[0, -1]
+    return logits[policy.action_tokenizer.first_action_id : policy.action_tokenizer.last_action_id + 1]
+
+
+def test_different_images_give_different_action_logits(policy: OpenVLAPolicy) -> None:
+    first, second = _images(2)
+    difference = (_first_logits(policy, first, INSTRUCTION) - _first_logits(policy, second, INSTRUCTION)).abs()
+    assert difference.max() > 1e-2
+    ids = {tuple(policy.predict_action_ids(image, INSTRUCTION)) for image in _images(6, seed=1)}
+    assert len(ids) > 1, "every image gave the same action: the image is being ignored"
+
+
+def test_different_instructions_give_different_action_logits(policy: OpenVLAPolicy) -> None:
+    image = _images(1)[0]
+    difference = _first_logits(policy, image, INSTRUCTION) - _first_logits(policy, image, "open the top drawer")
+    assert difference.abs().max() > 1e-3
+
+
+def test_prompt_ends_with_bare_space_token(policy: OpenVLAPolicy) -> None:
+    ids = policy.prompt_ids(INSTRUCTION)[0].tolist()
+    assert ids[0] == 1 and ids[-1] == 29871
+    assert policy.tokenizer.convert_ids_to_tokens(29871) == "\u2581"
+    assert ids.count(29871) == 1
+
+
+def test_cached_decoding_equals_full_recomputation(policy: OpenVLAPolicy) -> None:
+    first, last = policy.action_tokenizer.first_action_id, policy.action_tokenizer.last_action_id
+    for image in _images(3, seed=5):
+        input_ids, pixel_values = policy.prepare_inputs(image, INSTRUCTION)
+        cached = policy.model.generate_action_ids(input_ids, pixel_values, first, last)[0].tolist()
+        sequence = input_ids
+        recomputed = []
+        with torch.no_grad():
+            for _ in range(7):
+                logits = policy.model(sequence, pixel_values).logits[0, -1, first : last + 1]
+                next_id = int(logits.argmax()) + first
+                recomputed.append(next_id)
+                sequence = torch.cat([sequence, torch.tensor([[next_id]])], dim=1)
+        assert cached == recomputed
+
+
+def test_generated_ids_are_action_tokens_and_actions_are_physical(policy: OpenVLAPolicy) -> None:
+    assert len(policy.tokenizer) == 32001 and policy.config.text_config.vocab_size == 32064
+    for image in _images(4, seed=9):
+        ids = policy.predict_action_ids(image, INSTRUCTION)
+        assert ids.shape == (7,) and ids.min() >= 31744 and ids.max() <= 31999
+        action = policy.predict_action(image, INSTRUCTION)
+        assert action.dtype == np.float64 and action.shape == (7,)
+        assert np.all(np.abs(action[:3]) <= 0.02 + 1e-9) and np.all(np.abs(action[3:6]) <= 0.1 + 1e-9)
+        expected = policy.normalizer.unnormalize(policy.action_tokenizer.decode(ids))
+        np.testing.assert_array_equal(action, expected)
+
+
+def test_checkpoint_uses_official_weight_names(tiny_checkpoint: Path) -> None:
+    keys = set()
+    for path in weight_files(tiny_checkpoint):
+        with safe_open(str(path), framework="pt") as handle:
+            keys.update(handle.keys())
+    assert "vision_backbone.featurizer.blocks.0.ls1.scale_factor" in keys
+    assert not any(key.endswith(".gamma") for key in keys)
+    # weights that the forward never uses are still part of the layout
+    assert "vision_backbone.featurizer.norm.weight" in keys
+    assert any(key.startswith("vision_backbone.fused_featurizer.attn_pool.") for key in keys)
+    assert {"projector.fc1.weight", "projector.fc3.weight", "language_model.lm_head.weight"} <= keys
+    assert any(key.startswith("language_model.model.layers.1.") for key in keys)
+    assert len(weight_files(tiny_checkpoint)) > 1  # sharded, with an index
+
+
+def test_save_then_load_gives_identical_outputs(policy: OpenVLAPolicy, tmp_path: Path) -> None:
+    out = save_checkpoint(policy.model, tmp_path / "copy", tokenizer=policy.tokenizer)
+    reloaded = OpenVLAPolicy.from_pretrained(str(out), device="cpu")
+    image = _images(1, seed=2)[0]
+    assert torch.equal(_first_logits(policy, image, INSTRUCTION), _first_logits(reloaded, image, INSTRUCTION))
+    np.testing.assert_array_equal(policy.predict_action(image, INSTRUCTION), reloaded.predict_action(image, INSTRUCTION))
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        save_checkpoint(policy.model, out)
+
+
+def test_tiny_checkpoint_is_deterministic(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    again = make_tiny_checkpoint(tmp_path / "again", seed=0)
+    for name in sorted(p.name for p in tiny_checkpoint.iterdir()):
+        assert (tiny_checkpoint / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def _copy(checkpoint: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "broken"
+    shutil.copytree(checkpoint, target)
+    return target
+
+
+def test_missing_directory_and_config(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        OpenVLAPolicy.from_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        OpenVLAPolicy.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_truncated_shard_is_reported_as_corrupt(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    broken = _copy(tiny_checkpoint, tmp_path)
+    shard = weight_files(broken)[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        OpenVLAPolicy.from_pretrained(str(broken), device="cpu")
+
+
+def test_missing_shard_and_missing_weights(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    broken = _copy(tiny_checkpoint, tmp_path)
+    weight_files(broken)[-1].unlink()
+    with pytest.raises(CheckpointError, match="incomplete: missing shard"):
+        load_model(broken, device="cpu")
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    last = sorted(set(index["weight_map"].values()))[-1]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != last}
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="missing weight"):
+        load_model(broken, device="cpu")
+
+
+def test_config_of_other_architecture_is_rejected(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    broken = _copy(tiny_checkpoint, tmp_path)
+    config = json.loads((broken / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 128
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not fit the architecture"):
+        load_model(broken, device="cpu")
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(broken, device="cpu")
+
+
+def test_unnorm_key_missing_or_ambiguous(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(UnnormKeyError, match="available keys: tiny_demo"):
+        OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), unnorm_key="bridge_orig")
+    broken = _copy(tiny_checkpoint, tmp_path)
+    stats = json.loads((broken / "dataset_statistics.json").read_text())
+    stats["second"] = stats["tiny_demo"]
+    (broken / "dataset_statistics.json").write_text(json.dumps(stats))
+    with pytest.raises(UnnormKeyError, match="unnorm_key must be given; available keys: second, tiny_demo"):
+        OpenVLAPolicy.from_pretrained(str(broken))
+    assert OpenVLAPolicy.from_pretrained(str(broken), unnorm_key="second", device="cpu").unnorm_key == "second"
+
+
+def test_bad_runtime_inputs(policy: OpenVLAPolicy) -> None:
+    with pytest.raises(ImageError, match="shape HxWx3"):
+        policy.predict_action(np.zeros((64, 64), np.uint8), INSTRUCTION)
+    with pytest.raises(ImageError, match="dtype must be uint8"):
+        policy.predict_action(np.zeros((64, 64, 3), np.float64), INSTRUCTION)
+    with pytest.raises(InstructionError, match="empty"):
+        policy.predict_action(_images(1)[0], "")
+    with pytest.raises(InstructionError, match="exceeds the model's context of 512"):
+        policy.predict_action(_images(1)[0], "zq9 " * 200)
+    assert policy.predict_action(_images(1)[0], INSTRUCTION).shape == (7,)  # still usable
+
+
+def test_bad_precision_requests(tiny_checkpoint: Path) -> None:
+    with pytest.raises(QuantizationError, match="unknown quantization '3bit'"):
+        load_model(tiny_checkpoint, quantization="3bit")
+    with pytest.raises(QuantizationError, match="unknown dtype"):
+        load_model(tiny_checkpoint, dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(QuantizationError, match="CUDA is not available"):
+            load_model(tiny_checkpoint, device="cuda")
