@@ -61,11 +61,23 @@ def center_crop_and_resize(image: np.ndarray, area_fraction: float = CENTER_CROP
     of the centred box with side ``sqrt(area_fraction)``, then conversion back to uint8 as
     ``tf.image.convert_image_dtype(..., saturate=True)`` does.
     """
-    image = validate_image(image)
-    height, width = image.shape[:2]
     side = np.float32(np.sqrt(area_fraction))
     offset = (np.float32(1.0) - side) / np.float32(2.0)
-    y1, x1, y2, x2 = offset, offset, offset + side, offset + side
+    return crop_and_resize(image, (offset, offset, offset + side, offset + side))
+
+
+def crop_and_resize(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    """Returns the crop ``box = (top, left, bottom, right)`` (fractions of the image) resized to the image size.
+
+    Bilinear sampling in float32 exactly as TensorFlow's ``crop_and_resize``; the same function serves
+    the random crops of training and the centre crop of inference.
+
+    Raises:
+        ImageError: when ``image`` is not a uint8 HxWx3 array.
+    """
+    image = validate_image(image)
+    height, width = image.shape[:2]
+    y1, x1, y2, x2 = (np.float32(v) for v in box)
     pixels = image.astype(np.float32) * np.float32(1.0 / 255.0)
 
     def sample_points(start: np.float32, end: np.float32, in_size: int, out_size: int) -> np.ndarray:
@@ -80,14 +92,10 @@ def center_crop_and_resize(image: np.ndarray, area_fraction: float = CENTER_CROP
     x1i = np.minimum(x0 + 1, width - 1)
     wy = (ys - y0).astype(np.float32)[:, None, None]
     wx = (xs - x0).astype(np.float32)[None, :, None]
-    top_left = pixels[y0][:, x0]
-    top_right = pixels[y0][:, x1i]
-    bottom_left = pixels[y1i][:, x0]
-    bottom_right = pixels[y1i][:, x1i]
-    top = top_left + (top_right - top_left) * wx
-    bottom = bottom_left + (bottom_right - bottom_left) * wx
-    cropped = top + (bottom - top) * wy
-    cropped = np.clip(cropped, 0.0, 1.0)
+    top_rows, bottom_rows = pixels[y0], pixels[y1i]
+    top = top_rows[:, x0] + (top_rows[:, x1i] - top_rows[:, x0]) * wx
+    bottom = bottom_rows[:, x0] + (bottom_rows[:, x1i] - bottom_rows[:, x0]) * wx
+    cropped = np.clip(top + (bottom - top) * wy, 0.0, 1.0)
     return np.clip(cropped * np.float32(255.5), 0, 255).astype(np.uint8)
 
 
