@@ -17,7 +17,7 @@ $(STAMP): requirements.lock setup.py
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check openvla_ros training test benchmarks launch setup.py
+	$(VENV)/bin/ruff check .
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS) test
