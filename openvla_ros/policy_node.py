@@ -572,6 +572,7 @@ class PolicyNode(LifecycleNode):
             rgb = message_to_rgb(step.frame.message)
         except OpenVLAError as exc:
             self._report("image", f"camera image rejected: {exc}")
+            self._stop_output("camera image rejected")
             return
         self._resolve("image", "camera images are valid again")
         decoded = time.perf_counter()
@@ -582,6 +583,7 @@ class PolicyNode(LifecycleNode):
             action = policy.predict_action(rgb, step.instruction)
         except OpenVLAError as exc:
             self._report("inference", f"inference failed: {type(exc).__name__}: {exc}")
+            self._stop_output("inference failed")
             return
         inferred = time.perf_counter()
         settings = step.settings
@@ -590,6 +592,7 @@ class PolicyNode(LifecycleNode):
             gripper = map_gripper(limited[GRIPPER_INDEX], settings.gripper_mode, settings.gripper_flip)
         except ValueError as exc:
             self._report("non_finite", f"action not published: {exc}")
+            self._stop_output("invalid action")
             return
         self._resolve("inference", "inference works again")
         self._resolve("non_finite")
@@ -668,6 +671,10 @@ class PolicyNode(LifecycleNode):
 
     def _on_worker_error(self, exc: Exception) -> None:
         self._report("worker", f"unexpected {type(exc).__name__} in a control step: {exc}")
+        try:
+            self._stop_output("control step failed")
+        except Exception as publish_error:  # nothing more can be done from the worker thread
+            self.get_logger().error(f"could not publish the zero delta: {publish_error}")
 
     # ------------------------------------------------------------------ reporting
 
