@@ -33,3 +33,7 @@ class QuantizationError(OpenVLAError):
 
 class DatasetError(OpenVLAError):
     """A recording or dataset is missing, unreadable or inconsistent."""
+
+
+class TrainingError(OpenVLAError):
+    """A fine-tuning run cannot start or continue (bad settings, out of memory, unusable checkpoint)."""
