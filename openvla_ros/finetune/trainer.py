@@ -1,0 +1,424 @@
+"""The fine-tuning loop: LoRA/QLoRA, gradient accumulation, checkpoints that resume exactly, DDP.
+
+Run layout in ``config.out``::
+
+    finetune_config.yaml       settings of the run
+    checkpoints/step-000500/   adapter/ + training_state.pt (optimizer, scheduler, step, RNG)
+    tensorboard/               scalars
+    adapter/                   final LoRA adapter (loadable with ``adapter=``)
+    merged/                    base + adapter merged into full precision: a checkpoint the node loads
+    dataset_statistics.json    {dataset_name: statistics}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from openvla_ros.action_codec import ACTION_DIM
+from openvla_ros.errors import TrainingError
+from openvla_ros.finetune.config import FinetuneConfig
+from openvla_ros.finetune.data import (
+    Frame,
+    SampleBuilder,
+    collate,
+    epoch_order,
+    load_frames,
+    load_statistics,
+    open_rlds,
+    sample_rng,
+)
+from openvla_ros.loading import load_model, load_tokenizer, resolve_checkpoint_dir, save_checkpoint
+from openvla_ros.modeling_openvla import IGNORE_INDEX, OpenVLAForActionPrediction
+from openvla_ros.policy import attach_adapter
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass
+class DistributedContext:
+    """Process-group facts of this process (world size 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: torch.device) -> DistributedContext:
+    """Joins the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistributedContext()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend)
+    return DistributedContext(
+        rank=torch.distributed.get_rank(), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
+
+
+def lora_target_modules(model: OpenVLAForActionPrediction) -> list[str]:
+    """Returns the Linear layers LoRA adapts: all that the forward uses, except lm_head.
+
+    Skipped because the forward never runs them: each ViT's last block (features come from the
+    second-to-last) and SigLIP's attention-pool head.
+    """
+    unused = []
+    for vit_name in ("featurizer", "fused_featurizer"):
+        vit = getattr(model.vision_backbone, vit_name)
+        if vit is not None:
+            unused.append(f"vision_backbone.{vit_name}.blocks.{len(vit.blocks) - 1}.")
+            unused.append(f"vision_backbone.{vit_name}.attn_pool.")
+    names = []
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear and name != "language_model.lm_head" and not name.startswith(tuple(unused)):
+            names.append(name)
+    return names
+
+
+def build_trainable_model(config: FinetuneConfig, checkpoint_dir: Path, device: str):
+    """Returns a peft model with fresh LoRA weights on the (optionally quantised) base."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(checkpoint_dir, dtype=config.dtype, device=device, quantization=config.quantization)
+    for module in base.modules():
+        # bitsandbytes' CPU 4-bit path repacks weights in place after any no-grad forward, which breaks
+        # later gradients; training never uses that path.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_target_modules(base),
+        init_lora_weights="gaussian",
+    )
+    model = get_peft_model(base, lora)
+    if config.gradient_checkpointing:
+        base.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Returns warmup followed by constant, linear or cosine decay."""
+
+    def factor(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class BatchMetrics:
+    """Sums over a set of batches: loss, action-token accuracy, L1 in normalised and physical units."""
+
+    loss_sum: float = 0.0
+    batches: int = 0
+    correct: int = 0
+    tokens: int = 0
+    l1_normalized: list[float] = field(default_factory=list)
+    l1_physical: list[np.ndarray] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        physical = np.concatenate(self.l1_physical) if self.l1_physical else np.zeros((0, ACTION_DIM))
+        return {
+            "loss": self.loss_sum / max(1, self.batches),
+            "action_accuracy": self.correct / max(1, self.tokens),
+            "l1_normalized": float(np.mean(self.l1_normalized)) if self.l1_normalized else float("nan"),
+            "l1_physical": float(physical.mean()) if physical.size else float("nan"),
+        }
+
+
+def update_metrics(metrics: BatchMetrics, logits: torch.Tensor, labels: torch.Tensor, loss: float,
+                   samples: SampleBuilder) -> None:
+    """Adds one batch: ``labels`` are over input_ids; logits include the image patches."""
+    num_patches = logits.shape[1] - labels.shape[1]
+    full = torch.cat([labels[:, :1], labels.new_full((labels.shape[0], num_patches), IGNORE_INDEX), labels[:, 1:]], 1)
+    predicted = logits[:, :-1].argmax(dim=-1)
+    gold = full[:, 1:]
+    first, last = samples.action_tokenizer.first_action_id, samples.action_tokenizer.last_action_id
+    mask = (gold >= first) & (gold <= last)
+    metrics.loss_sum += loss
+    metrics.batches += 1
+    metrics.correct += int((predicted[mask] == gold[mask]).sum())
+    metrics.tokens += int(mask.sum())
+    predicted_ids = predicted[mask].view(-1, ACTION_DIM).cpu().numpy()
+    gold_ids = gold[mask].view(-1, ACTION_DIM).cpu().numpy()
+    predicted_norm = samples.action_tokenizer.decode(predicted_ids)
+    gold_norm = samples.action_tokenizer.decode(gold_ids)
+    metrics.l1_normalized.append(float(np.abs(predicted_norm - gold_norm).mean()))
+    physical = samples.normalizer.unnormalize(predicted_norm) - samples.normalizer.unnormalize(gold_norm)
+    metrics.l1_physical.append(np.abs(physical).reshape(-1))
+
+
+class Trainer:
+    """One fine-tuning run; ``run()`` trains, checkpoints and writes the outputs."""
+
+    def __init__(self, config: FinetuneConfig) -> None:
+        self.config = config
+        self.out = config.out_dir
+        self.checkpoint_dir = resolve_checkpoint_dir(config.vla_path)
+        from openvla_ros.loading import resolve_device
+
+        device = resolve_device(config.device)
+        self.dist = init_distributed(device)
+        if device.type == "cuda" and self.dist.world_size > 1:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        builder = open_rlds(config.data_dir, config.dataset_name)
+        self.statistics = load_statistics(builder, config.dataset_name)
+        self.train_frames: list[Frame] = load_frames(builder, "train")
+        self.val_frames: list[Frame] = load_frames(builder, "val") if "val" in builder.info.splits else []
+        self.tokenizer = load_tokenizer(self.checkpoint_dir)
+        self.model = build_trainable_model(config, self.checkpoint_dir, str(device))
+        base = self.model.get_base_model()
+        self.samples = SampleBuilder(self.tokenizer, self.statistics, base.config.image_size, config.image_aug)
+        self.eval_samples = SampleBuilder(self.tokenizer, self.statistics, base.config.image_size, False)
+        self.pad_token_id = base.config.text_config.pad_token_id or 32000
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=0.0)
+        self.scheduler = make_scheduler(self.optimizer, config)
+        self.step = 0
+        self._order: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
+        self.forward_model: nn.Module = self.model
+        if self.dist.world_size > 1:
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+    # ----------------------------------------------------------------------------------- data
+    def _batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        config, world = self.config, self.dist.world_size
+        first = ((step * config.grad_accumulation_steps + micro) * world + self.dist.rank) * config.batch_size
+        samples = []
+        count = len(self.train_frames)
+        for number in range(first, first + config.batch_size):
+            epoch, position = divmod(number, count)
+            if self._order[0] != epoch:
+                self._order = (epoch, epoch_order(count, config.seed, epoch))
+            frame = self.train_frames[int(self._order[1][position])]
+            samples.append(self.samples(frame, sample_rng(config.seed, number)))
+        return {key: value.to(self.device) for key, value in collate(samples, self.pad_token_id).items()}
+
+    # ------------------------------------------------------------------------------ training
+    def run(self) -> dict[str, Any]:
+        """Trains to ``max_steps`` and writes the outputs; returns the last train/val metrics."""
+        from tqdm import tqdm
+
+        config = self.config
+        if config.resume:
+            self._resume()
+        elif self._checkpoints():
+            raise TrainingError(
+                f"{self.out / 'checkpoints'} already holds checkpoints; pass --resume to continue that run "
+                "or choose a new --out"
+            )
+        writer = None
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "finetune_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+        progress = tqdm(total=config.max_steps, initial=self.step, disable=not self.dist.is_main, desc="finetune")
+        last: dict[str, Any] = {}
+        window = BatchMetrics()
+        self.model.train()
+        try:
+            while self.step < config.max_steps:
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in range(config.grad_accumulation_steps):
+                    batch = self._batch(self.step, micro)
+                    output = self.forward_model(**batch)
+                    (output.loss / config.grad_accumulation_steps).backward()
+                    update_metrics(window, output.logits.detach().float(), batch["labels"], output.loss.item(),
+                                   self.samples)
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                progress.update(1)
+                if self.step % config.log_steps == 0 or self.step == config.max_steps:
+                    last["train"] = window.summary()
+                    self._log("train", last["train"], writer)
+                    progress.set_postfix(loss=f"{last['train']['loss']:.3f}",
+                                         acc=f"{last['train']['action_accuracy']:.2f}")
+                    window = BatchMetrics()
+                if config.eval_steps and self.val_frames and (
+                    self.step % config.eval_steps == 0 or self.step == config.max_steps
+                ):
+                    last["val"] = self.evaluate()
+                    self._log("val", last["val"], writer)
+                if self.step % config.save_steps == 0 and self.step < config.max_steps:
+                    self._save_checkpoint()
+        except torch.cuda.OutOfMemoryError as exc:
+            raise TrainingError(
+                f"out of GPU memory at batch size {config.batch_size}: lower --batch-size and raise "
+                "--grad-accumulation-steps, or use --quantization 4bit and --gradient-checkpointing"
+            ) from exc
+        finally:
+            progress.close()
+            if writer is not None:
+                writer.close()
+        self._save_checkpoint()
+        if self.dist.is_main:
+            self._write_outputs()
+        self.dist.barrier()
+        return last
+
+    def _log(self, split: str, values: dict[str, float], writer) -> None:
+        if not self.dist.is_main:
+            return
+        text = "  ".join(f"{key} {value:.4f}" for key, value in values.items())
+        logger.info("step %d %s: %s", self.step, split, text)
+        if writer is not None:
+            for key, value in values.items():
+                writer.add_scalar(f"{split}/{key}", value, self.step)
+            writer.add_scalar("train/learning_rate", self.scheduler.get_last_lr()[0], self.step)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Returns loss, action accuracy and L1 on the first ``eval_batches`` batches of ``val``."""
+        self.model.eval()
+        metrics = BatchMetrics()
+        size = self.config.batch_size
+        for start in range(0, min(len(self.val_frames), size * self.config.eval_batches), size):
+            samples = [self.eval_samples(frame, None) for frame in self.val_frames[start:start + size]]
+            batch = {key: value.to(self.device) for key, value in collate(samples, self.pad_token_id).items()}
+            output = self.model(**batch)
+            update_metrics(metrics, output.logits.float(), batch["labels"], float(output.loss), self.eval_samples)
+        self.model.train()
+        return metrics.summary()
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _checkpoints(self) -> list[Path]:
+        root = self.out / "checkpoints"
+        if not root.is_dir():
+            return []
+        found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+        return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+    def _save_checkpoint(self) -> None:
+        """Writes adapter + optimizer/scheduler/step/RNG atomically (rank 0) and prunes old ones."""
+        if self.dist.is_main:
+            root = self.out / "checkpoints"
+            root.mkdir(parents=True, exist_ok=True)
+            final = root / f"step-{self.step:06d}"
+            if not final.exists():
+                staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+                try:
+                    self.model.save_pretrained(str(staging / "adapter"))
+                    torch.save({
+                        "step": self.step,
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "numpy_rng": np.random.get_state(),
+                        "python_rng": random.getstate(),
+                        "config": self.config.to_dict(),
+                    }, staging / "training_state.pt")
+                    staging.rename(final)
+                except BaseException:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+            for old in self._checkpoints()[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+
+    def _resume(self) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        checkpoints = self._checkpoints()
+        if not checkpoints:
+            raise TrainingError(f"--resume given but {self.out / 'checkpoints'} holds no checkpoint; drop --resume")
+        latest = checkpoints[-1]
+        try:
+            state = torch.load(latest / "training_state.pt", map_location="cpu", weights_only=False)
+            adapter_weights = load_file(str(latest / "adapter" / "adapter_model.safetensors"))
+        except Exception as exc:  # torch/safetensors raise several types for damaged files
+            raise TrainingError(f"checkpoint {latest} is unreadable ({exc}); remove it to resume from the one before") from exc
+        result = set_peft_model_state_dict(self.model, adapter_weights)
+        if getattr(result, "unexpected_keys", None):
+            raise TrainingError(f"checkpoint {latest} does not fit this model: unexpected {result.unexpected_keys[:3]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        self.step = int(state["step"])
+        logger.info("resumed from %s at step %d", latest, self.step)
+
+    # -------------------------------------------------------------------------------- outputs
+    def _write_outputs(self) -> None:
+        """Writes adapter/, merged/ (full precision base + adapter) and dataset_statistics.json."""
+        adapter_dir = self.out / "adapter"
+        staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.out))
+        self.model.save_pretrained(str(staging))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        staging.rename(adapter_dir)
+        statistics = {self.config.dataset_name: self.statistics}
+        (self.out / "dataset_statistics.json").write_text(json.dumps(statistics, indent=2))
+        merged_dtype = "float32" if self.device.type == "cpu" else "bfloat16"
+        base = load_model(self.checkpoint_dir, dtype=merged_dtype, device="cpu", quantization="none")
+        merged = attach_adapter(base, adapter_dir, merge=True)
+        merged.config.norm_stats = {**merged.config.norm_stats, **statistics}
+        merged.config.extra["openvla_ros"] = {
+            "base_model": self.config.vla_path,
+            "dataset_name": self.config.dataset_name,
+            "trained_with_image_aug": self.config.image_aug,
+            "steps": self.step,
+        }
+        merged_dir = self.out / "merged"
+        if merged_dir.exists():
+            shutil.rmtree(merged_dir)
+        save_checkpoint(merged, merged_dir, tokenizer=self.tokenizer)
+
+
+def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Runs a fine-tune and returns its last metrics.
+
+    Raises:
+        OpenVLAError: (DatasetError, CheckpointError, TrainingError, ...) with the problem and the way out.
+    """
+    try:
+        return Trainer(config).run()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

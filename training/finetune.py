@@ -1,0 +1,34 @@
+"""LoRA / QLoRA fine-tuning of OpenVLA on an RLDS dataset.
+
+    python training/finetune.py --vla-path openvla/openvla-7b --data-dir DATA --dataset-name NAME \\
+        --out runs/my_robot [--quantization 4bit] [--config settings.yaml] [--resume]
+
+Data-parallel on several GPUs: ``torchrun --nproc-per-node N training/finetune.py ...``.
+See ``python training/finetune.py --help`` for every setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from openvla_ros.errors import OpenVLAError
+from openvla_ros.finetune.config import load_config
+from openvla_ros.finetune.trainer import run_finetune
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        config = load_config(argv)
+        metrics = run_finetune(config)
+    except (OpenVLAError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done: outputs in {config.out}  last metrics: {metrics}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
