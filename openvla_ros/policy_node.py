@@ -21,6 +21,7 @@ Services: ``~/enable`` (std_srvs/SetBool) and the standard lifecycle services.
 from __future__ import annotations
 
 import math
+import signal
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -36,6 +37,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float64, Float64MultiArray, MultiArrayDimension, String
 from std_srvs.srv import SetBool
@@ -554,8 +556,9 @@ class PolicyNode(LifecycleNode):
         if age_s > settings.max_image_age_s:
             self._report(
                 "stale_image",
-                f"newest image is {age_s:.2f} s old (max_image_age_s {settings.max_image_age_s:g}); "
+                f"camera images are older than max_image_age_s ({settings.max_image_age_s:g} s); "
                 "output stopped until fresh images arrive",
+                detail=f"newest image is {age_s:.2f} s old",
             )
             self._stop_output("stale image")
             return
@@ -678,9 +681,12 @@ class PolicyNode(LifecycleNode):
 
     # ------------------------------------------------------------------ reporting
 
-    def _report(self, key: str, message: str, warn: bool = True) -> None:
+    def _report(self, key: str, message: str, warn: bool = True, detail: str = "") -> None:
+        """Logs a recurring problem once (again only when it changes or every 10 s while it lasts)."""
         if not self._problems.report(key, message):
             return
+        if detail:
+            message = f"{message} ({detail})"
         if not warn:
             self.get_logger().info(message)
         elif key == "stale_image":
@@ -748,7 +754,10 @@ class PolicyNode(LifecycleNode):
 
 def main(args: list[str] | None = None) -> None:
     """Runs the policy node until shutdown (Ctrl-C or an external shutdown)."""
-    rclpy.init(args=args)
+    # rclpy's own SIGINT handler would shut the context down before the final zero delta could be
+    # published; handle SIGINT (KeyboardInterrupt) and SIGTERM here instead.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     node: PolicyNode | None = None
     try:
         node = PolicyNode()
@@ -760,10 +769,15 @@ def main(args: list[str] | None = None) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         if node is not None:
             node.close()
             node.destroy_node()
         rclpy.try_shutdown()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -501,8 +501,16 @@ def test_disable_sends_one_zero_delta_then_silence(main_driver: Driver) -> None:
     assert main_driver.silent_for(0.8) == []
 
 
-def test_node_exits_cleanly_on_sigint(nodes: dict[str, NodeProcess], main_driver: Driver) -> None:
+def test_sigint_while_driving_sends_a_zero_delta_and_exits_cleanly(
+    nodes: dict[str, NodeProcess], main_driver: Driver
+) -> None:
+    assert main_driver.enable(True).success
+    main_driver.wait_for_actions(2)
+    interrupted = time.monotonic()
     assert nodes["openvla_policy"].stop() == 0, nodes["openvla_policy"].log()[-3000:]
+    time.sleep(0.3)
+    after = [twist for _, twist in main_driver.twists.since(interrupted)]
+    assert after and is_zero(after[-1]), "the last message before exit must be a zero delta"
 
 
 # ---------------------------------------------------------------------------------------- other nodes
