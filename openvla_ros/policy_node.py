@@ -234,6 +234,7 @@ class Frame:
 
     message: Image | CompressedImage
     stamp_ns: int
+    received_ns: int
 
 
 @dataclass(frozen=True)
@@ -491,7 +492,8 @@ class PolicyNode(LifecycleNode):
 
     def _on_image(self, message: Image | CompressedImage) -> None:
         stamp = message.header.stamp
-        self._frames.put(Frame(message, stamp.sec * 1_000_000_000 + stamp.nanosec))
+        received_ns = self.get_clock().now().nanoseconds
+        self._frames.put(Frame(message, stamp.sec * 1_000_000_000 + stamp.nanosec, received_ns))
 
     def _on_instruction(self, message: String) -> None:
         try:
@@ -659,6 +661,7 @@ class PolicyNode(LifecycleNode):
         wait_ms = (step.tick_ns - step.frame.stamp_ns) / 1e6
         values = {
             "image_age_at_tick_ms": wait_ms,
+            "image_delivery_ms": (step.frame.received_ns - step.frame.stamp_ns) / 1e6,
             "decode_ms": (decoded - started) * 1e3,
             "model_ms": (inferred - decoded) * 1e3,
             "publish_ms": (published - inferred) * 1e3,
