@@ -1,0 +1,255 @@
+"""Conversion of demonstration bags into one RLDS dataset: read, align, filter, resize, write.
+
+Each bag gives one episode, or several when ``split_on_instruction`` / ``split_on_gap`` cut it. Steps
+are resampled by :class:`~openvla_ros.dataset.alignment.StepAligner`; stale steps (an image or the
+state older than the allowed age) and idle steps are dropped and counted. Images go through the
+policy's own :class:`~openvla_ros.processor.ImageTransform` and are stored as JPEG, so a stored frame
+differs from what the policy node feeds the model only by JPEG loss.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openvla_ros.dataset.alignment import AlignedStep, StepAligner
+from openvla_ros.dataset.bag_reader import DemoBag, RawFrame, TopicCount
+from openvla_ros.dataset.config import ConversionConfig, validate_dataset_name
+from openvla_ros.dataset.rlds_writer import EpisodeStep, RldsWriter
+from openvla_ros.errors import DatasetError
+
+
+@dataclass
+class BagSummary:
+    """What one bag contributed."""
+
+    path: Path
+    episodes: int = 0
+    steps: int = 0
+    dropped_idle: int = 0
+    dropped_stale: int = 0
+    topics: dict[str, TopicCount] = field(default_factory=dict)
+
+
+@dataclass
+class ConversionReport:
+    """The outcome of a conversion."""
+
+    dataset_dir: Path
+    name: str
+    bags: list[BagSummary]
+    splits: dict[str, int]
+    statistics: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def episodes(self) -> int:
+        return sum(bag.episodes for bag in self.bags)
+
+    @property
+    def steps(self) -> int:
+        return sum(bag.steps for bag in self.bags)
+
+    @property
+    def dropped_idle(self) -> int:
+        return sum(bag.dropped_idle for bag in self.bags)
+
+    @property
+    def dropped_stale(self) -> int:
+        return sum(bag.dropped_stale for bag in self.bags)
+
+
+class FrameEncoder:
+    """Turns camera frames into stored JPEG bytes and checks that each camera keeps one frame size."""
+
+    def __init__(self, config: ConversionConfig) -> None:
+        from openvla_ros.processor import ImageTransform
+
+        self._transform = ImageTransform(image_size=config.image_size)
+        self._quality = config.jpeg_quality
+        self._sizes: dict[str, tuple[int, int, str]] = {}
+        self._last: dict[str, tuple[int, bytes]] = {}
+
+    def encode(self, bag: DemoBag, key: str, frame: RawFrame) -> bytes:
+        """Returns the JPEG bytes of a frame at the model size (a frame used by two steps is encoded once).
+
+        Raises:
+            DatasetError: when the frame cannot be decoded or its size differs from the camera's first frame.
+        """
+        cached = self._last.get(key)
+        if cached is not None and cached[0] == id(frame):
+            return cached[1]
+        rgb = bag.decode_frame(frame)
+        size = (rgb.shape[1], rgb.shape[0])
+        first = self._sizes.setdefault(key, (*size, f"{bag.path} at {frame.time_ns} ns"))
+        if first[:2] != size:
+            raise DatasetError(
+                f"camera {key} ({frame.topic}) changes image size: {size[0]}x{size[1]} in {bag.path} at "
+                f"{frame.time_ns} ns, but {first[0]}x{first[1]} in {first[2]}; convert recordings of one "
+                "camera set-up into one dataset"
+            )
+        jpeg = encode_jpeg(self._transform.model_image(rgb), self._quality)
+        self._last[key] = (id(frame), jpeg)
+        return jpeg
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """Returns the JPEG bytes of an RGB uint8 image."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def convert_bags(
+    bags: Sequence[str | Path],
+    data_dir: str | Path,
+    name: str,
+    config: ConversionConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    description: str = "",
+) -> ConversionReport:
+    """Converts bags into the RLDS dataset ``data_dir/name/VERSION`` and returns the report.
+
+    Nothing is left in ``data_dir`` when this raises (Ctrl-C included).
+
+    Raises:
+        DatasetError: for a missing or unreadable bag, a missing topic, a metadata/data mismatch, a
+            bag that gives no steps, changing image sizes, or an existing dataset without ``overwrite``.
+    """
+    validate_dataset_name(name)
+    if not bags:
+        raise DatasetError("no bags given; pass one or more rosbag2 directories")
+    encoder = FrameEncoder(config)
+    summaries: list[BagSummary] = []
+    keys = list(config.topics.camera_topics())
+    writer = RldsWriter(data_dir, name, image_keys=keys, image_size=config.image_size, overwrite=overwrite,
+                        max_shard_bytes=int(config.max_shard_mb * (1 << 20)), description=description)
+    with writer:
+        for path in bags:
+            summaries.append(_convert_bag(Path(path), config, encoder, writer, progress))
+        result = writer.finish(val_fraction=config.val_fraction, seed=config.split_seed)
+    warnings = []
+    if writer.num_episodes == 1:
+        warnings.append("only one episode: it is used as both the train and the val split; record more episodes")
+    return ConversionReport(result["path"], name, summaries, result["splits"], result["statistics"], warnings)
+
+
+def _convert_bag(path: Path, config: ConversionConfig, encoder: FrameEncoder, writer: RldsWriter,
+                 progress: bool) -> BagSummary:
+    summary = BagSummary(path=path)
+    with DemoBag(path, config) as bag:
+        aligner = StepAligner(config, bag.action_kind, list(config.topics.camera_topics()),
+                              use_state=bool(config.topics.state))
+        episode: list[EpisodeStep] = []
+        start_ns = 0
+
+        def close_episode() -> None:
+            nonlocal episode
+            if episode:
+                writer.add_episode(episode, str(path), start_ns)
+                summary.episodes += 1
+                summary.steps += len(episode)
+            episode = []
+
+        def take(steps: list[AlignedStep]) -> None:
+            nonlocal start_ns
+            for step in steps:
+                if step.stale:
+                    summary.dropped_stale += 1
+                    if config.split_on_gap:
+                        close_episode()
+                    continue
+                if step.idle and config.drop_idle:
+                    summary.dropped_idle += 1
+                    continue
+                if not step.instruction.strip():
+                    raise DatasetError(
+                        f"bag {path}: the instruction at {step.time_ns} ns is empty; publish a non-empty "
+                        "instruction or give one with --instruction"
+                    )
+                if config.split_on_instruction and episode and episode[-1].instruction != step.instruction:
+                    close_episode()
+                if not episode:
+                    start_ns = step.time_ns
+                episode.append(_episode_step(bag, encoder, step))
+
+        bar = _progress_bar(progress, bag.declared_message_count, path.name)
+        try:
+            for time_ns, stream, value in bag.messages():
+                take(aligner.add(time_ns, stream.role, value, stream.camera_key))
+                bar(1)
+        finally:
+            bar(None)
+        take(aligner.finish())
+        close_episode()
+        summary.topics = bag.counts
+        if summary.steps == 0:
+            raise DatasetError(_empty_reason(path, aligner, summary))
+    return summary
+
+
+def _episode_step(bag: DemoBag, encoder: FrameEncoder, step: AlignedStep) -> EpisodeStep:
+    images = {key: encoder.encode(bag, key, frame) for key, frame in step.images.items()}
+    return EpisodeStep(images=images, action=step.action, instruction=step.instruction.strip(), state=step.state)
+
+
+def _empty_reason(path: Path, aligner: StepAligner, summary: BagSummary) -> str:
+    missing = aligner.missing_streams()
+    if missing:
+        return (
+            f"bag {path} gives an empty episode: stream(s) {', '.join(missing)} never published, so no step "
+            "could start; check the topics in the config"
+        )
+    return (
+        f"bag {path} gives an empty episode: {summary.dropped_idle} idle and {summary.dropped_stale} stale "
+        "step(s) were dropped and none remained; check the action source and the idle thresholds "
+        "(conversion.idle_translation / idle_rotation, or drop_idle: false) and max_observation_age_s"
+    )
+
+
+def _progress_bar(enabled: bool, total: int, label: str) -> Callable[[int | None], None]:
+    """Returns ``update(n)``; ``update(None)`` closes the bar. A no-op when disabled."""
+    if not enabled:
+        return lambda _count: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="msg", leave=False, mininterval=0.5)
+
+    def update(count: int | None) -> None:
+        if count is None:
+            bar.close()
+        else:
+            bar.update(count)
+
+    return update
+
+
+def format_report(report: ConversionReport) -> str:
+    """Returns the human-readable summary printed after a conversion."""
+    lines = [
+        f"dataset: {report.dataset_dir}",
+        f"episodes: {report.episodes} (train {report.splits.get('train', 0)}, val {report.splits.get('val', 0)})",
+        f"steps: {report.steps}; dropped idle: {report.dropped_idle}; dropped stale: {report.dropped_stale}",
+    ]
+    for bag in report.bags:
+        lines.append(
+            f"  {bag.path}: {bag.episodes} episode(s), {bag.steps} steps, {bag.dropped_idle} idle, "
+            f"{bag.dropped_stale} stale"
+        )
+        for topic, count in sorted(bag.topics.items()):
+            lines.append(f"    {topic} ({count.msgtype}): {count.count} msgs, {count.rate_hz:.1f} Hz")
+    action = report.statistics["action"]
+    lines.append("action q01: " + ", ".join(f"{value:.4g}" for value in action["q01"]))
+    lines.append("action q99: " + ", ".join(f"{value:.4g}" for value in action["q99"]))
+    lines.append(f"statistics: {report.dataset_dir / 'dataset_statistics.json'} (key {report.name!r})")
+    lines.extend(f"warning: {warning}" for warning in report.warnings)
+    return "\n".join(lines)
