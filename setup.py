@@ -24,6 +24,7 @@ setup(
     entry_points={
         "console_scripts": [
             "policy_node = openvla_ros.policy_node:main",
+            "sim_scene = openvla_ros.sim_scene_node:main",
         ],
     },
 )
