@@ -9,6 +9,7 @@ loader expects).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ from openvla_ros.sim.scene import TabletopScene
 
 OPEN = 1.0
 CLOSED = 0.0
+# Smallest translation of a moving step (metres): smaller ones would look like idle steps.
+MIN_STEP = 1e-3
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,6 @@ class ExpertConfig:
     max_speed: float = 0.02
     # Largest change of the translation between consecutive steps (the smoothness).
     max_speed_change: float = 0.008
-    # Fraction of the remaining distance covered per step when slowing down near a waypoint.
-    approach_gain: float = 0.6
     # Clearance above the block tops when travelling.
     travel_clearance: float = 0.05
     # A waypoint counts as reached within this distance.
@@ -44,8 +45,8 @@ class ExpertConfig:
     def __post_init__(self) -> None:
         if not 0 < self.max_speed <= 0.05:
             raise ValueError(f"max_speed must be in (0, 0.05] m per step, got {self.max_speed}")
-        if not 0 < self.approach_gain <= 1:
-            raise ValueError(f"approach_gain must be in (0, 1], got {self.approach_gain}")
+        if not 0 < self.max_speed_change <= self.max_speed:
+            raise ValueError(f"max_speed_change must be in (0, max_speed], got {self.max_speed_change}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
 
@@ -57,10 +58,12 @@ class ScriptedExpert:
         self.config = config or ExpertConfig()
         self._rng = np.random.default_rng(seed)
         self._velocity = np.zeros(3)
+        self._descending = False
 
     def reset(self, seed: int | tuple[int, ...] | None = None) -> None:
         """Forgets the previous motion (call at the start of each episode); reseeds the noise if given."""
         self._velocity = np.zeros(3)
+        self._descending = False
         if seed is not None:
             self._rng = np.random.default_rng(seed)
 
@@ -128,33 +131,45 @@ class ScriptedExpert:
         cfg = self.config
         keep = OPEN if open_now else CLOSED
         gap_xy = float(np.linalg.norm(tip[:2] - goal[:2]))
-        if gap_xy <= cfg.descend_radius:
-            if abs(tip[2] - goal[2]) > cfg.tolerance:
-                return goal, keep  # descend, correcting x/y on the way
+        # Hysteresis: once descending, small x/y drifts are corrected on the way down.
+        radius = cfg.descend_radius * (2.5 if self._descending else 1.0)
+        if gap_xy <= radius:
+            self._descending = True
+            arrived = abs(tip[2] - goal[2]) <= cfg.tolerance and gap_xy <= cfg.descend_radius
+            if not arrived or np.linalg.norm(self._velocity) > cfg.max_speed_change:
+                return goal, keep  # descend (or settle), correcting x/y on the way
+            self._descending = False
             return None, CLOSED if open_now else OPEN  # grasp or release (one step)
+        self._descending = False
         if tip[2] < above[2] - cfg.tolerance and gap_xy > lift_first:
             return np.array([tip[0], tip[1], above[2]]), keep
         return above, keep
 
     def _move_towards(self, position: np.ndarray, waypoint: np.ndarray) -> np.ndarray:
-        """Returns a smooth step towards ``waypoint`` that never overshoots it."""
+        """Returns a smooth step towards ``waypoint`` (speed changes of at most ``max_speed_change``)."""
         cfg = self.config
         error = waypoint - position
         distance = float(np.linalg.norm(error))
         if distance < 1e-9:
             self._velocity = np.zeros(3)
             return np.zeros(3)
-        speed = min(cfg.max_speed, max(cfg.approach_gain * distance, min(distance, cfg.tolerance)))
-        desired = error / distance * speed
+        # Braking profile: n more steps of speeds n*a, (n-1)*a, ..., a cover a*n*(n+1)/2, so the speed
+        # that still stops at the waypoint with speed changes of at most a per step is a*n.
+        a = cfg.max_speed_change
+        steps_left = (math.sqrt(1.0 + 8.0 * distance / a) - 1.0) / 2.0
+        speed = min(cfg.max_speed, a * steps_left, distance)
+        # Head for the waypoint without passing it along any axis, then limit the change of velocity.
+        desired = np.clip(error / distance * speed, np.minimum(error, 0.0), np.maximum(error, 0.0))
         change = desired - self._velocity
         change_norm = float(np.linalg.norm(change))
-        if change_norm > cfg.max_speed_change:
-            desired = self._velocity + change / change_norm * cfg.max_speed_change
-        # Never go further than the waypoint along any axis.
-        step = np.where(np.abs(desired) > np.abs(error), error, desired)
+        if change_norm > a:
+            desired = self._velocity + change / change_norm * a
+        if np.linalg.norm(desired) < MIN_STEP < distance:
+            # Still turning round (e.g. after noise pushed the fingertips past the waypoint): head back.
+            desired = error / distance * min(distance, a)
+        self._velocity = desired
+        step = desired
         if cfg.noise > 0:
             # Noise scaled by the speed: wobbly while cruising, precise near the waypoints.
             step = step + self._rng.normal(0.0, cfg.noise, size=3) * (np.linalg.norm(step) / cfg.max_speed)
-        step = np.clip(step, -cfg.max_speed, cfg.max_speed)
-        self._velocity = step
-        return step
+        return np.clip(step, -cfg.max_speed, cfg.max_speed)
