@@ -43,9 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from openvla_ros.dataset.check import check_dataset
 
     try:
-        config = load_config(args.config).replace(
-            rate_hz=args.rate, instruction=args.instruction, val_fraction=args.val_fraction
-        )
+        config = load_config(args.config, rate_hz=args.rate, instruction=args.instruction,
+                             val_fraction=args.val_fraction)
         report = convert_bags(args.bags, args.out, args.name, config, overwrite=args.overwrite,
                               progress=not args.quiet)
         print(format_report(report))

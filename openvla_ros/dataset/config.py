@@ -165,13 +165,19 @@ def _check_positive(name: str, value: Any, *, upper: float = math.inf, allow_zer
         raise DatasetError(f"{name} must be a number {bound}{limit}, got {value!r}")
 
 
-def config_from_mapping(data: Mapping[str, Any] | None) -> ConversionConfig:
+def config_from_mapping(data: Mapping[str, Any] | None, **overrides: Any) -> ConversionConfig:
     """Returns the conversion config of a parsed ``record.yaml`` (``topics`` and ``conversion``).
+
+    ``overrides`` replace keys of the ``conversion`` section (None values are ignored) before the
+    config is checked, so a command-line ``--instruction`` can stand in for a missing instruction topic.
 
     Raises:
         DatasetError: on unknown keys or bad values, naming them.
     """
     data = dict(data or {})
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if given:
+        data["conversion"] = {**dict(data.get("conversion") or {}), **given}
     unknown = sorted(set(data) - {"topics", "conversion", "record"})
     if unknown:
         raise DatasetError(f"unknown section(s) {', '.join(unknown)}; expected topics, conversion, record")
@@ -196,14 +202,14 @@ def _section(data: Mapping[str, Any], name: str, kind: type, exclude: tuple[str,
     return {key: "" if value is None and key in _STRING_FIELDS else value for key, value in section.items()}
 
 
-def load_config(path: str | Path | None) -> ConversionConfig:
-    """Returns the conversion config of a YAML file, or the defaults when ``path`` is None.
+def load_config(path: str | Path | None, **overrides: Any) -> ConversionConfig:
+    """Returns the conversion config of a YAML file (defaults when ``path`` is None) with ``overrides``.
 
     Raises:
         DatasetError: when the file is missing, is not valid YAML, or holds bad keys or values.
     """
     if path is None:
-        return ConversionConfig()
+        return config_from_mapping({}, **overrides)
     import yaml
 
     path = Path(path)
@@ -217,7 +223,7 @@ def load_config(path: str | Path | None) -> ConversionConfig:
         raise DatasetError(f"config file {path} is not valid YAML: {exc}") from exc
     if data is not None and not isinstance(data, Mapping):
         raise DatasetError(f"config file {path} must hold a mapping with topics/conversion sections")
-    return config_from_mapping(data)
+    return config_from_mapping(data, **overrides)
 
 
 def validate_dataset_name(name: str) -> str:

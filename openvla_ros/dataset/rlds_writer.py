@@ -322,7 +322,7 @@ class RldsWriter:
             features=self._features,
             split_infos=split_infos,
             version=VERSION,
-            check_data=True,
+            check_data=False,
             description=self.description or "Robot demonstrations converted from rosbag2 recordings.",
             metadata=tfds.core.MetadataDict(version=VERSION, release_notes=RELEASE_NOTES),
         )

@@ -1,0 +1,77 @@
+"""Records one demonstration with ``ros2 bag record`` on the topics named in ``config/record.yaml``.
+
+    ros2 launch openvla_ros record.launch.py episode:=pick_cup_01
+    ros2 launch openvla_ros record.launch.py config:=/path/record.yaml output_dir:=/data/demos storage:=sqlite3
+
+The bag goes to ``<output_dir>/<episode>`` (an empty ``episode`` gives ``episode_<date>_<time>``), in
+mcap unless ``storage`` says otherwise. Stop with Ctrl-C; then convert with
+``training/bag_to_rlds.py``, which reads the same config file.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+
+from launch import LaunchContext, LaunchDescription
+
+PACKAGE = "openvla_ros"
+STORAGE_PLUGINS = ("mcap", "sqlite3")
+
+# (name, default, description); an empty default takes the value from the config file.
+LAUNCH_ARGUMENTS = (
+    ("config", "", "Topics file; empty for the package's config/record.yaml."),
+    ("output_dir", "", "Directory of the bags; empty for the config's record.output_dir."),
+    ("episode", "", "Bag name inside output_dir; empty for episode_<date>_<time>."),
+    ("storage", "", "Storage plugin, mcap or sqlite3; empty for the config's record.storage (mcap)."),
+)
+
+
+def record_command(config: dict, output_dir: str, episode: str, storage: str) -> list[str]:
+    """Returns the ``ros2 bag record`` command line for a parsed config file.
+
+    Raises:
+        ValueError: for an unknown storage plugin or a config without an image or action topic.
+    """
+    from openvla_ros.dataset.config import config_from_mapping
+
+    topics = config_from_mapping(config).topics
+    record = dict((config or {}).get("record") or {})
+    storage = storage or record.get("storage") or "mcap"
+    if storage not in STORAGE_PLUGINS:
+        raise ValueError(f"storage must be one of {', '.join(STORAGE_PLUGINS)}, got {storage!r}")
+    output_dir = output_dir or record.get("output_dir") or "demos"
+    episode = episode or time.strftime("episode_%Y%m%d_%H%M%S")
+    command = ["ros2", "bag", "record", "--storage", storage, "--output", str(Path(output_dir) / episode)]
+    duration = int(record.get("max_bag_duration_s") or 0)
+    if duration > 0:
+        command += ["--max-bag-duration", str(duration)]
+    extra = [str(topic) for topic in record.get("extra_topics") or []]
+    return command + list(dict.fromkeys(topics.recorded_topics() + extra))
+
+
+def _make_recorder(context: LaunchContext) -> list:
+    """Returns the recording process, with the launch arguments resolved in ``context``."""
+    import yaml
+    from ament_index_python.packages import get_package_share_directory
+
+    def argument(name: str) -> str:
+        return LaunchConfiguration(name).perform(context)
+
+    config_file = argument("config") or f"{get_package_share_directory(PACKAGE)}/config/record.yaml"
+    with open(config_file) as stream:
+        config = yaml.safe_load(stream) or {}
+    command = record_command(config, argument("output_dir"), argument("episode"), argument("storage"))
+    return [ExecuteProcess(cmd=command, output="screen", sigterm_timeout="10")]
+
+
+def generate_launch_description() -> LaunchDescription:
+    """Returns the launch description: the declared arguments and the ``ros2 bag record`` process."""
+    arguments = [
+        DeclareLaunchArgument(name, default_value=default, description=description)
+        for name, default, description in LAUNCH_ARGUMENTS
+    ]
+    return LaunchDescription([*arguments, OpaqueFunction(function=_make_recorder)])
