@@ -9,6 +9,8 @@ Topics:
         with ``publish_compressed`` also ``<image_topic>/compressed`` (JPEG)
     out ``ee_pose_topic`` (geometry_msgs/PoseStamped): fingertip position and gripper orientation
     out ``gripper_topic`` (std_msgs/Float64): 1.0 open, 0.0 closed
+    out ``joint_states_topic`` (sensor_msgs/JointState): the arm seen as a gantry, joints ``x``, ``y``,
+        ``z`` (m), ``yaw`` (rad) and ``gripper`` (1.0 open, 0.0 closed)
     out ``instruction_topic`` (std_msgs/String), reliable + transient-local, once per episode
     out ``~/task_state`` (diagnostic_msgs/DiagnosticStatus): episode, task, status, steps, distance
     out ``~/success`` (std_msgs/Bool), transient-local: false at each reset, true on success
@@ -36,7 +38,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Bool, Float64, Float64MultiArray, MultiArrayDimension, String
 from std_srvs.srv import SetBool, Trigger
 
@@ -53,6 +55,7 @@ from openvla_ros.sim import (
 NODE_NAME = "sim_scene"
 TASK_CHOICES = (*TASKS, "random")
 ACTION_LABEL = "dx,dy,dz,droll,dpitch,dyaw,gripper"
+JOINT_NAMES = ("x", "y", "z", "yaw", "gripper")
 
 SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
 LATCHED_QOS = QoSProfile(
@@ -109,6 +112,7 @@ PARAMETERS: tuple[SimParameter, ...] = (
     ),
     SimParameter("ee_pose_topic", "/ee_pose", "End-effector pose (geometry_msgs/PoseStamped)."),
     SimParameter("gripper_topic", "/gripper_state", "Gripper state (std_msgs/Float64, 1 open, 0 closed)."),
+    SimParameter("joint_states_topic", "/joint_states", "Gantry joint states x, y, z, yaw, gripper."),
     SimParameter(
         "task",
         "random",
@@ -165,6 +169,7 @@ class SimSceneNode(Node):
             self._compressed_pub = self.create_publisher(CompressedImage, topic, SENSOR_QOS)
         self._pose_pub = self.create_publisher(PoseStamped, value("ee_pose_topic"), RELIABLE_QOS)
         self._gripper_pub = self.create_publisher(Float64, value("gripper_topic"), RELIABLE_QOS)
+        self._joints_pub = self.create_publisher(JointState, value("joint_states_topic"), RELIABLE_QOS)
         self._instruction_pub = self.create_publisher(String, value("instruction_topic"), LATCHED_QOS)
         self._teleop_pub = self.create_publisher(Float64MultiArray, value("teleop_topic"), RELIABLE_QOS)
         self._task_state_pub = self.create_publisher(DiagnosticStatus, "~/task_state", RELIABLE_QOS)
@@ -299,7 +304,11 @@ class SimSceneNode(Node):
         orientation = pose.pose.orientation
         orientation.x, orientation.y, orientation.z, orientation.w = qx, qy, qz, qw
         self._pose_pub.publish(pose)
-        self._gripper_pub.publish(Float64(data=1.0 if self.scene.gripper_open else 0.0))
+        gripper = 1.0 if self.scene.gripper_open else 0.0
+        self._gripper_pub.publish(Float64(data=gripper))
+        joints = JointState(name=list(JOINT_NAMES), position=[x, y, z, float(self.scene.ee_yaw), gripper])
+        joints.header.stamp = stamp
+        self._joints_pub.publish(joints)
 
     def _publish_task_state(self) -> None:
         state = self.scene.evaluate()
