@@ -89,12 +89,21 @@ class NodeProcess:
         return self.process.returncode
 
 
-def start_node(name: str, log_dir: Path, *ros_args: str, params_file: bool = True) -> NodeProcess:
-    command = [sys.executable, "-m", "openvla_ros.policy_node", "--ros-args"]
-    if params_file:
-        command += ["--params-file", str(PARAMS_FILE)]
+def start_node(
+    name: str, log_dir: Path, *ros_args: str, params_file: Path = PARAMS_FILE, namespace: str = ""
+) -> NodeProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "openvla_ros.policy_node",
+        "--ros-args",
+        "--params-file",
+        str(params_file),
+    ]
     if name != "openvla_policy":
         command += ["-r", f"__node:={name}"]
+    if namespace:
+        command += ["-r", f"__ns:={namespace}"]
     for argument in ros_args:
         command += ["-p", argument]
     env = dict(os.environ, RCUTILS_LOGGING_BUFFERED_STREAM="0", PYTHONUNBUFFERED="1")
@@ -240,6 +249,14 @@ def nodes(
     tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, NodeProcess]]:
     log_dir = tmp_path_factory.mktemp("policy_node_logs")
+    # The broken node reads a copy of the shipped file with two values changed, from a namespace.
+    broken_params = log_dir / "broken.yaml"
+    broken_params.write_text(
+        PARAMS_FILE.read_text()
+        .replace("/**/openvla_policy:", "/**/policy_broken:")
+        .replace('frame_id: "base_link"', 'frame_id: "tool0"')
+        .replace("max_rotation: 0.25", "max_rotation: 0.2")
+    )
     started = {
         "openvla_policy": start_node(
             "openvla_policy", log_dir, f"model:={tiny_checkpoint}", "cpu_threads:=1"
@@ -261,7 +278,8 @@ def nodes(
             "image_topic:=/broken_camera/image",
             "rate_hz:=100.0",
             "gripper_mode:=sideways",
-            params_file=False,
+            params_file=broken_params,
+            namespace="/lab",
         ),
     }
     yield started
@@ -542,7 +560,7 @@ def test_compressed_transport_survives_corrupt_jpeg_and_recovers(
 def test_a_model_that_fails_to_load_leaves_the_node_running_unconfigured(
     nodes: dict[str, NodeProcess], ros_node: rclpy.node.Node, diagnostics: Received
 ) -> None:
-    driver = Driver(ros_node, "policy_broken", "/broken_camera/image", "/broken_instruction", False)
+    driver = Driver(ros_node, "lab/policy_broken", "/broken_camera/image", "/broken_instruction", False)
     driver.wait_ready()
     status = latest_status(diagnostics, "policy_broken")
     assert status.level == DiagnosticStatus.ERROR
@@ -558,6 +576,7 @@ def test_a_model_that_fails_to_load_leaves_the_node_running_unconfigured(
     assert driver.get("rate_hz", "gripper_mode") == [5.0, "raw"], (
         "rejected start-up values fall back to defaults"
     )
+    assert driver.get("frame_id", "max_rotation") == ["tool0", 0.2], "the namespaced node reads its file"
 
 
 # ---------------------------------------------------------------------------------------- launch file
@@ -597,7 +616,7 @@ def test_parameter_file_lists_every_declared_parameter() -> None:
 
     from openvla_ros.policy_node import PARAMETERS
 
-    parameters = yaml.safe_load(PARAMS_FILE.read_text())["openvla_policy"]["ros__parameters"]
+    parameters = yaml.safe_load(PARAMS_FILE.read_text())["/**/openvla_policy"]["ros__parameters"]
     assert parameters == {spec.name: spec.default for spec in PARAMETERS}
 
 
@@ -605,10 +624,10 @@ def test_launch_description_builds_where_launch_is_installed() -> None:
     spec = importlib.util.find_spec("launch")
     if spec is None or spec.origin is None or importlib.util.find_spec("launch_ros") is None:
         pytest.skip("the ROS 2 `launch` and `launch_ros` packages are not installed here")
-    launch_module = importlib.util.module_from_spec(
-        importlib.util.spec_from_file_location("policy_launch", LAUNCH_FILE)
-    )
-    importlib.util.spec_from_file_location("policy_launch", LAUNCH_FILE).loader.exec_module(launch_module)
+    loader_spec = importlib.util.spec_from_file_location("policy_launch", LAUNCH_FILE)
+    assert loader_spec is not None and loader_spec.loader is not None
+    launch_module = importlib.util.module_from_spec(loader_spec)
+    loader_spec.loader.exec_module(launch_module)
     description = launch_module.generate_launch_description()
     names = {argument.name for argument in description.get_launch_arguments()}
     assert names == LAUNCH_ARGUMENTS
