@@ -10,7 +10,10 @@ differs from what the policy node feeds the model only by JPEG loss.
 from __future__ import annotations
 
 import io
+import os
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,25 +68,50 @@ class ConversionReport:
 
 
 class FrameEncoder:
-    """Turns camera frames into stored JPEG bytes and checks that each camera keeps one frame size."""
+    """Turns camera frames into stored JPEG bytes on worker threads (decoding, resizing and JPEG
+    encoding release the GIL) and checks that each camera keeps one frame size.
 
-    def __init__(self, config: ConversionConfig) -> None:
+    Use as a context manager; :meth:`submit` returns a future of the JPEG bytes.
+    """
+
+    def __init__(self, config: ConversionConfig, workers: int | None = None, max_pending: int = 32) -> None:
         from openvla_ros.processor import ImageTransform
 
         self._transform = ImageTransform(image_size=config.image_size)
         self._quality = config.jpeg_quality
         self._sizes: dict[str, tuple[int, int, str]] = {}
-        self._last: dict[str, tuple[int, bytes]] = {}
+        self._last: dict[str, tuple[int, Future]] = {}
+        self._workers = workers or min(4, os.cpu_count() or 1)
+        self._max_pending = max_pending
+        self._pending: deque[Future] = deque()
+        self._pool: ThreadPoolExecutor | None = None
 
-    def encode(self, bag: DemoBag, key: str, frame: RawFrame) -> bytes:
-        """Returns the JPEG bytes of a frame at the model size (a frame used by two steps is encoded once).
+    def __enter__(self) -> FrameEncoder:
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="frame-encoder")
+        return self
 
-        Raises:
-            DatasetError: when the frame cannot be decoded or its size differs from the camera's first frame.
+    def __exit__(self, *exc_info: object) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, bag: DemoBag, key: str, frame: RawFrame) -> Future:
+        """Returns a future of the frame's JPEG bytes at the model size (a frame used twice is encoded once).
+
+        The future raises DatasetError when the frame cannot be decoded or its size differs from the
+        camera's first frame.
         """
         cached = self._last.get(key)
         if cached is not None and cached[0] == id(frame):
             return cached[1]
+        while len(self._pending) >= self._max_pending:  # bounded memory: wait for the oldest frame
+            self._pending.popleft().result()
+        future = self._pool.submit(self._encode, bag, key, frame)
+        self._pending.append(future)
+        self._last[key] = (id(frame), future)
+        return future
+
+    def _encode(self, bag: DemoBag, key: str, frame: RawFrame) -> bytes:
         rgb = bag.decode_frame(frame)
         size = (rgb.shape[1], rgb.shape[0])
         first = self._sizes.setdefault(key, (*size, f"{bag.path} at {frame.time_ns} ns"))
@@ -93,9 +121,7 @@ class FrameEncoder:
                 f"{frame.time_ns} ns, but {first[0]}x{first[1]} in {first[2]}; convert recordings of one "
                 "camera set-up into one dataset"
             )
-        jpeg = encode_jpeg(self._transform.model_image(rgb), self._quality)
-        self._last[key] = (id(frame), jpeg)
-        return jpeg
+        return encode_jpeg(self._transform.model_image(rgb), self._quality)
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
@@ -133,7 +159,7 @@ def convert_bags(
     keys = list(config.topics.camera_topics())
     writer = RldsWriter(data_dir, name, image_keys=keys, image_size=config.image_size, overwrite=overwrite,
                         max_shard_bytes=int(config.max_shard_mb * (1 << 20)), description=description)
-    with writer:
+    with writer, encoder:
         for path in bags:
             summaries.append(_convert_bag(Path(path), config, encoder, writer, progress))
         result = writer.finish(val_fraction=config.val_fraction, seed=config.split_seed)
@@ -155,6 +181,8 @@ def _convert_bag(path: Path, config: ConversionConfig, encoder: FrameEncoder, wr
         def close_episode() -> None:
             nonlocal episode
             if episode:
+                for step in episode:
+                    step.images = {key: future.result() for key, future in step.images.items()}
                 writer.add_episode(episode, str(path), start_ns)
                 summary.episodes += 1
                 summary.steps += len(episode)
@@ -198,7 +226,7 @@ def _convert_bag(path: Path, config: ConversionConfig, encoder: FrameEncoder, wr
 
 
 def _episode_step(bag: DemoBag, encoder: FrameEncoder, step: AlignedStep) -> EpisodeStep:
-    images = {key: encoder.encode(bag, key, frame) for key, frame in step.images.items()}
+    images = {key: encoder.submit(bag, key, frame) for key, frame in step.images.items()}
     return EpisodeStep(images=images, action=step.action, instruction=step.instruction.strip(), state=step.state)
 
 
