@@ -1,0 +1,552 @@
+"""``make demo``: the simulated tabletop and the OpenVLA policy node in closed loop, with a live readout.
+
+    python -m openvla_ros.demo [--model PATH_OR_HUB_ID] [--duration 20] [--task reach] [--seed 0]
+
+Starts ``sim_scene`` and ``policy_node`` as child processes, starts an episode (the sim publishes its
+instruction), enables the policy and prints one line per second: the achieved action rate, the model
+latency, the age of the newest camera image, the last action and the task state. At the end it prints
+a summary and saves a PNG of the episode (the last camera frame with the gripper's path, the actions
+and the timing over time). Ctrl-C or SIGTERM stop it early; the child processes are always stopped.
+
+The model is, in order: ``--model`` (or the ``MODEL`` environment variable), the fine-tuned model of
+``make pipeline`` at ``artifacts/pipeline/merged`` if it exists, else the tiny random checkpoint at
+``artifacts/tiny``, built on first use. DDS traffic stays on this machine
+(``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``) and, unless ``ROS_DOMAIN_ID`` is set, on a random domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path("artifacts")
+TINY_DIR = "tiny"
+FINE_TUNED_DIR = Path("pipeline") / "merged"
+POLICY_NODE = "openvla_policy"
+SIM_NODE = "sim_scene"
+EXIT_INTERRUPTED = 130
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run: a child process died, the model did not load, a service never appeared."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model the demo runs and why it was chosen."""
+
+    model: str
+    source: str  # "argument", "fine-tuned" or "tiny"
+    needs_build: bool = False
+
+
+def resolve_model(model: str | None, artifacts: Path = ARTIFACTS) -> ModelChoice:
+    """Returns the model to run: ``model`` if given, else the pipeline's fine-tuned model, else the tiny one."""
+    if model:
+        return ModelChoice(model, "argument")
+    fine_tuned = artifacts / FINE_TUNED_DIR
+    if (fine_tuned / "config.json").is_file():
+        return ModelChoice(str(fine_tuned), "fine-tuned")
+    tiny = artifacts / TINY_DIR
+    return ModelChoice(str(tiny), "tiny", needs_build=not (tiny / "config.json").is_file())
+
+
+def resolve_unnorm_key(model: str) -> str:
+    """Returns the action statistics key to use for a local checkpoint, or "" to let the node decide.
+
+    A checkpoint with one key needs none; with several, a ``dataset_statistics.json`` holding exactly
+    one key (what fine-tuning writes) names the dataset the model was adapted to.
+    """
+    directory = Path(model)
+    keys: list[str] = []
+    statistics_keys: list[str] = []
+    try:
+        keys = list(json.loads((directory / "config.json").read_text()).get("norm_stats") or {})
+    except (OSError, ValueError):
+        return ""
+    try:
+        statistics_keys = list(json.loads((directory / "dataset_statistics.json").read_text()))
+    except (OSError, ValueError):
+        pass
+    available = list(dict.fromkeys(keys + statistics_keys))
+    if len(available) <= 1:
+        return ""
+    if len(statistics_keys) == 1:
+        return statistics_keys[0]
+    return ""
+
+
+# ---------------------------------------------------------------------------------------- child processes
+
+
+@dataclass
+class Child:
+    """A node started as a child process, its output going to a log file."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(f"    {line}" for line in text[-lines:])
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """Asks the node to stop (SIGINT, as Ctrl-C would), then kills it after ``timeout_s``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        return self.process.returncode
+
+
+def start_child(name: str, module: str, ros_args: list[str], log_dir: Path, env: dict[str, str]) -> Child:
+    """Starts ``python -m module --ros-args ...`` with its output in ``log_dir/name.log``."""
+    log_path = log_dir / f"{name}.log"
+    command = [sys.executable, "-m", module, "--ros-args", *ros_args]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return Child(name, process, log_path)
+
+
+# ---------------------------------------------------------------------------------------- monitoring
+
+
+@dataclass
+class Readings:
+    """What the demo has seen on the topics, with arrival times (monotonic seconds)."""
+
+    actions: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    poses: deque = field(default_factory=lambda: deque(maxlen=20_000))
+    policy_status: dict[str, str] = field(default_factory=dict)
+    task_status: dict[str, str] = field(default_factory=dict)
+    first_frame: Any = None
+    last_frame: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class DemoMonitor:
+    """An rclpy node in this process: subscriptions to the demo's topics and clients of its services."""
+
+    def __init__(self, context: Any) -> None:
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+        from geometry_msgs.msg import PoseStamped
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image
+        from std_msgs.msg import Float64MultiArray
+        from std_srvs.srv import SetBool, Trigger
+
+        self.readings = Readings()
+        self.node = rclpy.create_node("openvla_demo", context=context)
+        sensor = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT
+        )
+        self.node.create_subscription(Float64MultiArray, f"/{POLICY_NODE}/action", self._on_action, 50)
+        self.node.create_subscription(PoseStamped, "/ee_pose", self._on_pose, 50)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+        self.node.create_subscription(DiagnosticStatus, f"/{SIM_NODE}/task_state", self._on_task_state, 10)
+        self.node.create_subscription(Image, "/camera/image_raw", self._on_image, sensor)
+        self.enable_client = self.node.create_client(SetBool, f"/{POLICY_NODE}/enable")
+        self.reset_client = self.node.create_client(Trigger, f"/{SIM_NODE}/reset")
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+        self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spinner.start()
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self._spinner.join(timeout=5)
+
+    def _on_action(self, message: Any) -> None:
+        with self.readings.lock:
+            self.readings.actions.append((time.monotonic(), np.array(message.data, dtype=np.float64)))
+
+    def _on_pose(self, message: Any) -> None:
+        position = message.pose.position
+        with self.readings.lock:
+            self.readings.poses.append((time.monotonic(), (position.x, position.y, position.z)))
+
+    def _on_diagnostics(self, message: Any) -> None:
+        for status in message.status:
+            if status.name == f"{POLICY_NODE}: policy":
+                with self.readings.lock:
+                    self.readings.policy_status = {item.key: item.value for item in status.values}
+
+    def _on_task_state(self, message: Any) -> None:
+        with self.readings.lock:
+            self.readings.task_status = {item.key: item.value for item in message.values}
+
+    def _on_image(self, message: Any) -> None:
+        with self.readings.lock:
+            if self.readings.first_frame is None:
+                self.readings.first_frame = message
+            self.readings.last_frame = message
+
+    def call(self, client: Any, request: Any, timeout_s: float, should_stop: Callable[[], bool]) -> Any:
+        """Calls a service, waiting up to ``timeout_s`` for it to appear and answer.
+
+        Raises:
+            DemoError: on timeout. Returns None when ``should_stop`` turns true first.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not client.service_is_ready():
+            if should_stop():
+                return None
+            if time.monotonic() > deadline:
+                raise DemoError(f"service {client.srv_name} did not appear within {timeout_s:.0f} s")
+            time.sleep(0.05)
+        future = client.call_async(request)
+        while not future.done():
+            if should_stop():
+                return None
+            if time.monotonic() > deadline:
+                raise DemoError(f"service {client.srv_name} did not answer within {timeout_s:.0f} s")
+            time.sleep(0.02)
+        return future.result()
+
+
+# ---------------------------------------------------------------------------------------- reporting
+
+
+def action_rate(times: list[float], now: float, window_s: float = 2.0) -> float:
+    """Returns the arrival rate (Hz) of the events in the last ``window_s`` seconds before ``now``."""
+    recent = [t for t in times if now - window_s <= t <= now]
+    if len(recent) < 2:
+        return 0.0
+    return (len(recent) - 1) / (recent[-1] - recent[0]) if recent[-1] > recent[0] else 0.0
+
+
+def format_action(action: np.ndarray | None) -> str:
+    if action is None or len(action) != 7:
+        return "[no action yet]"
+    translation = " ".join(f"{v * 1000:+5.1f}" for v in action[:3])
+    rotation = " ".join(f"{v:+.2f}" for v in action[3:6])
+    return f"[d(mm) {translation} | rot {rotation} | grip {action[6]:+.2f}]"
+
+
+def live_line(elapsed_s: float, readings: Readings, now: float) -> str:
+    """Returns the one-line status printed every second."""
+    with readings.lock:
+        times = [t for t, _ in readings.actions]
+        last = readings.actions[-1][1] if readings.actions else None
+        policy = dict(readings.policy_status)
+        task = dict(readings.task_status)
+    rate = action_rate(times, now)
+    latency = policy.get("inference_latency_ms_last", "nan")
+    image_age = policy.get("image_age_s", "nan")
+    state = task.get("status", "?")
+    distance = task.get("goal_distance_m", "?")
+    return (
+        f"t={elapsed_s:4.0f}s  rate {rate:4.1f} Hz  latency {float(latency):6.1f} ms  "
+        f"image age {float(image_age):5.3f} s  action {format_action(last)}  "
+        f"task {state} (steps {task.get('steps', '?')}, distance {distance} m)"
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def save_episode_png(path: Path, readings: Readings, instruction: str, start: float, rate_hz: float) -> Path:
+    """Saves a figure of the episode: last camera frame with the gripper path, actions, action timing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from openvla_ros.ros_conversions import message_to_rgb
+    from openvla_ros.sim.render import CameraModel
+
+    with readings.lock:
+        actions = list(readings.actions)
+        poses = list(readings.poses)
+        frame = readings.last_frame
+        task = dict(readings.task_status)
+    figure, (camera_axis, action_axis, timing_axis) = plt.subplots(
+        1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1.35, 1, 1]}
+    )
+    if frame is not None:
+        rgb = message_to_rgb(frame)
+        camera_axis.imshow(rgb)
+        camera = CameraModel(width=rgb.shape[1], height=rgb.shape[0])
+        path_poses = [p for t, p in poses if t >= start]
+        if path_poses:
+            pixels = np.array([camera.project(x, y, 0.0) for x, y, _ in path_poses])
+            camera_axis.plot(pixels[:, 0], pixels[:, 1], color="white", linewidth=1.5, label="gripper path")
+            camera_axis.plot(*pixels[0], "o", color="lime", label="start")
+            camera_axis.plot(*pixels[-1], "x", color="magenta", markersize=9, label="end")
+            camera_axis.legend(loc="lower right", fontsize=8)
+    camera_axis.set_title(f'"{instruction}": {task.get("status", "?")}', fontsize=10)
+    camera_axis.axis("off")
+
+    if actions:
+        times = np.array([t - start for t, _ in actions])
+        values = np.array([a for _, a in actions])
+        for index, label in enumerate(("dx", "dy", "dz")):
+            action_axis.plot(times, values[:, index] * 1000, label=f"{label} (mm)")
+        action_axis.plot(times, values[:, 6] * 10, "--", label="gripper x10")
+        intervals = np.diff(times)
+        if len(intervals):
+            timing_axis.plot(times[1:], 1.0 / np.maximum(intervals, 1e-3), ".", label="achieved (Hz)")
+    timing_axis.axhline(rate_hz, color="grey", linestyle=":", label=f"target {rate_hz:g} Hz")
+    action_axis.set_xlabel("time (s)")
+    action_axis.set_title("actions", fontsize=10)
+    action_axis.legend(fontsize=8)
+    timing_axis.set_xlabel("time (s)")
+    timing_axis.set_ylabel("Hz")
+    timing_axis.set_title("action rate (1 / interval)", fontsize=10)
+    timing_axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m openvla_ros.demo",
+        description="Run the OpenVLA policy node on the simulated tabletop and print what it does.",
+    )
+    parser.add_argument(
+        "--model", default=os.environ.get("MODEL") or None, help="checkpoint directory or hub id"
+    )
+    parser.add_argument(
+        "--unnorm-key", default=None, help="action statistics key (default: chosen from the model)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of closed-loop control (default 20)"
+    )
+    parser.add_argument("--task", default="reach", choices=("reach", "pick", "stack", "random"))
+    parser.add_argument("--seed", type=int, default=0, help="episode seed")
+    parser.add_argument("--rate-hz", type=float, default=5.0, help="policy control rate (default 5)")
+    parser.add_argument("--out", type=Path, default=ARTIFACTS / "demo", help="where logs and the PNG go")
+    parser.add_argument(
+        "--startup-timeout", type=float, default=300.0, help="seconds allowed for model loading"
+    )
+    return parser.parse_args(argv)
+
+
+class _Stop:
+    """Set by SIGINT / SIGTERM; remembers which signal arrived."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_number = 0
+
+    def __call__(self, signal_number: int, _frame: Any) -> None:
+        self.signal_number = signal_number
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+@dataclass
+class DemoProcesses:
+    """Everything the demo started, so that it can all be stopped whatever happens."""
+
+    children: list[Child] = field(default_factory=list)
+    monitor: DemoMonitor | None = None
+    context: Any = None
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        if self.context is not None:
+            import rclpy
+
+            rclpy.try_shutdown(context=self.context)
+            self.context = None
+        for child in self.children:
+            child.stop()
+        if self.children:
+            stopped = ", ".join(f"{child.name} (exit {child.process.returncode})" for child in self.children)
+            print(f"stopped {stopped}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the demo; returns 0 when it ran to the end, 130 when stopped early, 1 on failure."""
+    args = _parse_args(argv)
+    stop = _Stop()
+    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    processes = DemoProcesses()
+    try:
+        return _run(args, stop, processes)
+    except DemoError as exc:
+        print(f"error: {exc}", flush=True)
+        for child in processes.children:
+            print(f"--- last lines of {child.log_path}:\n{child.log_tail()}", flush=True)
+        return 1
+    finally:
+        processes.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int:
+    children = processes.children
+    choice = resolve_model(args.model)
+    if choice.needs_build:
+        from openvla_ros.tiny import make_tiny_checkpoint
+
+        print(f"building the tiny random checkpoint in {choice.model} (first run only) ...", flush=True)
+        make_tiny_checkpoint(choice.model, seed=0)
+    unnorm_key = args.unnorm_key if args.unnorm_key is not None else resolve_unnorm_key(choice.model)
+    description = {
+        "argument": "given",
+        "fine-tuned": "fine-tuned by make pipeline",
+        "tiny": "tiny, untrained",
+    }
+    print(
+        f"model: {choice.model} ({description[choice.source]})"
+        + (f", unnorm_key {unnorm_key}" if unnorm_key else "")
+    )
+
+    env = dict(os.environ, RCUTILS_LOGGING_BUFFERED_STREAM="0", PYTHONUNBUFFERED="1")
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    if not env.get("ROS_DOMAIN_ID"):
+        env["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = env["ROS_AUTOMATIC_DISCOVERY_RANGE"]
+    os.environ["ROS_DOMAIN_ID"] = env["ROS_DOMAIN_ID"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']} ROS_AUTOMATIC_DISCOVERY_RANGE={env['ROS_AUTOMATIC_DISCOVERY_RANGE']}; "
+        f"node logs in {args.out}/",
+        flush=True,
+    )
+
+    children.append(
+        start_child(
+            SIM_NODE,
+            "openvla_ros.sim_scene_node",
+            ["-p", f"task:={args.task}", "-p", f"seed:={args.seed}", "-p", "reset_on_start:=false"],
+            args.out,
+            env,
+        )
+    )
+    policy_args = ["--params-file", str(REPO / "config" / "policy.yaml"), "-p", f"model:={choice.model}"]
+    policy_args += ["-p", f"rate_hz:={args.rate_hz}"]
+    if unnorm_key:
+        policy_args += ["-p", f"unnorm_key:={unnorm_key}"]
+    children.append(start_child(POLICY_NODE, "openvla_ros.policy_node", policy_args, args.out, env))
+    print(f"started {', '.join(f'{c.name} (pid {c.process.pid})' for c in children)}", flush=True)
+
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+    from std_srvs.srv import SetBool, Trigger
+
+    processes.context = rclpy.Context()
+    rclpy.init(context=processes.context, signal_handler_options=SignalHandlerOptions.NO)
+    monitor = processes.monitor = DemoMonitor(processes.context)
+
+    def should_stop() -> bool:
+        for child in children:
+            if not child.alive():
+                raise DemoError(f"{child.name} exited with status {child.process.returncode}")
+        return stop.is_set()
+
+    started_loading = time.monotonic()
+    reset = monitor.call(monitor.reset_client, Trigger.Request(), 60.0, should_stop)
+    if reset is None:
+        return _interrupted(stop)
+    instruction = reset.message
+    print(f'episode: "{instruction}" (task {args.task}, seed {args.seed})', flush=True)
+    print("waiting for the policy node to load the model ...", flush=True)
+    enabled = monitor.call(
+        monitor.enable_client, SetBool.Request(data=True), args.startup_timeout, should_stop
+    )
+    if enabled is None:
+        return _interrupted(stop)
+    if not enabled.success:
+        raise DemoError(f"the policy node refused to enable: {enabled.message}")
+    print(f"policy ready after {time.monotonic() - started_loading:.1f} s; control enabled", flush=True)
+
+    start = time.monotonic()
+    next_line = start + 1.0
+    while time.monotonic() - start < args.duration:
+        if should_stop():
+            break
+        now = time.monotonic()
+        if now >= next_line:
+            print(live_line(now - start, monitor.readings, now), flush=True)
+            next_line += 1.0
+        time.sleep(0.02)
+    elapsed = time.monotonic() - start
+    if not stop.is_set():
+        monitor.call(monitor.enable_client, SetBool.Request(data=False), 10.0, should_stop)
+
+    _print_summary(monitor.readings, start, elapsed, args.rate_hz, choice)
+    png = save_episode_png(args.out / "episode.png", monitor.readings, instruction, start, args.rate_hz)
+    print(f"saved {png}", flush=True)
+    return _interrupted(stop) if stop.is_set() else 0
+
+
+def _interrupted(stop: _Stop) -> int:
+    name = signal.Signals(stop.signal_number).name if stop.signal_number else "signal"
+    print(f"stopped early ({name})", flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _print_summary(
+    readings: Readings, start: float, elapsed: float, rate_hz: float, choice: ModelChoice
+) -> None:
+    with readings.lock:
+        times = [t for t, _ in readings.actions if t >= start]
+        policy = dict(readings.policy_status)
+        task = dict(readings.task_status)
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    print("summary:", flush=True)
+    print(f"  actions: {len(times)} in {elapsed:.1f} s, {rate:.2f} Hz achieved (target {rate_hz:g} Hz)")
+    print(
+        f"  model latency median {float(policy.get('inference_latency_ms_median', 'nan')):.1f} ms, "
+        f"image-to-action median {float(policy.get('image_to_action_latency_ms_median', 'nan')):.1f} ms, "
+        f"dropped camera frames {policy.get('dropped_frames', '?')}, skipped ticks {policy.get('skipped_ticks', '?')}"
+    )
+    outcome = task.get("status", "?")
+    print(
+        f'  episode "{task.get("instruction", "?")}": {outcome} after {task.get("steps", "?")} steps, '
+        f"goal distance {task.get('goal_distance_m', '?')} m"
+    )
+    if choice.source == "tiny":
+        print(
+            "  (the tiny model is random and untrained: it is not expected to solve the task; "
+            "make pipeline fine-tunes it on expert demonstrations)"
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
