@@ -25,8 +25,9 @@ test: lint
 tiny: $(STAMP)
 	$(PY) -m openvla_ros.tiny artifacts/tiny
 
+# make demo [MODEL=checkpoint-dir-or-hub-id] [DEMO_ARGS="--duration 10 --task pick"]
 demo: $(STAMP)
-	$(PY) -m openvla_ros.demo
+	$(PY) -m openvla_ros.demo $(if $(MODEL),--model "$(MODEL)") $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/inference.py

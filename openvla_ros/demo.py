@@ -300,7 +300,7 @@ def save_episode_png(path: Path, readings: Readings, instruction: str, start: fl
         path_poses = [p for t, p in poses if t >= start]
         if path_poses:
             pixels = np.array([camera.project(x, y, 0.0) for x, y, _ in path_poses])
-            camera_axis.plot(pixels[:, 0], pixels[:, 1], color="white", linewidth=1.5, label="gripper path")
+            camera_axis.plot(pixels[:, 0], pixels[:, 1], color="white", linewidth=1.5, label="gripper path (on the table)")
             camera_axis.plot(*pixels[0], "o", color="lime", label="start")
             camera_axis.plot(*pixels[-1], "x", color="magenta", markersize=9, label="end")
             camera_axis.legend(loc="lower right", fontsize=8)
