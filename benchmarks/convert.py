@@ -71,6 +71,7 @@ def main() -> None:
                 print(f"{label:<12}{figures['frames']:>8}{megabytes:>9.0f}{figures['steps']:>7}"
                       f"{figures['seconds']:>9.2f}{figures['steps'] / figures['seconds']:>9.0f}"
                       f"{figures['frames'] / figures['seconds']:>10.0f}{megabytes / figures['seconds']:>8.0f}"
+                      f"{figures['cpu_seconds']:>7.2f}{figures['steps'] / figures['cpu_seconds']:>13.0f}"
                       f"{figures['peak_rss_mb']:>13.0f}")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
           "(wall-clock figures shrink when the machine is shared)")
