@@ -1,0 +1,240 @@
+"""LoRA / QLoRA fine-tuning on a tiny RLDS dataset written by the converter's writer, on the CPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from openvla_ros.dataset.rlds_writer import EpisodeStep, RldsWriter
+from openvla_ros.errors import DatasetError, TrainingError
+from openvla_ros.finetune.config import FinetuneConfig, load_config
+from openvla_ros.finetune.data import SampleBuilder, collate, load_frames, open_rlds
+from openvla_ros.finetune.evaluation import action_metrics, predict_frames
+from openvla_ros.finetune.trainer import build_trainable_model, run_finetune
+from openvla_ros.loading import load_tokenizer
+from openvla_ros.policy import OpenVLAPolicy
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "toy_reach"
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 60)}
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _episode(index: int, steps: int = 8) -> list[EpisodeStep]:
+    colour = "red" if index % 2 == 0 else "green"
+    sign = 1.0 if colour == "red" else -1.0
+    episode = []
+    for t in range(steps):
+        image = np.full((224, 224, 3), 40, np.uint8)
+        x = 20 + 20 * t
+        image[90:140, x:x + 40] = COLOURS[colour]
+        action = np.array([0.01 * sign, 0.004 * np.cos(t), 0.002 * sign, 0.0, 0.0, 0.05 * sign, float(t >= steps // 2)])
+        episode.append(EpisodeStep(images={"image": _jpeg(image)}, action=action, instruction=f"move to the {colour} block"))
+    return episode
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("rlds")
+    with RldsWriter(data_dir, NAME, image_keys=["image"]) as writer:
+        for index in range(6):
+            writer.add_episode(_episode(index), file_path=f"episode_{index}", start_time_ns=index)
+        writer.finish(val_fraction=0.34, seed=0)
+    return data_dir
+
+
+def _config(tiny: Path, data: Path, out: Path, **overrides) -> FinetuneConfig:
+    settings = dict(vla_path=str(tiny), data_dir=str(data), dataset_name=NAME, out=str(out), max_steps=60,
+                    batch_size=4, learning_rate=5e-3, lora_rank=16, save_steps=30, eval_steps=30, eval_batches=2,
+                    log_steps=5, image_aug=False, device="cpu", seed=3)
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint: Path, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    config = _config(tiny_checkpoint, dataset_dir, out)
+    from openvla_ros.finetune.trainer import Trainer
+
+    trainer = Trainer(config)
+    first = trainer.evaluate()
+    metrics = trainer.run()
+    return out, first, metrics
+
+
+def test_loss_falls_and_action_accuracy_rises(trained) -> None:
+    _, before, metrics = trained
+    assert metrics["train"]["loss"] < 0.5 * before["loss"]
+    assert metrics["val"]["loss"] < before["loss"]
+    assert metrics["train"]["action_accuracy"] > before["action_accuracy"] + 0.3
+    assert metrics["val"]["l1_normalized"] < before["l1_normalized"]
+
+
+def test_run_writes_adapter_merged_model_statistics_and_logs(trained, dataset_dir: Path) -> None:
+    out, _, _ = trained
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "merged" / "config.json").is_file() and (out / "merged" / "tokenizer.json").is_file()
+    statistics = json.loads((out / "dataset_statistics.json").read_text())
+    written = json.loads((dataset_dir / NAME / "1.0.0" / "dataset_statistics.json").read_text())
+    assert statistics == written
+    merged_config = json.loads((out / "merged" / "config.json").read_text())
+    assert merged_config["norm_stats"][NAME] == written[NAME] and "tiny_demo" in merged_config["norm_stats"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000030", "step-000060"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(out.glob(".*")) and not list((out / "checkpoints").glob(".*")), "staging left behind"
+
+
+def test_merged_model_reproduces_training_actions_better_than_base(trained, tiny_checkpoint: Path,
+                                                                   dataset_dir: Path) -> None:
+    out, _, _ = trained
+    frames = load_frames(open_rlds(dataset_dir, NAME), "train")
+    tuned = OpenVLAPolicy.from_pretrained(str(out / "merged"), unnorm_key=NAME, device="cpu")
+    base = OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), device="cpu")
+    base.normalizer = tuned.normalizer  # same physical units for a fair comparison
+    tuned_metrics = action_metrics(tuned, frames, *predict_frames(tuned, frames))
+    base_metrics = action_metrics(base, frames, *predict_frames(base, frames))
+    assert tuned_metrics["token_accuracy"] > base_metrics["token_accuracy"] + 0.2
+    arm = ("dx", "dy", "dz", "droll", "dpitch", "dyaw")
+    tuned_arm = sum(tuned_metrics["l1_per_dimension"][name] for name in arm)
+    base_arm = sum(base_metrics["l1_per_dimension"][name] for name in arm)
+    assert tuned_arm < 0.5 * base_arm
+    assert tuned_metrics["l1_mean"] <= base_metrics["l1_mean"]
+    unmerged = OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), adapter=str(out / "adapter"),
+                                             merge_adapter=False, unnorm_key="tiny_demo", device="cpu")
+    unmerged.normalizer = tuned.normalizer
+    ids, _ = predict_frames(unmerged, frames[:6])
+    np.testing.assert_array_equal(ids, predict_frames(tuned, frames[:6])[0])
+
+
+def _adapter_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resumed_training_matches_uninterrupted(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    settings = dict(max_steps=6, batch_size=2, save_steps=3, eval_steps=0, image_aug=True, learning_rate=1e-3,
+                    lora_rank=4, grad_accumulation_steps=2, lr_schedule="cosine", warmup_steps=2)
+    out = tmp_path / "run"
+    run_finetune(_config(tiny_checkpoint, dataset_dir, out, **settings))
+    straight = _adapter_weights(out)
+    assert any(bool((value != 0).any()) for key, value in straight.items() if "lora_B" in key)
+    # a run killed after its step-3 checkpoint: later checkpoints and outputs never happened
+    for name in ("checkpoints/step-000006", "adapter", "merged"):
+        shutil.rmtree(out / name)
+    with pytest.raises(TrainingError, match="pass --resume"):
+        run_finetune(_config(tiny_checkpoint, dataset_dir, out, **settings))
+    run_finetune(_config(tiny_checkpoint, dataset_dir, out, resume=True, **settings))
+    resumed = _adapter_weights(out)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-7)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="holds no checkpoint; drop --resume"):
+        run_finetune(_config(tiny_checkpoint, dataset_dir, tmp_path / "fresh", resume=True))
+
+
+def _lora_gradients(model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qlora_4bit_gradients_are_correct_after_an_eval_forward(tiny_checkpoint: Path, dataset_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    config = _config(tiny_checkpoint, dataset_dir, tmp_path / "q", quantization="4bit", lora_rank=4)
+    frames = load_frames(open_rlds(dataset_dir, NAME), "train")[:2]
+    statistics = json.loads((dataset_dir / NAME / "1.0.0" / "dataset_statistics.json").read_text())[NAME]
+    samples = SampleBuilder(load_tokenizer(tiny_checkpoint), statistics, 224, image_aug=False)
+    batch = collate([samples(frame, None) for frame in frames], pad_token_id=32000)
+
+    fresh = build_trainable_model(config, tiny_checkpoint, "cpu")
+    assert type(fresh.get_base_model().language_model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    expected = _lora_gradients(fresh, batch)
+    used = build_trainable_model(config, tiny_checkpoint, "cpu")
+    used.eval()
+    with torch.no_grad():
+        used(**batch)  # an evaluation pass, as validation does between training steps
+    used.train()
+    actual = _lora_gradients(used, batch)
+    assert expected.keys() == actual.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    full = build_trainable_model(_config(tiny_checkpoint, dataset_dir, tmp_path / "f", lora_rank=4), tiny_checkpoint, "cpu")
+    reference = _lora_gradients(full, batch)
+    name = next(n for n in expected if "language_model" in n and "lora_B" in n)
+    cosine = torch.nn.functional.cosine_similarity(expected[name].flatten(), reference[name].flatten(), dim=0)
+    assert cosine > 0.9, f"4-bit LoRA gradient far from the full-precision one (cosine {cosine:.3f})"
+
+
+def test_torchrun_two_processes_train_and_write_once(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(REPO / "training" / "finetune.py"), "--vla-path", str(tiny_checkpoint), "--data-dir", str(dataset_dir),
+               "--dataset-name", NAME, "--out", str(out), "--max-steps", "2", "--batch-size", "1", "--lora-rank", "4",
+               "--save-steps", "1", "--eval-steps", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: outputs in") == 2
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert (out / "merged" / "config.json").is_file()
+
+
+def test_evaluate_cli_prints_json_and_writes_png(trained, dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        import evaluate
+    finally:
+        sys.path.remove(str(REPO / "training"))
+    out, _, _ = trained
+    plot = tmp_path / "plot.png"
+    code = evaluate.main(["--model", str(out / "merged"), "--data-dir", str(dataset_dir), "--dataset-name", NAME,
+                          "--split", "val", "--plot", str(plot), "--device", "cpu"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["unnorm_key"] == NAME and report["num_steps"] > 0
+    assert set(report["l1_per_dimension"]) == {"dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"}
+    assert 0.0 <= report["token_accuracy"] <= 1.0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_bad_datasets_and_settings(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no dataset 'missing'"):
+        open_rlds(dataset_dir, "missing")
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset_dir, copy)
+    (copy / NAME / "1.0.0" / "dataset_statistics.json").unlink()
+    with pytest.raises(DatasetError, match="no dataset_statistics.json"):
+        run_finetune(_config(tiny_checkpoint, copy, tmp_path / "out"))
+    features = copy / NAME / "1.0.0" / "features.json"
+    features.write_text(features.read_text().replace("language_instruction", "instruction_text"))
+    with pytest.raises(DatasetError, match="does not have the RLDS step layout"):
+        open_rlds(copy, NAME)
+    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
+        load_config(["--data-dir", "d", "--dataset-name", "n", "--lora-rank", "0"])
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("data_dir: d\ndataset_name: n\nlearning_rate: 0.01\nbatch-size: 2\n")
+    config = load_config(["--config", str(settings), "--batch-size", "3"])
+    assert (config.learning_rate, config.batch_size, config.lora_alpha) == (0.01, 3, 16.0)
+    settings.write_text("data_dir: d\ndataset_name: n\nlearning_rte: 0.01\n")
+    with pytest.raises(ValueError, match="unknown setting 'learning_rte'"):
+        load_config(["--config", str(settings)])

@@ -1,0 +1,75 @@
+"""Offline evaluation of a policy on an RLDS dataset: the sanity check before touching a robot.
+
+    python training/evaluate.py --model DIR --data-dir DIR --dataset-name NAME [--split val]
+        [--center-crop] [--max-steps N] [--episode K] [--plot PATH]
+
+Feeds the dataset's images through exactly the inference path (OpenVLAPolicy.predict_action), prints
+per-dimension L1 and token accuracy as JSON, and writes a PNG of predicted against recorded actions
+over one episode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from openvla_ros.errors import DatasetError, OpenVLAError
+from openvla_ros.finetune.data import load_frames, open_rlds
+from openvla_ros.finetune.evaluation import action_metrics, plot_episode, predict_frames
+from openvla_ros.policy import OpenVLAPolicy
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python training/evaluate.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. runs/x/merged)")
+    parser.add_argument("--data-dir", required=True, help="directory holding the RLDS dataset")
+    parser.add_argument("--dataset-name", required=True)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--unnorm-key", default=None, help="statistics key (default: the dataset name if present)")
+    parser.add_argument("--adapter", default=None, help="optional LoRA adapter directory")
+    parser.add_argument("--quantization", default="none", choices=("none", "8bit", "4bit"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--center-crop", action="store_true", help="centre crop (models trained with image aug)")
+    parser.add_argument("--max-steps", type=int, default=None, help="evaluate at most this many steps")
+    parser.add_argument("--episode", type=int, default=0, help="episode index to plot")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: evaluate_<split>.png beside --model)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        frames = load_frames(open_rlds(args.data_dir, args.dataset_name), args.split)
+        if args.max_steps is not None:
+            frames = frames[: max(1, args.max_steps)]
+        from openvla_ros.loading import read_config, resolve_checkpoint_dir
+
+        unnorm_key = args.unnorm_key
+        if unnorm_key is None and args.dataset_name in read_config(resolve_checkpoint_dir(args.model)).norm_stats:
+            unnorm_key = args.dataset_name
+        policy = OpenVLAPolicy.from_pretrained(
+            args.model, unnorm_key=unnorm_key, adapter=args.adapter, quantization=args.quantization,
+            device=args.device, center_crop=args.center_crop,
+        )
+        ids, actions = predict_frames(policy, frames)
+        metrics = action_metrics(policy, frames, ids, actions)
+        episode = [i for i, f in enumerate(frames) if f.episode == args.episode]
+        if not episode:
+            raise DatasetError(f"episode {args.episode} is not among the evaluated steps of split {args.split!r}")
+        plot_path = args.plot or Path(args.model) / f"evaluate_{args.split}.png"
+        if not Path(args.model).is_dir() and args.plot is None:
+            plot_path = Path(f"evaluate_{args.split}.png")
+        plot_episode([frames[i] for i in episode], actions[episode], plot_path,
+                     f"{args.dataset_name} {args.split} episode {args.episode}")
+    except OpenVLAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics.update({"model": args.model, "unnorm_key": policy.unnorm_key, "split": args.split, "plot": str(plot_path)})
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
