@@ -25,12 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openvla_ros.configuration_openvla import make_text_config
 from openvla_ros.errors import OpenVLAError
-from openvla_ros.loading import load_tokenizer, save_checkpoint
-from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
 from openvla_ros.policy import OpenVLAPolicy
-from openvla_ros.tiny import make_tiny_checkpoint, tiny_config
+from openvla_ros.tiny import make_tiny_checkpoint
 
 MODES = {
     "fp32": {"dtype": "float32", "quantization": "none"},
@@ -39,22 +36,6 @@ MODES = {
     "4bit": {"dtype": "auto", "quantization": "4bit"},
 }
 INSTRUCTION = "pick up the red block"
-
-
-def make_mid_checkpoint(tiny_dir: Path, out_dir: Path) -> Path:
-    """Writes a ~200M-parameter random checkpoint (ViT-S-sized backbones, 8-layer 1024-wide Llama)."""
-    config = tiny_config()
-    config.timm_override_args = [
-        {"embed_dim": 384, "depth": 12, "num_heads": 6},
-        {"embed_dim": 384, "depth": 12, "num_heads": 6},
-    ]
-    text = config.text_config.to_dict()
-    text.update(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                num_key_value_heads=16, head_dim=64, max_position_embeddings=1024)
-    config.text_config = make_text_config(text)
-    torch.manual_seed(0)
-    model = OpenVLAForActionPrediction(config)
-    return save_checkpoint(model, out_dir, tokenizer=load_tokenizer(tiny_dir))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -140,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         models = [(m, m) for m in args.model or []]
         if not models:
             tiny = make_tiny_checkpoint(Path(scratch) / "tiny")
-            models = [("tiny", str(tiny)), ("mid (~200M params)", str(make_mid_checkpoint(tiny, Path(scratch) / "mid")))]
+            mid = make_tiny_checkpoint(Path(scratch) / "mid", size="mid")
+            models = [("tiny", str(tiny)), ("mid (~200M params)", str(mid))]
         for name, model in models:
             for mode in modes:
                 run(name, model, mode, args)

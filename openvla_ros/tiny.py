@@ -92,6 +92,24 @@ def tiny_config() -> OpenVLAConfig:
     )
 
 
+def mid_config() -> OpenVLAConfig:
+    """Returns a ~200M-parameter config for benchmarks: ViT-S-sized backbones, an 8-layer 1024-wide Llama."""
+    config = tiny_config()
+    config.timm_override_args = [
+        {"embed_dim": 384, "depth": 12, "num_heads": 6},
+        {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    ]
+    text = dict(TINY_TEXT_CONFIG)
+    text.update(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=16, max_position_embeddings=1024)
+    config.text_config = make_text_config(text)
+    config.llm_backbone_id = "mid-llama"
+    return config
+
+
+SIZES = {"tiny": tiny_config, "mid": mid_config}
+
+
 def _training_text(rng: np.random.Generator) -> list[str]:
     extra = [chr(c) for c in range(33, 127)]
     extra += [chr(0x4E00 + i) for i in range(_NUM_OTHER_CHARACTERS - len(extra))]
@@ -172,19 +190,25 @@ def _redraw_parameters(model: OpenVLAForActionPrediction, generator: torch.Gener
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in**0.5)
 
 
-def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
-    """Builds the tiny checkpoint in ``out_dir`` (deterministic for a given seed) and returns its path.
+def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Builds the tiny (or ``size="mid"``) checkpoint in ``out_dir`` and returns its path.
+
+    Deterministic for a given seed.
 
     Raises:
         CheckpointError: when ``out_dir`` exists and is not empty.
+        ValueError: for an unknown size.
     """
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model = OpenVLAForActionPrediction(tiny_config())
+    model = OpenVLAForActionPrediction(SIZES[size]())
     _redraw_parameters(model, torch.Generator().manual_seed(seed))
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = make_tiny_tokenizer(Path(scratch) / "tokenizer", seed=seed)
-        save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_bytes=6 * 1024**2)
+        shard_bytes = 6 * 1024**2 if size == "tiny" else 1024**3
+        save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_bytes=shard_bytes)
     return out_dir
 
 
@@ -192,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openvla_ros.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="directory to create (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (tests) or mid (~200M, benchmarks)")
     args = parser.parse_args(argv)
     from openvla_ros.errors import OpenVLAError
 
     try:
-        path = make_tiny_checkpoint(args.out_dir, seed=args.seed)
+        path = make_tiny_checkpoint(args.out_dir, seed=args.seed, size=args.size)
     except OpenVLAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
