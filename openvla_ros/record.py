@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import queue
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,88 @@ def subscription_qos(publisher_profiles: Iterable[Any]) -> Any:
     )
 
 
+class _WriterThread:
+    """Owns a rosbags ``Writer`` in a thread of its own.
+
+    The sqlite3 storage may only be used from the thread that opened it, and subscription callbacks
+    may run on any executor thread: every writer call therefore goes through this thread's queue.
+    """
+
+    def __init__(self, path: Path, storage: str) -> None:
+        self.path = path
+        self.storage = storage
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="bag-writer", daemon=True)
+        self._writer: Any = None
+        self.error: BaseException | None = None
+
+    def open(self) -> None:
+        """Creates the bag. Raises RecordError when it cannot be created."""
+        from rosbags.rosbag2 import StoragePlugin, Writer
+        from rosbags.rosbag2.errors import WriterError
+
+        plugin = StoragePlugin.MCAP if self.storage == "mcap" else StoragePlugin.SQLITE3
+
+        def open_writer() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            writer = Writer(self.path, version=BAG_VERSION, storage_plugin=plugin)
+            writer.open()
+            self._writer = writer
+
+        self._thread.start()
+        try:
+            self.call(open_writer)
+        except (OSError, WriterError) as exc:
+            self._queue.put(None)
+            raise RecordError(f"cannot create the bag {self.path}: {exc}") from exc
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Runs ``function`` in the writer thread and returns its result (or raises its exception)."""
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def job() -> None:
+            try:
+                outcome["result"] = function()
+            except BaseException as exc:  # handed back to the calling thread
+                outcome["error"] = exc
+            done.set()
+
+        self._queue.put(job)
+        done.wait()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("result")
+
+    def add_connection(self, topic: str, msgtype: str, **options: Any) -> Any:
+        return self.call(lambda: self._writer.add_connection(topic, msgtype, **options))
+
+    def write(self, connection: Any, time_ns: int, data: bytes) -> None:
+        """Queues one message (returns at once)."""
+        self._queue.put(lambda: self._writer.write(connection, time_ns, data))
+
+    def close(self) -> None:
+        """Writes the queued messages, closes the bag (writing metadata.yaml) and ends the thread."""
+        try:
+            self.call(self._writer.close)
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+        if self.error is not None:
+            raise RecordError(f"writing {self.path} failed: {self.error}") from self.error
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException as exc:  # a failed write: remembered and reported on close
+                if self.error is None:
+                    self.error = exc
+
+
 class BagRecorder:
     """Records topics of a running rclpy node into one rosbag2 bag.
 
@@ -240,20 +323,13 @@ class BagRecorder:
         Raises:
             RecordError: when the bag directory already exists or cannot be created.
         """
-        from rosbags.rosbag2 import StoragePlugin, Writer
-        from rosbags.rosbag2.errors import WriterError
         from rosbags.typesys import Stores, get_typestore
 
         if self.path.exists():
             raise RecordError(f"{self.path} exists already; choose another episode name or remove it")
-        plugin = StoragePlugin.MCAP if self.storage == "mcap" else StoragePlugin.SQLITE3
         self._typestore = get_typestore(Stores.ROS2_KILTED)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            writer = Writer(self.path, version=BAG_VERSION, storage_plugin=plugin)
-            writer.open()
-        except (OSError, WriterError) as exc:
-            raise RecordError(f"cannot create the bag {self.path}: {exc}") from exc
+        writer = _WriterThread(self.path, self.storage)
+        writer.open()
         self._writer = writer
         self._started = time.monotonic()
         self._discover()
@@ -341,9 +417,9 @@ class BagRecorder:
         self._subscriptions = []
         with self._lock:
             writer, self._writer = self._writer, None
-            if writer is not None:
-                writer.close()
             records = dict(self._records)
+        if writer is not None:
+            writer.close()
         missing = tuple(topic for topic in self.topics if topic not in records)
         duration = time.monotonic() - self._started if self._started else 0.0
         return RecordSummary(self.path, self.storage, records, missing, duration)

@@ -1,0 +1,265 @@
+"""The recorder: settings from record.yaml, QoS choice, bags that rosbags and the converter read back."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
+
+import rclpy  # noqa: E402  (imported after the DDS isolation variables are set)
+from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rosbags.highlevel import AnyReader  # noqa: E402
+from std_msgs.msg import Float64MultiArray, String  # noqa: E402
+from std_srvs.srv import SetBool  # noqa: E402
+
+from openvla_ros.record import (  # noqa: E402
+    BagRecorder,
+    RecordError,
+    load_record_settings,
+    subscription_qos,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LATCHED_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+BEST_EFFORT_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT
+)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def read_bag(path: Path) -> tuple[dict[str, list[Any]], dict[str, int]]:
+    """Returns the messages per topic (deserialized) and the counts the metadata declares."""
+    messages: dict[str, list[Any]] = {}
+    with AnyReader([path]) as reader:
+        declared = {conn.topic: conn.msgcount for conn in reader.connections}
+        for connection, _, raw in reader.messages():
+            messages.setdefault(connection.topic, []).append(reader.deserialize(raw, connection.msgtype))
+    return messages, declared
+
+
+@pytest.fixture(scope="module")
+def ros_node() -> Iterator[Any]:
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("record_test_driver", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    yield node
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.try_shutdown(context=context)
+    spinner.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+def test_settings_come_from_the_packages_record_yaml() -> None:
+    settings = load_record_settings(REPO / "config" / "record.yaml")
+    data = yaml.safe_load((REPO / "config" / "record.yaml").read_text())
+    configured = [topic for topic in data["topics"].values() if topic]
+    assert set(configured) <= set(settings.topics)
+    assert settings.storage == data["record"]["storage"]
+    assert settings.output_dir == data["record"]["output_dir"]
+
+
+def test_bad_settings_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(RecordError, match="cannot read config file"):
+        load_record_settings(tmp_path / "missing.yaml")
+    bad_storage = tmp_path / "bad_storage.yaml"
+    bad_storage.write_text("topics: {image: /cam, action: /act}\nrecord: {storage: zip}\n")
+    with pytest.raises(RecordError, match="storage must be one of mcap, sqlite3"):
+        load_record_settings(bad_storage)
+    bad_topic = tmp_path / "bad_topic.yaml"
+    bad_topic.write_text("topics: {image: camera, action: /act}\n")
+    with pytest.raises(RecordError, match="topics.image"):
+        load_record_settings(bad_topic)
+
+
+def test_subscription_qos_follows_the_publishers() -> None:
+    latched = subscription_qos([LATCHED_QOS, LATCHED_QOS])
+    assert latched.reliability == ReliabilityPolicy.RELIABLE
+    assert latched.durability == DurabilityPolicy.TRANSIENT_LOCAL
+    mixed = subscription_qos([LATCHED_QOS, BEST_EFFORT_QOS])
+    assert mixed.reliability == ReliabilityPolicy.BEST_EFFORT
+    assert mixed.durability == DurabilityPolicy.VOLATILE
+
+
+# ---------------------------------------------------------------------------------------- in process
+
+
+def test_recorder_writes_a_sqlite3_bag_with_latched_and_late_topics(ros_node: Any, tmp_path: Path) -> None:
+    # A latched instruction published before recording starts must still be recorded.
+    instruction_pub = ros_node.create_publisher(String, "/rec_test/instruction", LATCHED_QOS)
+    instruction_pub.publish(String(data="stack the cups"))
+    recorder_context = rclpy.Context()
+    rclpy.init(context=recorder_context)
+    recorder_node = rclpy.create_node("record_test_recorder", context=recorder_context)
+    executor = SingleThreadedExecutor(context=recorder_context)
+    executor.add_node(recorder_node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    bag = tmp_path / "bags" / "episode_1"
+    recorder = BagRecorder(
+        recorder_node,
+        ["/rec_test/instruction", "/rec_test/action", "/rec_test/never"],
+        bag,
+        storage="sqlite3",
+    )
+    try:
+        recorder.start()
+        wait_until(
+            lambda: "/rec_test/instruction" in recorder.subscribed_topics(), 20, "the instruction topic"
+        )
+        # A topic whose publisher appears after the recorder started.
+        action_pub = ros_node.create_publisher(Float64MultiArray, "/rec_test/action", 50)
+        wait_until(lambda: action_pub.get_subscription_count() > 0, 20, "the recorder's action subscription")
+        sent = [[0.001 * i, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0] for i in range(1, 21)]
+        for values in sent:
+            action_pub.publish(Float64MultiArray(data=values))
+        wait_until(
+            lambda: recorder.counts().get("/rec_test/action", 0) == len(sent), 10, "20 actions recorded"
+        )
+        with pytest.raises(RecordError, match="exists already"):
+            BagRecorder(recorder_node, ["/x"], bag).start()
+    finally:
+        summary = recorder.stop()
+        executor.shutdown()
+        recorder_node.destroy_node()
+        rclpy.try_shutdown(context=recorder_context)
+        spinner.join(timeout=5)
+    assert summary.missing == ("/rec_test/never",)
+    assert summary.topics["/rec_test/action"].count == len(sent)
+    assert "/rec_test/never" in summary.describe() and "not recorded" in summary.describe()
+    assert sorted(p.suffix for p in bag.iterdir()) == [".db3", ".yaml"]
+    messages, declared = read_bag(bag)
+    assert declared == {"/rec_test/instruction": 1, "/rec_test/action": len(sent)}
+    assert messages["/rec_test/instruction"][0].data == "stack the cups"
+    np.testing.assert_allclose([list(m.data) for m in messages["/rec_test/action"]], sent)
+    metadata = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert metadata["version"] == 9 and metadata["storage_identifier"] == "sqlite3"
+    qos = {
+        t["topic_metadata"]["name"]: t["topic_metadata"]["offered_qos_profiles"]
+        for t in metadata["topics_with_message_count"]
+    }
+    assert qos["/rec_test/instruction"][0]["durability"] == "transient_local"  # as offered
+
+
+# ---------------------------------------------------------------------------------------- with the sim
+
+
+def test_recording_an_expert_episode_gives_a_bag_the_converter_reads(ros_node: Any, tmp_path: Path) -> None:
+    from openvla_ros.dataset.bag_reader import DemoBag
+    from openvla_ros.dataset.config import load_config
+
+    config_path = tmp_path / "record.yaml"
+    config = yaml.safe_load((REPO / "config" / "record.yaml").read_text())
+    config["topics"]["state"] = "/joint_states"
+    config_path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, RCUTILS_LOGGING_BUFFERED_STREAM="0", PYTHONUNBUFFERED="1")
+    sim_log = open(tmp_path / "sim.log", "wb")  # noqa: SIM115 (closed below)
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "openvla_ros.sim_scene_node",
+            "--ros-args",
+            "-p",
+            "task:=reach",
+            "-p",
+            "seed:=11",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=sim_log,
+        stderr=subprocess.STDOUT,
+    )
+    record_command = [sys.executable, "-m", "openvla_ros.record", "--config", str(config_path)]
+    record_command += ["--output-dir", str(tmp_path / "demos"), "--episode", "reach_01"]
+    recorder = subprocess.Popen(
+        record_command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    task_states: list[dict[str, str]] = []
+    ros_node.create_subscription(
+        DiagnosticStatus,
+        "/sim_scene/task_state",
+        lambda m: task_states.append({i.key: i.value for i in m.values}),
+        20,
+    )
+    expert = ros_node.create_client(SetBool, "/sim_scene/expert")
+    try:
+        assert expert.wait_for_service(timeout_sec=60.0)
+        # Every recorded topic must have the recorder as a subscriber before the expert starts.
+        for topic in ("/camera/image_raw", "/teleop/action", "/joint_states", "/instruction"):
+            wait_until(
+                lambda topic=topic: ros_node.count_subscribers(topic) >= 1, 30, f"a subscriber on {topic}"
+            )
+        future = expert.call_async(SetBool.Request(data=True))
+        wait_until(future.done, 10, "the expert service")
+        wait_until(lambda: any(s["status"] == "success" for s in task_states), 40, "the expert to succeed")
+        steps = int(next(s for s in task_states if s["status"] == "success")["steps"])
+        time.sleep(0.5)  # a few frames after the last action
+        recorder.send_signal(signal.SIGINT)
+        output, _ = recorder.communicate(timeout=30)
+    finally:
+        for process in (recorder, sim):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        sim_log.close()
+    assert recorder.returncode == 0, output
+    assert "/teleop/action" in output and "messages in" in output
+    bag = tmp_path / "demos" / "reach_01"
+    messages, declared = read_bag(bag)
+    assert {topic: len(items) for topic, items in messages.items()} == declared
+    assert len(messages["/teleop/action"]) == steps  # every applied expert action is in the bag
+    assert len(messages["/instruction"]) == 1  # published before recording began: latched
+    instruction = messages["/instruction"][0].data
+    assert instruction.startswith("move to the ")
+    assert len(messages["/camera/image_raw"]) >= steps  # the camera runs faster than the expert
+
+    # The converter's reader opens it like a `ros2 bag record` bag and finds the same content.
+    read: dict[str, int] = {}
+    with DemoBag(bag, load_config(config_path)) as demo:
+        for _, stream, value in demo.messages():
+            read[stream.topic] = read.get(stream.topic, 0) + 1
+            if stream.topic == "/instruction":
+                assert value == instruction
+            if stream.topic == "/camera/image_raw":
+                frame = demo.decode_frame(value)
+                assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
+    assert read == {topic: declared[topic] for topic in read}
+    assert set(read) == {"/camera/image_raw", "/teleop/action", "/joint_states", "/instruction"}
