@@ -1,0 +1,122 @@
+"""``make demo``: model choice, a short headless run, and clean-up of its child processes on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+
+from openvla_ros.demo import resolve_model, resolve_unnorm_key
+
+REPO = Path(__file__).resolve().parents[1]
+LIVE_LINE = re.compile(
+    r"^t=\s*\d+s  rate\s+[\d.]+ Hz  latency\s+([\d.]+|nan) ms  image age\s+([\d.]+|nan) s  "
+    r"action \[.*\]  task (running|success|timeout) \(steps \d+, distance [\d.]+ m\)$"
+)
+
+
+def demo_env() -> dict[str, str]:
+    return dict(
+        os.environ,
+        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        ROS_DOMAIN_ID=str(random.SystemRandom().randint(101, 200)),
+        PYTHONUNBUFFERED="1",
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by anyone) is not running either.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_model_choice_prefers_argument_then_fine_tuned_then_tiny(tmp_path: Path) -> None:
+    tiny = resolve_model(None, tmp_path)
+    assert tiny.source == "tiny" and tiny.needs_build and tiny.model == str(tmp_path / "tiny")
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text("{}")
+    assert not resolve_model(None, tmp_path).needs_build
+    merged = tmp_path / "pipeline" / "merged"
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text("{}")
+    assert resolve_model(None, tmp_path).model == str(merged)
+    assert resolve_model("openvla/openvla-7b", tmp_path).model == "openvla/openvla-7b"
+
+
+def test_unnorm_key_is_the_fine_tuned_dataset_when_there_are_several(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    assert resolve_unnorm_key(str(tiny_checkpoint)) == ""  # one key: the node picks it
+    (tmp_path / "config.json").write_text(json.dumps({"norm_stats": {"tiny_demo": {}, "sim_tabletop": {}}}))
+    assert resolve_unnorm_key(str(tmp_path)) == ""
+    (tmp_path / "dataset_statistics.json").write_text(json.dumps({"sim_tabletop": {}}))
+    assert resolve_unnorm_key(str(tmp_path)) == "sim_tabletop"
+    assert resolve_unnorm_key("openvla/openvla-7b") == ""
+
+
+def test_demo_runs_headless_prints_live_lines_and_saves_the_episode_png(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "openvla_ros.demo", "--model", str(tiny_checkpoint), "--duration", "5"]
+    command += ["--out", str(out), "--task", "reach", "--seed", "2"]
+    result = subprocess.run(command, cwd=REPO, env=demo_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    live = [line for line in result.stdout.splitlines() if line.startswith("t=")]
+    assert len(live) >= 4, output
+    for line in live:
+        assert LIVE_LINE.match(line), line
+    assert any(float(re.search(r"rate\s+([\d.]+) Hz", line).group(1)) > 0 for line in live), output
+    assert re.search(r'episode: "move to the \w+ block"', output)
+    assert "summary:" in output and re.search(r"actions: \d+ in [\d.]+ s, [\d.]+ Hz achieved", output)
+    image = cv2.imread(str(out / "episode.png"))
+    assert image is not None and image.shape[0] > 300 and image.shape[1] > 1000
+    assert "stopped sim_scene (exit 0), openvla_policy (exit 0)" in output
+    assert (out / "sim_scene.log").is_file() and (out / "openvla_policy.log").is_file()
+
+
+def test_demo_stops_its_child_processes_when_terminated(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "openvla_ros.demo", "--model", str(tiny_checkpoint), "--duration", "600"]
+    command += ["--out", str(tmp_path / "demo")]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("started "):
+                pids = [int(pid) for pid in re.findall(r"pid (\d+)", line)]
+                break
+        assert len(pids) == 2, "".join(lines)
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "".join(lines) + rest
+    assert process.returncode == 130, output
+    assert "stopped early (SIGTERM)" in output
+    assert "stopped sim_scene" in output and "openvla_policy" in output
+    for pid in pids:
+        assert not pid_alive(pid), f"child {pid} still running\n{output}"
