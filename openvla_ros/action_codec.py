@@ -162,6 +162,27 @@ def select_unnorm_key(norm_stats: Mapping[str, Any], unnorm_key: str | None) -> 
     return unnorm_key
 
 
+def array_statistics(values: np.ndarray) -> dict[str, list[float]]:
+    """Returns per-column mean, std, max, min, q01 and q99 (lists of floats) of an [N, D] array.
+
+    Raises:
+        ValueError: when ``values`` is empty, not 2-D or not finite.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"need a non-empty [N, D] array, got shape {values.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("values contain NaN or inf")
+    return {
+        "mean": values.mean(axis=0).tolist(),
+        "std": values.std(axis=0).tolist(),
+        "max": values.max(axis=0).tolist(),
+        "min": values.min(axis=0).tolist(),
+        "q01": np.quantile(values, 0.01, axis=0).tolist(),
+        "q99": np.quantile(values, 0.99, axis=0).tolist(),
+    }
+
+
 def compute_action_statistics(
     actions: np.ndarray, num_trajectories: int, mask: tuple[bool, ...] | None = None
 ) -> dict[str, Any]:
@@ -174,22 +195,11 @@ def compute_action_statistics(
         ValueError: when ``actions`` is empty, not 2-D or not finite.
     """
     actions = np.asarray(actions, dtype=np.float64)
-    if actions.ndim != 2 or actions.shape[0] == 0:
-        raise ValueError(f"need a non-empty [N, D] action array, got shape {actions.shape}")
-    if not np.all(np.isfinite(actions)):
-        raise ValueError("actions contain NaN or inf")
+    statistics = array_statistics(actions)
     if mask is None:
         mask = DEFAULT_MASK if actions.shape[1] == ACTION_DIM else (True,) * actions.shape[1]
     return {
-        "action": {
-            "mean": actions.mean(axis=0).tolist(),
-            "std": actions.std(axis=0).tolist(),
-            "max": actions.max(axis=0).tolist(),
-            "min": actions.min(axis=0).tolist(),
-            "q01": np.quantile(actions, 0.01, axis=0).tolist(),
-            "q99": np.quantile(actions, 0.99, axis=0).tolist(),
-            "mask": [bool(m) for m in mask],
-        },
+        "action": {**statistics, "mask": [bool(m) for m in mask]},
         "num_transitions": int(actions.shape[0]),
         "num_trajectories": int(num_trajectories),
     }

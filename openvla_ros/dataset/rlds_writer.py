@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from openvla_ros.action_codec import ACTION_DIM, ACTION_NAMES, compute_action_statistics
+from openvla_ros.action_codec import ACTION_DIM, ACTION_NAMES, array_statistics, compute_action_statistics
 from openvla_ros.dataset.config import validate_dataset_name
 from openvla_ros.errors import DatasetError
 
@@ -169,15 +169,7 @@ def compute_dataset_statistics(actions: np.ndarray, states: np.ndarray | None, n
         raise DatasetError("no steps to compute statistics over")
     statistics = compute_action_statistics(actions, num_trajectories=num_episodes)
     if states is not None and states.size:
-        states = np.asarray(states, dtype=np.float64)
-        statistics["proprio"] = {
-            "mean": states.mean(axis=0).tolist(),
-            "std": states.std(axis=0).tolist(),
-            "max": states.max(axis=0).tolist(),
-            "min": states.min(axis=0).tolist(),
-            "q01": np.quantile(states, 0.01, axis=0).tolist(),
-            "q99": np.quantile(states, 0.99, axis=0).tolist(),
-        }
+        statistics["proprio"] = array_statistics(states)
     return statistics
 
 
