@@ -29,6 +29,12 @@ tiny: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m openvla_ros.demo $(if $(MODEL),--model "$(MODEL)") $(DEMO_ARGS)
 
+# make pipeline [PIPELINE_ARGS="--episodes 40 --steps 150 --eval-episodes 10"]  (--quick: a smoke test)
+PIPELINE_ARGS ?=
+.PHONY: pipeline
+pipeline: $(STAMP)
+	$(PY) -m openvla_ros.pipeline $(PIPELINE_ARGS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/inference.py
 

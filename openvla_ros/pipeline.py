@@ -1,0 +1,799 @@
+"""``make pipeline``: demonstrations -> RLDS -> fine-tune -> closed-loop evaluation, end to end.
+
+    python -m openvla_ros.pipeline [--episodes 40] [--eval-episodes 10] [--steps 150] [--quick]
+
+1. record: starts the ``sim_scene`` node (child process, JPEG camera stream, scripted expert at
+   ``--expert-rate`` Hz) and records each expert episode into its own rosbag2 bag with
+   :class:`~openvla_ros.record.BagRecorder`, over DDS, exactly as ``python -m openvla_ros.record``
+   would (topics of ``config/pipeline.yaml``);
+2. convert: the bags -> the RLDS dataset ``sim_<task>`` with :func:`~openvla_ros.dataset.convert_bags`;
+3. fine-tune: LoRA on the tiny checkpoint with :class:`~openvla_ros.finetune.trainer.Trainer` (the
+   machinery of ``training/finetune.py``), writing ``<out>/merged`` (the model ``make demo`` picks up);
+4. evaluate offline: ``training/evaluate.py`` on the val split (JSON + its PNG);
+5. evaluate closed loop: the untrained tiny model and the fine-tuned one on ``--eval-episodes`` fresh
+   episodes (seeds never recorded), in process against the same sim, renderer and image path as the
+   node (``predict_action`` on the rendered RGB frame); optionally ``--node-episodes`` more through the
+   real ``sim_scene`` + ``policy_node`` processes.
+
+Everything goes to ``--out`` (``artifacts/pipeline``): ``bags/``, ``data/``, the fine-tune's outputs,
+``trajectories.png``, ``training_curve.png``, ``evaluate_val.png``, ``report.json`` and ``logs/``.
+Exit status: 0 when every stage ran (whatever the success rates), 1 when a stage failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = Path("artifacts") / "pipeline"
+DEFAULT_BASE = Path("artifacts") / "tiny"
+DEFAULT_CONFIG = REPO / "config" / "pipeline.yaml"
+MARKER = ".openvla_pipeline"
+SIM_NODE = "sim_scene"
+TRAINER_LOGGER = "openvla_ros.finetune.trainer"
+QUICK = {"episodes": 3, "eval_episodes": 2, "steps": 3, "batch_size": 2, "node_episodes": 0}
+
+
+class PipelineError(RuntimeError):
+    """A stage of the pipeline failed; the message says which and why."""
+
+
+@dataclass
+class PipelineSettings:
+    """What the pipeline does (see ``--help`` for each option)."""
+
+    out: Path = DEFAULT_OUT
+    base: Path = DEFAULT_BASE
+    config: Path = DEFAULT_CONFIG
+    task: str = "reach"
+    episodes: int = 40
+    eval_episodes: int = 10
+    node_episodes: int = 1
+    steps: int = 150
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    lora_rank: int = 32
+    image_aug: bool = False
+    expert_rate_hz: float = 10.0
+    record_seed: int = 0
+    eval_seed: int = 1
+    train_seed: int = 7
+
+    def __post_init__(self) -> None:
+        from openvla_ros.sim import TASKS
+
+        if self.task not in TASKS:
+            raise PipelineError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.episodes < 2:
+            raise PipelineError(f"episodes must be >= 2 (one train and one val episode), got {self.episodes}")
+        for name in ("eval_episodes", "steps", "batch_size", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.node_episodes < 0:
+            raise PipelineError(f"node_episodes must be >= 0, got {self.node_episodes}")
+        if self.record_seed == self.eval_seed:
+            raise PipelineError("eval_seed must differ from record_seed: evaluation needs episodes never recorded")
+
+    @property
+    def dataset_name(self) -> str:
+        return f"sim_{self.task}"
+
+
+@dataclass
+class EpisodeResult:
+    """One closed-loop episode: outcome and the fingertips' x/y path."""
+
+    seed: list[int]
+    instruction: str
+    success: bool
+    steps: int
+    final_distance_m: float
+    path_xy: list[list[float]]
+    target_xy: list[float]
+    blocks: dict[str, list[float]]
+
+
+@dataclass
+class Report:
+    """Everything the run measured; written as ``report.json``."""
+
+    settings: dict[str, Any]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    offline: dict[str, Any] = field(default_factory=dict)
+    closed_loop: dict[str, Any] = field(default_factory=dict)
+    node_check: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def ros_environment() -> dict[str, str]:
+    """Returns the environment for DDS traffic kept on this machine, on a random domain unless one is set.
+
+    Also sets both variables in this process (before rclpy creates its participant).
+    """
+    env = dict(os.environ, RCUTILS_LOGGING_BUFFERED_STREAM="0", PYTHONUNBUFFERED="1")
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    if not env.get("ROS_DOMAIN_ID"):
+        env["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = env["ROS_AUTOMATIC_DISCOVERY_RANGE"]
+    os.environ["ROS_DOMAIN_ID"] = env["ROS_DOMAIN_ID"]
+    return env
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, alive: Callable[[], None]) -> None:
+    """Polls ``condition`` until it holds; ``alive`` raises when a child process died.
+
+    Raises:
+        PipelineError: after ``timeout_s`` seconds.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        alive()
+        if time.monotonic() > deadline:
+            raise PipelineError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Empties the pipeline's output directory (only one that a previous run created).
+
+    Raises:
+        PipelineError: when ``out`` exists, is not empty and was not made by the pipeline.
+    """
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise PipelineError(f"{out} exists and was not created by the pipeline; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("created by python -m openvla_ros.pipeline; emptied on every run\n")
+
+
+@contextmanager
+def stage(report: Report, name: str, title: str) -> Iterator[None]:
+    """Prints the stage's start, times it into ``report.timings_s[name]``."""
+    print(f"\n=== {title} ===", flush=True)
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        report.timings_s[name] = round(time.monotonic() - start, 1)
+    print(f"--- {name}: {report.timings_s[name]:.1f} s", flush=True)
+
+
+class ChildProcess:
+    """A ROS node run as ``python -m module --ros-args ...``, its output in a log file."""
+
+    def __init__(self, name: str, module: str, ros_args: list[str], log_dir: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", module, "--ros-args", *ros_args],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def check_alive(self) -> None:
+        """Raises PipelineError (with the log's tail) when the process has exited."""
+        if self.process.poll() is not None:
+            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
+            raise PipelineError(f"{self.name} exited with status {self.process.returncode}:\n{tail}")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGINT (like Ctrl-C), then SIGKILL after ``timeout_s``."""
+        if self.process.poll() is None:
+            self.process.send_signal(2)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+class RosSession:
+    """An rclpy context, one node spun on a background thread, and helpers to call services."""
+
+    def __init__(self, node_name: str) -> None:
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.signals import SignalHandlerOptions
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, signal_handler_options=SignalHandlerOptions.NO)
+        self.node = rclpy.create_node(node_name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, name="pipeline-ros", daemon=True)
+        self._thread.start()
+        self.task_state: dict[str, str] = {}
+        from diagnostic_msgs.msg import DiagnosticStatus
+
+        self.node.create_subscription(DiagnosticStatus, f"/{SIM_NODE}/task_state", self._on_task_state, 10)
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def _on_task_state(self, message: Any) -> None:
+        self.task_state = {item.key: item.value for item in message.values}
+
+    def call(self, service: str, kind: Any, request: Any, timeout_s: float, alive: Callable[[], None]) -> Any:
+        """Calls ``service`` and returns the response.
+
+        Raises:
+            PipelineError: when the service does not appear or answer within ``timeout_s``.
+        """
+        client = self.node.create_client(kind, service)
+        try:
+            wait_for(lambda: client.service_is_ready(), timeout_s, f"service {service}", alive)
+            future = client.call_async(request)
+            wait_for(future.done, timeout_s, f"the answer of {service}", alive)
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: Path,
+                          env: dict[str, str]) -> dict[str, Any]:
+    """Records ``settings.episodes`` expert episodes through the sim node, one bag each.
+
+    Returns the recording facts (bags, steps, expert successes, messages, megabytes).
+
+    Raises:
+        PipelineError: when the sim fails, a topic never appears or an expert episode fails.
+    """
+    from std_srvs.srv import SetBool, Trigger
+
+    from openvla_ros.record import BagRecorder, load_record_settings
+
+    record_settings = load_record_settings(settings.config)
+    topics = list(record_settings.topics)
+    image_topic = topics[0]
+    sim = ChildProcess(SIM_NODE, "openvla_ros.sim_scene_node", [
+        "-p", f"task:={settings.task}", "-p", f"seed:={settings.record_seed}", "-p", "reset_on_start:=false",
+        "-p", "publish_compressed:=true", "-p", f"expert_rate_hz:={settings.expert_rate_hz}",
+    ], log_dir, env)
+    session = RosSession("pipeline_recorder")
+    alive = sim.check_alive
+    facts: dict[str, Any] = {"bags": [], "expert_steps": [], "messages": 0, "topics": topics}
+    try:
+        for episode in range(settings.episodes):
+            reset = session.call(f"/{SIM_NODE}/reset", Trigger, Trigger.Request(), 60.0, alive)
+            wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode), 10.0,
+                     f"the task state of episode {episode}", alive)
+            path = bags_dir / f"episode_{episode:03d}"
+            recorder = BagRecorder(session.node, topics, path, record_settings.storage)
+            recorder.start()
+            try:
+                wait_for(lambda recorder=recorder: set(recorder.subscribed_topics()) == set(topics)
+                         and recorder.counts().get(image_topic, 0) >= 2
+                         and recorder.counts().get("/instruction", 0) >= 1,
+                         20.0, f"the recorder to receive {', '.join(topics)}", alive)
+                session.call(f"/{SIM_NODE}/expert", SetBool, SetBool.Request(data=True), 10.0, alive)
+                budget_s = 90 / settings.expert_rate_hz + 10.0
+                wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode)
+                         and session.task_state.get("status") != "running",
+                         budget_s, f"the end of expert episode {episode}", alive)
+                time.sleep(2.5 / settings.expert_rate_hz)  # the last step's window closes on later frames
+            finally:
+                summary = recorder.stop()
+            state = dict(session.task_state)
+            if state.get("status") != "success":
+                raise PipelineError(f"the expert failed episode {episode} ({reset.message!r}): {state}")
+            facts["bags"].append(str(path))
+            facts["expert_steps"].append(int(state.get("steps", 0)))
+            facts["messages"] += summary.message_count
+            print(f"  {path.name}: {reset.message!r}, expert success in {state.get('steps')} steps, "
+                  f"{summary.message_count} messages", flush=True)
+    finally:
+        session.close()
+        sim.stop()
+    facts["megabytes"] = round(sum(f.stat().st_size for f in bags_dir.rglob("*") if f.is_file()) / 1e6, 2)
+    return facts
+
+
+def convert(settings: PipelineSettings, bags: list[str], data_dir: Path) -> dict[str, Any]:
+    """Converts the bags to RLDS and opens the result as OpenVLA's loader does; returns the dataset facts."""
+    from openvla_ros.dataset import convert_bags, format_report, load_config
+    from openvla_ros.dataset.check import check_dataset
+
+    config = load_config(settings.config)
+    report = convert_bags(bags, data_dir, settings.dataset_name, config, overwrite=True)
+    print(format_report(report).split("\n  ")[0])
+    for line in check_dataset(data_dir, settings.dataset_name, num_steps=1):
+        print(f"  {line}")
+    return {
+        "name": settings.dataset_name,
+        "path": str(report.dataset_dir),
+        "episodes": report.episodes,
+        "steps": report.steps,
+        "splits": dict(report.splits),
+        "dropped_idle": report.dropped_idle,
+        "dropped_stale": report.dropped_stale,
+        "action_q01": report.statistics["action"]["q01"],
+        "action_q99": report.statistics["action"]["q99"],
+    }
+
+
+class _TrainerLog(logging.Handler):
+    """Collects the trainer's ``step N split: key value ...`` log lines into a curve."""
+
+    PATTERN = re.compile(r"([a-z_]+) (-?[0-9.]+|nan)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.curve: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg != "step %d %s: %s" or len(record.args or ()) != 3:
+            return
+        step, split, text = record.args
+        values = {key: float(value) for key, value in self.PATTERN.findall(text)}
+        self.curve.append({"step": int(step), "split": split, **values})
+
+
+def finetune(settings: PipelineSettings, data_dir: Path, out: Path) -> dict[str, Any]:
+    """LoRA fine-tunes the base on the dataset (outputs in ``out``); returns metrics and the curve."""
+    from openvla_ros.finetune.config import FinetuneConfig
+    from openvla_ros.finetune.trainer import Trainer
+
+    config = FinetuneConfig(
+        vla_path=str(settings.base), data_dir=str(data_dir), dataset_name=settings.dataset_name, out=str(out),
+        max_steps=settings.steps, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        lr_schedule="cosine", warmup_steps=min(20, settings.steps // 10), lora_rank=settings.lora_rank,
+        image_aug=settings.image_aug, device="cpu", save_steps=settings.steps,
+        eval_steps=max(1, settings.steps // 4), eval_batches=4, log_steps=max(1, min(10, settings.steps // 10)),
+        keep_checkpoints=1, seed=settings.train_seed,
+    )
+    handler = _TrainerLog()
+    logger = logging.getLogger(TRAINER_LOGGER)
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        trainer = Trainer(config)
+        before = trainer.evaluate()
+        start = time.monotonic()
+        last = trainer.run()
+        seconds = time.monotonic() - start
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+    samples = settings.steps * settings.batch_size
+    return {
+        "train_frames": len(trainer.train_frames),
+        "val_frames": len(trainer.val_frames),
+        "steps": settings.steps,
+        "batch_size": settings.batch_size,
+        "epochs": round(samples / max(1, len(trainer.train_frames)), 2),
+        "samples_per_s": round(samples / seconds, 2),
+        "val_before": before,
+        "last": last,
+        "curve": handler.curve,
+        "merged": str(out / "merged"),
+    }
+
+
+def offline_evaluation(settings: PipelineSettings, model: Path, data_dir: Path, plot: Path,
+                       log_dir: Path) -> dict[str, Any]:
+    """Runs ``training/evaluate.py`` on the val split; returns its JSON metrics.
+
+    Raises:
+        PipelineError: when the script fails.
+    """
+    command = [sys.executable, str(REPO / "training" / "evaluate.py"), "--model", str(model),
+               "--data-dir", str(data_dir), "--dataset-name", settings.dataset_name, "--split", "val",
+               "--device", "cpu", "--plot", str(plot)]
+    if settings.image_aug:
+        command.append("--center-crop")
+    print("  " + " ".join(command[1:]), flush=True)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    (log_dir / "evaluate.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0 or "{" not in result.stdout:
+        raise PipelineError(f"training/evaluate.py failed ({result.returncode}): {result.stderr[-2000:]}")
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def rollout(policy: Any, seed: tuple[int, int], task: str) -> EpisodeResult:
+    """Runs one closed-loop episode of ``policy`` in the pure-Python sim and returns its outcome.
+
+    Each step renders the overhead camera exactly as the ``sim_scene`` node publishes it and calls
+    ``policy.predict_action(rgb, instruction)``, as the policy node does.
+    """
+    from openvla_ros.sim import TabletopRenderer, TabletopScene
+
+    scene = TabletopScene()
+    renderer = TabletopRenderer()
+    episode = scene.reset(seed=seed, task=task)
+    path = [scene.ee_position[:2].tolist()]
+    state = scene.evaluate()
+    while scene.status == "running":
+        action = policy.predict_action(renderer.render(scene), episode.instruction)
+        state = scene.apply_action(action)
+        path.append(scene.ee_position[:2].tolist())
+    return EpisodeResult(
+        seed=list(seed), instruction=episode.instruction, success=scene.status == "success", steps=state.steps,
+        final_distance_m=round(float(state.goal_distance), 4), path_xy=path,
+        target_xy=scene.blocks[episode.target].position[:2].tolist(),
+        blocks={color: block.position[:2].tolist() for color, block in scene.blocks.items()},
+    )
+
+
+def expert_path(seed: tuple[int, int], task: str) -> list[list[float]]:
+    """Returns the noise-free expert's fingertip x/y path on an episode (the reference in the plot)."""
+    from openvla_ros.sim import ScriptedExpert, TabletopScene
+
+    scene, expert = TabletopScene(), ScriptedExpert()
+    scene.reset(seed=seed, task=task)
+    path = [scene.ee_position[:2].tolist()]
+    while scene.status == "running":
+        scene.apply_action(expert.act(scene))
+        path.append(scene.ee_position[:2].tolist())
+    return path
+
+
+def closed_loop(settings: PipelineSettings, merged: Path) -> dict[str, Any]:
+    """Evaluates the untrained base and the fine-tuned model on the same fresh episodes.
+
+    The untrained model un-normalises with the dataset's statistics too, so both act in the same
+    physical units.
+    """
+    from openvla_ros.policy import OpenVLAPolicy
+
+    tuned = OpenVLAPolicy.from_pretrained(str(merged), unnorm_key=settings.dataset_name, device="cpu",
+                                          center_crop=settings.image_aug)
+    untrained = OpenVLAPolicy.from_pretrained(str(settings.base), device="cpu")
+    untrained.normalizer = tuned.normalizer
+    seeds = [(settings.eval_seed, index) for index in range(settings.eval_episodes)]
+    results: dict[str, Any] = {"seeds": [list(s) for s in seeds], "mode": "in-process"}
+    for label, policy in (("untrained", untrained), ("fine_tuned", tuned)):
+        start = time.monotonic()
+        episodes = [rollout(policy, seed, settings.task) for seed in seeds]
+        steps = sum(e.steps for e in episodes)
+        successes = sum(e.success for e in episodes)
+        results[label] = {
+            "success_rate": successes / len(episodes),
+            "successes": successes,
+            "episodes": [asdict(e) for e in episodes],
+            "ms_per_step": round(1000 * (time.monotonic() - start) / max(1, steps), 1),
+        }
+        print(f"  {label:<10} success {successes}/{len(episodes)}  "
+              f"({results[label]['ms_per_step']} ms per step, in process)", flush=True)
+    return results
+
+
+def node_check(settings: PipelineSettings, merged: Path, log_dir: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Runs the fine-tuned model through the real ``sim_scene`` and ``policy_node`` processes.
+
+    Episodes use seeds ``(eval_seed + 1, k)``, never recorded. Returns per-episode outcomes.
+    """
+    from std_srvs.srv import SetBool, Trigger
+
+    rate_hz = 5.0
+    sim = ChildProcess("sim_scene_check", "openvla_ros.sim_scene_node", [
+        "-p", f"task:={settings.task}", "-p", f"seed:={settings.eval_seed + 1}", "-p", "reset_on_start:=false",
+    ], log_dir, env)
+    policy_args = ["--params-file", str(REPO / "config" / "policy.yaml"), "-p", f"model:={merged}",
+                   "-p", f"unnorm_key:={settings.dataset_name}", "-p", f"rate_hz:={rate_hz}", "-p", "device:=cpu"]
+    if settings.image_aug:
+        policy_args += ["-p", "center_crop:=true"]
+    policy = ChildProcess("policy_node_check", "openvla_ros.policy_node", policy_args, log_dir, env)
+
+    def alive() -> None:
+        sim.check_alive()
+        policy.check_alive()
+
+    session = RosSession("pipeline_node_check")
+    episodes = []
+    try:
+        for episode in range(settings.node_episodes):
+            reset = session.call(f"/{SIM_NODE}/reset", Trigger, Trigger.Request(), 60.0, alive)
+            wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode), 10.0,
+                     f"the task state of episode {episode}", alive)
+            enabled = session.call("/openvla_policy/enable", SetBool, SetBool.Request(data=True), 120.0, alive)
+            if not enabled.success:
+                raise PipelineError(f"the policy node refused to enable: {enabled.message}")
+            wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode)
+                     and session.task_state.get("status") != "running",
+                     90 / rate_hz + 30.0, f"the end of node episode {episode}", alive)
+            session.call("/openvla_policy/enable", SetBool, SetBool.Request(data=False), 10.0, alive)
+            state = dict(session.task_state)
+            episodes.append({"instruction": reset.message, "status": state.get("status"),
+                             "steps": int(state.get("steps", 0)), "seed": [settings.eval_seed + 1, episode]})
+            print(f"  node episode {episode}: {reset.message!r} -> {state.get('status')} after "
+                  f"{state.get('steps')} steps", flush=True)
+    finally:
+        session.close()
+        policy.stop()
+        sim.stop()
+    successes = sum(e["status"] == "success" for e in episodes)
+    return {"mode": f"sim_scene + policy_node over DDS at {rate_hz:g} Hz", "episodes": episodes,
+            "successes": successes, "success_rate": successes / max(1, len(episodes))}
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def plot_trajectories(results: dict[str, Any], task: str, path: Path, max_panels: int = 8) -> Path:
+    """Writes overhead x/y paths of both policies and the expert against the blocks, one panel per episode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle, Rectangle
+
+    from openvla_ros.sim import COLORS, SceneConfig
+
+    scene_config = SceneConfig()
+    count = min(max_panels, len(results["seeds"]))
+    columns = min(4, count)
+    rows = (count + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        if index >= count:
+            axis.axis("off")
+            continue
+        untrained = results["untrained"]["episodes"][index]
+        tuned = results["fine_tuned"]["episodes"][index]
+        half_x, half_y = scene_config.x_half_extent, scene_config.y_half_extent
+        axis.add_patch(Rectangle((-half_x, -half_y), 2 * half_x, 2 * half_y, fill=False, color="0.6"))
+        size = scene_config.block_size
+        for color, (x, y) in tuned["blocks"].items():
+            axis.add_patch(Rectangle((x - size / 2, y - size / 2), size, size, color=np.array(COLORS[color]) / 255))
+        target = tuned["target_xy"]
+        axis.add_patch(Circle(target, scene_config.reach_tolerance, fill=False, linestyle=":", color="black"))
+        reference = np.array(expert_path(tuple(tuned["seed"]), task))
+        axis.plot(reference[:, 0], reference[:, 1], color="black", linewidth=0.8, linestyle=":", label="expert")
+        for episode, label, color in ((untrained, "untrained", "tab:gray"), (tuned, "fine-tuned", "tab:orange")):
+            xy = np.array(episode["path_xy"])
+            outcome = "ok" if episode["success"] else "fail"
+            axis.plot(xy[:, 0], xy[:, 1], color=color, linewidth=1.5, label=f"{label} ({outcome})")
+            axis.plot(xy[-1, 0], xy[-1, 1], marker="x", color=color)
+        axis.plot(*tuned["path_xy"][0], marker="o", color="black")
+        axis.set_title(f"{tuned['instruction']}\nseed {tuple(tuned['seed'])}", fontsize=8)
+        axis.set_xlim(-half_x - 0.01, half_x + 0.01)
+        axis.set_ylim(-half_y - 0.01, half_y + 0.01)
+        axis.set_aspect("equal")
+        axis.tick_params(labelsize=6)
+        axis.legend(fontsize=6, loc="lower left")
+    figure.suptitle("closed loop, overhead view (x right, y up, metres): start o, end x, target circle")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+def plot_training_curve(curve: list[dict[str, Any]], path: Path) -> Path:
+    """Writes loss and action-token accuracy against the step, train and val."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for split, style in (("train", "-"), ("val", "o--")):
+        points = [p for p in curve if p["split"] == split]
+        if not points:
+            continue
+        steps = [p["step"] for p in points]
+        for axis, key in zip(axes, ("loss", "action_accuracy", "l1_normalized"), strict=True):
+            axis.plot(steps, [p.get(key, float("nan")) for p in points], style, label=split)
+            axis.set_title(key)
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def format_table(report: Report) -> str:
+    """Returns the final summary table."""
+    lines = ["", "=" * 72, "pipeline summary", "=" * 72, "stage timings (s):"]
+    lines += [f"  {name:<22} {seconds:8.1f}" for name, seconds in report.timings_s.items()]
+    dataset = report.dataset
+    if dataset:
+        lines.append(f"dataset: {dataset['name']}: {dataset['episodes']} episodes, {dataset['steps']} steps "
+                     f"(train {dataset['splits'].get('train', 0)} / val {dataset['splits'].get('val', 0)} "
+                     f"episodes), bags {dataset.get('bag_megabytes', 0):.1f} MB")
+    training = report.training
+    if training:
+        last = training["last"]
+        train, val = last.get("train", {}), last.get("val", {})
+        before = training["val_before"]
+        lines.append(f"training: {training['steps']} steps x batch {training['batch_size']} "
+                     f"({training['epochs']} epochs of {training['train_frames']} frames, "
+                     f"{training['samples_per_s']} samples/s)")
+        lines.append(f"  val loss {before['loss']:.3f} -> {val.get('loss', float('nan')):.3f}; "
+                     f"val action-token accuracy {before['action_accuracy']:.3f} -> "
+                     f"{val.get('action_accuracy', float('nan')):.3f}; val L1 (normalised) "
+                     f"{before['l1_normalized']:.3f} -> {val.get('l1_normalized', float('nan')):.3f}")
+        lines.append(f"  last train loss {train.get('loss', float('nan')):.3f}, "
+                     f"accuracy {train.get('action_accuracy', float('nan')):.3f}")
+    if report.offline:
+        lines.append(f"offline (training/evaluate.py, val): L1 mean {report.offline['l1_mean']:.4f}, "
+                     f"token accuracy {report.offline['token_accuracy']:.3f} over {report.offline['num_steps']} steps")
+    loop = report.closed_loop
+    if loop:
+        total = len(loop["seeds"])
+        lines.append(f"closed loop ({loop['mode']}: policy.predict_action on the rendered frame, "
+                     f"{total} fresh episodes):")
+        for label in ("untrained", "fine_tuned"):
+            entry = loop[label]
+            lines.append(f"  {label:<10} success {entry['successes']:>3}/{total} = {100 * entry['success_rate']:5.1f} %"
+                         f"   ({entry['ms_per_step']} ms/step)")
+    if report.node_check:
+        check = report.node_check
+        lines.append(f"node check ({check['mode']}): fine-tuned success {check['successes']}/{len(check['episodes'])}")
+    lines.append(f"total: {sum(report.timings_s.values()):.1f} s")
+    lines += [f"{name}: {path}" for name, path in report.files.items()]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the command-line parser."""
+    defaults = PipelineSettings.__dataclass_fields__
+    parser = argparse.ArgumentParser(prog="python -m openvla_ros.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (emptied first)")
+    parser.add_argument("--base", type=Path, default=DEFAULT_BASE,
+                        help="checkpoint to fine-tune (the tiny one, built there if missing)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="topics and conversion YAML")
+    parser.add_argument("--task", default="reach", help="reach, pick or stack")
+    for name, help_text in (
+        ("episodes", "expert episodes to record"),
+        ("eval_episodes", "fresh episodes per policy in the closed-loop evaluation"),
+        ("node_episodes", "episodes of the fine-tuned model through the real nodes (0: skip)"),
+        ("steps", "fine-tuning optimizer steps"),
+        ("batch_size", "fine-tuning batch size"),
+        ("lora_rank", "LoRA rank"),
+        ("record_seed", "sim seed of the recorded episodes"),
+        ("eval_seed", "sim seed of the evaluation episodes (must differ)"),
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name].default, help=help_text)
+    parser.add_argument("--learning-rate", type=float, default=defaults["learning_rate"].default)
+    parser.add_argument("--expert-rate", type=float, default=defaults["expert_rate_hz"].default,
+                        help="scripted expert rate (Hz); the conversion rate of the config must match")
+    parser.add_argument("--image-aug", action="store_true", help="train with crop/colour augmentation")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke-test sizes ({', '.join(f'{k} {v}' for k, v in QUICK.items())})")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
+    """Returns the settings of parsed arguments (``--quick`` replaces the sizes).
+
+    Raises:
+        PipelineError: for invalid values.
+    """
+    values = {
+        "out": args.out, "base": args.base, "config": args.config, "task": args.task, "episodes": args.episodes,
+        "eval_episodes": args.eval_episodes, "node_episodes": args.node_episodes, "steps": args.steps,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lora_rank": args.lora_rank,
+        "image_aug": args.image_aug, "expert_rate_hz": args.expert_rate, "record_seed": args.record_seed,
+        "eval_seed": args.eval_seed,
+    }
+    if args.quick:
+        values.update(QUICK)
+    return PipelineSettings(**values)
+
+
+def run(settings: PipelineSettings) -> Report:
+    """Runs every stage and returns the report (also written to ``<out>/report.json``).
+
+    Raises:
+        PipelineError, OpenVLAError: when a stage fails.
+    """
+    # The fine-tuning stack (torch, peft, triton) before TensorFlow, which the dataset check loads:
+    # importing them after TensorFlow in one process crashes (segmentation fault) with these wheels.
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+
+    import openvla_ros.finetune.trainer  # noqa: F401
+
+    out = settings.out
+    prepare_out_dir(out)
+    log_dir = out / "logs"
+    log_dir.mkdir()
+    report = Report(settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()})
+    env = ros_environment()
+    print(f"pipeline: task {settings.task}, {settings.episodes} demos, {settings.steps} steps, "
+          f"{settings.eval_episodes} eval episodes; ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}; output {out}", flush=True)
+
+    if not (settings.base / "config.json").is_file():
+        with stage(report, "build_tiny", f"building the tiny checkpoint in {settings.base}"):
+            from openvla_ros.tiny import make_tiny_checkpoint
+
+            make_tiny_checkpoint(settings.base, seed=0)
+
+    with stage(report, "record", f"recording {settings.episodes} expert episodes through sim_scene"):
+        recording = record_demonstrations(settings, out / "bags", log_dir, env)
+    with stage(report, "convert", "converting the bags to RLDS"):
+        report.dataset = convert(settings, recording["bags"], out / "data")
+        report.dataset.update(bags=len(recording["bags"]), bag_megabytes=recording["megabytes"],
+                              messages=recording["messages"], expert_steps=recording["expert_steps"])
+    with stage(report, "finetune", f"fine-tuning {settings.base} (LoRA rank {settings.lora_rank})"):
+        report.training = finetune(settings, out / "data", out)
+        report.files["training_curve"] = str(plot_training_curve(report.training["curve"],
+                                                                 out / "training_curve.png"))
+    merged = out / "merged"
+    with stage(report, "evaluate_offline", "offline evaluation (training/evaluate.py, val split)"):
+        report.offline = offline_evaluation(settings, merged, out / "data", out / "evaluate_val.png", log_dir)
+        report.files["evaluate_plot"] = report.offline["plot"]
+    with stage(report, "closed_loop", f"closed loop on {settings.eval_episodes} fresh episodes (in process)"):
+        report.closed_loop = closed_loop(settings, merged)
+        report.files["trajectories"] = str(plot_trajectories(report.closed_loop, settings.task,
+                                                             out / "trajectories.png"))
+    if settings.node_episodes:
+        with stage(report, "node_check", f"closed loop through sim_scene + policy_node ({settings.node_episodes} "
+                   "episodes)"):
+            report.node_check = node_check(settings, merged, log_dir, env)
+    report.files["merged_model"] = str(merged)
+    report.files["report"] = str(out / "report.json")
+    (out / "report.json").write_text(json.dumps(asdict(report), indent=1))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the pipeline; returns 0 when every stage ran, 1 when one failed, 2 on bad options."""
+    args = build_parser().parse_args(argv)
+    from openvla_ros.errors import OpenVLAError
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        settings = settings_from_args(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = run(settings)
+    except (PipelineError, OpenVLAError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
