@@ -1,0 +1,119 @@
+"""``make pipeline`` in its short form: every stage runs and leaves outputs that load.
+
+The success target belongs to the full run; here the sizes are too small to learn anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Runs ``python -m openvla_ros.pipeline --quick`` on the tiny checkpoint; returns (out dir, stdout)."""
+    out = tmp_path_factory.mktemp("pipeline") / "out"
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+               ROS_DOMAIN_ID=str(random.SystemRandom().randint(1, 100)))
+    result = subprocess.run(
+        [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(out), "--base", str(tiny_checkpoint)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_bags_are_rosbag2_recordings_of_the_sim_topics(quick_run: tuple[Path, str]) -> None:
+    from rosbags.highlevel import AnyReader
+
+    out, _ = quick_run
+    bags = sorted((out / "bags").iterdir())
+    assert [bag.name for bag in bags] == ["episode_000", "episode_001", "episode_002"]
+    with AnyReader([bags[0]]) as reader:
+        topics = {connection.topic: connection.msgtype for connection in reader.connections}
+        counts = {topic: 0 for topic in topics}
+        for connection, _, _ in reader.messages():
+            counts[connection.topic] += 1
+    assert topics["/camera/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
+    assert topics["/teleop/action"] == "std_msgs/msg/Float64MultiArray"
+    assert counts["/instruction"] == 1 and counts["/teleop/action"] >= 5
+    assert counts["/camera/image_raw/compressed"] > counts["/teleop/action"]
+
+
+def test_rlds_dataset_opens_with_tfds_builder(quick_run: tuple[Path, str]) -> None:
+    import tensorflow_datasets as tfds
+
+    out, _ = quick_run
+    builder = tfds.builder("sim_reach", data_dir=str(out / "data"))
+    assert builder.info.splits["train"].num_examples == 2
+    assert builder.info.splits["val"].num_examples == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["episodes"] == 3 and report["dataset"]["steps"] >= 10
+    episode = next(iter(tfds.as_numpy(builder.as_dataset(split="train").take(1))))
+    step = next(iter(episode["steps"]))
+    assert step["observation"]["image"].shape == (224, 224, 3)
+    assert step["language_instruction"].decode().startswith("move to the ")
+
+
+def test_merged_model_loads_in_the_policy(quick_run: tuple[Path, str]) -> None:
+    import numpy as np
+
+    from openvla_ros.policy import OpenVLAPolicy
+    from openvla_ros.sim import TabletopRenderer, TabletopScene
+
+    out, _ = quick_run
+    policy = OpenVLAPolicy.from_pretrained(str(out / "merged"), unnorm_key="sim_reach", device="cpu")
+    scene = TabletopScene()
+    task = scene.reset(seed=(5, 0), task="reach")
+    action = policy.predict_action(TabletopRenderer().render(scene), task.instruction)
+    assert action.shape == (7,) and np.all(np.isfinite(action))
+    q01 = np.array(json.loads((out / "report.json").read_text())["dataset"]["action_q01"])
+    q99 = np.array(json.loads((out / "report.json").read_text())["dataset"]["action_q99"])
+    assert np.all(action[:6] >= q01[:6] - 1e-9) and np.all(action[:6] <= q99[:6] + 1e-9)
+
+
+def test_report_has_success_rates_timings_and_plots(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["timings_s"]) >= {"record", "convert", "finetune", "evaluate_offline", "closed_loop"}
+    loop = report["closed_loop"]
+    recorded_seeds = {(0, index) for index in range(3)}
+    assert len(loop["seeds"]) == 2 and not recorded_seeds & {tuple(seed) for seed in loop["seeds"]}
+    for label in ("untrained", "fine_tuned"):
+        episodes = loop[label]["episodes"]
+        assert len(episodes) == 2
+        assert loop[label]["success_rate"] == sum(e["success"] for e in episodes) / 2
+        assert all(len(e["path_xy"]) == e["steps"] + 1 for e in episodes)
+    assert report["training"]["steps"] == 3 and report["training"]["curve"]
+    assert 0.0 <= report["offline"]["token_accuracy"] <= 1.0
+    for name in ("trajectories.png", "training_curve.png", "evaluate_val.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "closed loop (in-process" in stdout and "untrained  success" in stdout
+    assert "fine_tuned success" in stdout and "stage timings" in stdout
+
+
+def test_refuses_an_output_directory_it_did_not_create(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = subprocess.run(
+        [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 1
+    assert "was not created by the pipeline" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_rejects_evaluation_on_recorded_seeds() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "openvla_ros.pipeline", "--record-seed", "3", "--eval-seed", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2 and "eval_seed must differ" in result.stderr
