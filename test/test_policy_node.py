@@ -13,13 +13,12 @@ import ast
 import importlib.util
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,14 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
-
 import rclpy  # noqa: E402  (imported after the DDS isolation variables are set)
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from geometry_msgs.msg import TwistStamped  # noqa: E402
 from lifecycle_msgs.srv import GetState  # noqa: E402
 from rcl_interfaces.srv import GetParameters, SetParameters  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter, parameter_value_to_python  # noqa: E402
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from ros_helpers import LATCHED_QOS, spinning_node, wait_until  # sets up DDS isolation first
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Float64, Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
@@ -50,23 +45,10 @@ CAMERA_HZ = 30.0
 IMAGE_SHAPE = (96, 128, 3)
 INSTRUCTION = "pick up the red block"
 SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
-LATCHED_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST,
-    depth=1,
-    reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
-)
 
 
 # ---------------------------------------------------------------------------------------- helpers
 
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass
@@ -289,18 +271,8 @@ def nodes(
 
 @pytest.fixture(scope="module")
 def ros_node() -> Iterator[rclpy.node.Node]:
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("policy_node_test_driver", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    yield node
-    executor.shutdown()
-    node.destroy_node()
-    rclpy.try_shutdown(context=context)
-    spinner.join(timeout=5)
+    with spinning_node("policy_node_test_driver") as node:
+        yield node
 
 
 @pytest.fixture(scope="module")

@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
-
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
-
 import rclpy  # noqa: E402  (imported after the DDS isolation variables are set)
+import yaml
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from ros_helpers import LATCHED_QOS, spinning_node, wait_until  # sets up DDS isolation first
 from rosbags.highlevel import AnyReader  # noqa: E402
 from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
@@ -36,23 +32,10 @@ from openvla_ros.record import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-LATCHED_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST,
-    depth=1,
-    reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
-)
 BEST_EFFORT_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT
 )
 
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def read_bag(path: Path) -> tuple[dict[str, list[Any]], dict[str, int]]:
@@ -67,18 +50,8 @@ def read_bag(path: Path) -> tuple[dict[str, list[Any]], dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def ros_node() -> Iterator[Any]:
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("record_test_driver", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    yield node
-    executor.shutdown()
-    node.destroy_node()
-    rclpy.try_shutdown(context=context)
-    spinner.join(timeout=5)
+    with spinning_node("record_test_driver") as node:
+        yield node
 
 
 # ---------------------------------------------------------------------------------------- settings

@@ -3,49 +3,30 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-os.environ.setdefault("ROS_DOMAIN_ID", str(random.SystemRandom().randint(1, 100)))
-
-import rclpy  # noqa: E402  (imported after the DDS isolation variables are set)
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from ros_helpers import LATCHED_QOS, spinning_node, wait_until  # sets up DDS isolation first
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 from std_msgs.msg import Bool, Float64, Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import SetBool, Trigger  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
-LATCHED_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST,
-    depth=1,
-    reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
-)
 
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Topic:
@@ -134,21 +115,11 @@ class Driver:
 
 @pytest.fixture(scope="module")
 def driver(sim: subprocess.Popen) -> Iterator[Driver]:
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("sim_node_test_driver", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    driver = Driver(node)
-    assert driver.reset_client.wait_for_service(timeout_sec=60.0), Path(sim.log_path).read_text()
-    wait_until(lambda: driver.action_pub.get_subscription_count() > 0, 30, "the sim's action subscription")
-    yield driver
-    executor.shutdown()
-    node.destroy_node()
-    rclpy.try_shutdown(context=context)
-    spinner.join(timeout=5)
+    with spinning_node("sim_node_test_driver") as node:
+        driver = Driver(node)
+        assert driver.reset_client.wait_for_service(timeout_sec=60.0), Path(sim.log_path).read_text()
+        wait_until(lambda: driver.action_pub.get_subscription_count() > 0, 30, "the sim's action subscription")
+        yield driver
 
 
 def test_camera_streams_640x480_rgb_frames_with_fresh_stamps(driver: Driver) -> None:
