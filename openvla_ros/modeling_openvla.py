@@ -13,6 +13,7 @@ dict loads with only the LayerScale rename (see :mod:`openvla_ros.loading`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import timm
@@ -30,6 +31,21 @@ def make_vit(timm_model_id: str, image_size: int, overrides: dict[str, Any] | No
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "img_size": image_size}
     kwargs.update(overrides or {})
     return timm.create_model(timm_model_id, **kwargs)
+
+
+@dataclass
+class ActionLossOutput:
+    """Training output: the loss and the logits at the labelled positions only.
+
+    Attributes:
+        loss: mean cross-entropy over the labelled tokens (the 7 actions and EOS per sequence).
+        logits: [N, vocab] logits predicting each labelled token, in row-major order over the batch.
+        targets: [N] the labelled token ids.
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
 
 
 class VisionBackbone(nn.Module):
@@ -122,22 +138,28 @@ class OpenVLAForActionPrediction(nn.Module):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """Runs the multimodal forward; returns the language model's output (logits, loss with labels).
+        """Runs the multimodal forward.
 
-        ``attention_mask`` and ``labels`` are given over ``input_ids``; the patch positions are
-        attended to and excluded from the loss.
+        Without ``labels`` it returns the language model's output (logits over every position). With
+        ``labels`` (over ``input_ids``; -100 where no loss is taken) it returns an
+        :class:`ActionLossOutput`: the lm_head runs only at the labelled positions, which is what makes
+        training cheap (a handful of labels per sequence against 32064-way logits at every position).
+        ``attention_mask`` is given over ``input_ids``; the patch positions are always attended to.
         """
         embeds = self.embed_multimodal(input_ids, pixel_values)
         num_patches = embeds.shape[1] - input_ids.shape[1]
         if attention_mask is not None:
             patch_mask = attention_mask.new_ones((attention_mask.shape[0], num_patches))
             attention_mask = torch.cat([attention_mask[:, :1], patch_mask, attention_mask[:, 1:]], dim=1)
-        if labels is not None:
-            patch_labels = labels.new_full((labels.shape[0], num_patches), IGNORE_INDEX)
-            labels = torch.cat([labels[:, :1], patch_labels, labels[:, 1:]], dim=1)
-        return self.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs
-        )
+        if labels is None:
+            return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        patch_labels = labels.new_full((labels.shape[0], num_patches), IGNORE_INDEX)
+        targets = torch.cat([labels[:, :1], patch_labels, labels[:, 1:]], dim=1)[:, 1:]
+        hidden = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        labelled = targets != IGNORE_INDEX
+        logits = self.language_model.lm_head(hidden[:, :-1][labelled])
+        loss = nn.functional.cross_entropy(logits.float(), targets[labelled])
+        return ActionLossOutput(loss=loss, logits=logits, targets=targets[labelled])
 
     @torch.inference_mode()
     def generate_action_ids(

@@ -46,7 +46,7 @@ class OpenVLAPolicy:
         self.tokenizer = tokenizer
         self.config: OpenVLAConfig = model.config
         self.checkpoint_dir = checkpoint_dir
-        self.unnorm_key = select_unnorm_key(self.config.norm_stats, unnorm_key)
+        self.unnorm_key = select_unnorm_key(self.config.norm_stats, unnorm_key or default_unnorm_key(self.config))
         action_stats = self.config.norm_stats[self.unnorm_key].get("action")
         if not isinstance(action_stats, dict):
             raise CheckpointError(f"norm_stats[{self.unnorm_key!r}] has no 'action' statistics")
@@ -98,7 +98,7 @@ class OpenVLAPolicy:
         """
         checkpoint_dir = resolve_checkpoint_dir(model)
         config = read_config(checkpoint_dir)
-        select_unnorm_key(config.norm_stats, unnorm_key)  # fail before the (slow) weight load
+        select_unnorm_key(config.norm_stats, unnorm_key or default_unnorm_key(config))  # fail before the weight load
         tokenizer = load_tokenizer(checkpoint_dir)
         network = load_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization, config=config)
         if adapter:
@@ -179,6 +179,16 @@ class OpenVLAPolicy:
         self._prompt_cache = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def default_unnorm_key(config: OpenVLAConfig) -> str | None:
+    """Returns the dataset a fine-tuned checkpoint was adapted to (recorded by finetune), else None.
+
+    A model fine-tuned by ``training/finetune.py`` keeps the base model's statistics beside its own;
+    without an explicit ``unnorm_key`` it un-normalises with its own dataset's.
+    """
+    trained_on = (config.extra.get("openvla_ros") or {}).get("dataset_name")
+    return trained_on if trained_on in config.norm_stats else None
 
 
 def attach_adapter(model: OpenVLAForActionPrediction, adapter_dir: Path, merge: bool) -> OpenVLAForActionPrediction:

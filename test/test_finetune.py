@@ -94,6 +94,8 @@ def test_run_writes_adapter_merged_model_statistics_and_logs(trained, dataset_di
     statistics = json.loads((out / "dataset_statistics.json").read_text())
     written = json.loads((dataset_dir / NAME / "1.0.0" / "dataset_statistics.json").read_text())
     assert statistics == written
+    assert json.loads((out / "merged" / "dataset_statistics.json").read_text()) == written
+    assert OpenVLAPolicy.from_pretrained(str(out / "merged"), device="cpu").unnorm_key == NAME
     merged_config = json.loads((out / "merged" / "config.json").read_text())
     assert merged_config["norm_stats"][NAME] == written[NAME] and "tiny_demo" in merged_config["norm_stats"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000030", "step-000060"]

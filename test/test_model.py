@@ -201,3 +201,18 @@ def test_bad_precision_requests(tiny_checkpoint: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(QuantizationError, match="CUDA is not available"):
             load_model(tiny_checkpoint, device="cuda")
+
+
+def test_training_loss_at_labelled_positions_equals_full_logits_loss(policy: OpenVLAPolicy) -> None:
+    input_ids, pixel_values = policy.prepare_inputs(_images(1, seed=4)[0], INSTRUCTION)
+    targets = torch.tensor([[31800, 31900, 31750, 31872, 31999, 31744, 31810, 2]])
+    sequence = torch.cat([input_ids, targets], dim=1)
+    labels = torch.full_like(sequence, -100)
+    labels[:, -8:] = targets
+    with torch.no_grad():
+        output = policy.model(sequence, pixel_values, labels=labels)
+        full = policy.model(sequence, pixel_values).logits[0]
+    assert output.logits.shape == (8, full.shape[-1]) and output.targets.tolist() == targets[0].tolist()
+    expected = torch.nn.functional.cross_entropy(full[-9:-1].float(), targets[0])
+    torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output.logits, full[-9:-1], rtol=1e-5, atol=1e-4)

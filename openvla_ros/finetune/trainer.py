@@ -43,7 +43,7 @@ from openvla_ros.finetune.data import (
     sample_rng,
 )
 from openvla_ros.loading import load_model, load_tokenizer, resolve_checkpoint_dir, save_checkpoint
-from openvla_ros.modeling_openvla import IGNORE_INDEX, OpenVLAForActionPrediction
+from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
 from openvla_ros.policy import attach_adapter
 
 logger = logging.getLogger(__name__)
@@ -163,21 +163,18 @@ class BatchMetrics:
         }
 
 
-def update_metrics(metrics: BatchMetrics, logits: torch.Tensor, labels: torch.Tensor, loss: float,
+def update_metrics(metrics: BatchMetrics, logits: torch.Tensor, targets: torch.Tensor, loss: float,
                    samples: SampleBuilder) -> None:
-    """Adds one batch: ``labels`` are over input_ids; logits include the image patches."""
-    num_patches = logits.shape[1] - labels.shape[1]
-    full = torch.cat([labels[:, :1], labels.new_full((labels.shape[0], num_patches), IGNORE_INDEX), labels[:, 1:]], 1)
-    predicted = logits[:, :-1].argmax(dim=-1)
-    gold = full[:, 1:]
+    """Adds one batch from the labelled-position ``logits`` [N, V] and ``targets`` [N] of the model."""
+    predicted = logits.argmax(dim=-1)
     first, last = samples.action_tokenizer.first_action_id, samples.action_tokenizer.last_action_id
-    mask = (gold >= first) & (gold <= last)
+    mask = (targets >= first) & (targets <= last)
     metrics.loss_sum += loss
     metrics.batches += 1
-    metrics.correct += int((predicted[mask] == gold[mask]).sum())
+    metrics.correct += int((predicted[mask] == targets[mask]).sum())
     metrics.tokens += int(mask.sum())
     predicted_ids = predicted[mask].view(-1, ACTION_DIM).cpu().numpy()
-    gold_ids = gold[mask].view(-1, ACTION_DIM).cpu().numpy()
+    gold_ids = targets[mask].view(-1, ACTION_DIM).cpu().numpy()
     predicted_norm = samples.action_tokenizer.decode(predicted_ids)
     gold_norm = samples.action_tokenizer.decode(gold_ids)
     metrics.l1_normalized.append(float(np.abs(predicted_norm - gold_norm).mean()))
@@ -265,8 +262,7 @@ class Trainer:
                     batch = self._batch(self.step, micro)
                     output = self.forward_model(**batch)
                     (output.loss / config.grad_accumulation_steps).backward()
-                    update_metrics(window, output.logits.detach().float(), batch["labels"], output.loss.item(),
-                                   self.samples)
+                    update_metrics(window, output.logits.detach(), output.targets, output.loss.item(), self.samples)
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
                 self.optimizer.step()
@@ -321,7 +317,7 @@ class Trainer:
             samples = [self.eval_samples(frame, None) for frame in self.val_frames[start:start + size]]
             batch = {key: value.to(self.device) for key, value in collate(samples, self.pad_token_id).items()}
             output = self.model(**batch)
-            update_metrics(metrics, output.logits.float(), batch["labels"], float(output.loss), self.eval_samples)
+            update_metrics(metrics, output.logits, output.targets, float(output.loss), self.eval_samples)
         self.model.train()
         return metrics.summary()
 
@@ -409,6 +405,8 @@ class Trainer:
         if merged_dir.exists():
             shutil.rmtree(merged_dir)
         save_checkpoint(merged, merged_dir, tokenizer=self.tokenizer)
+        # as the official fine-tuning does: the run's own statistics beside the model
+        (merged_dir / "dataset_statistics.json").write_text(json.dumps(statistics, indent=2))
 
 
 def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
