@@ -66,7 +66,7 @@ class PipelineSettings:
     episodes: int = 40
     eval_episodes: int = 10
     node_episodes: int = 1
-    steps: int = 150
+    steps: int = 600
     batch_size: int = 8
     learning_rate: float = 3e-3
     lora_rank: int = 32
