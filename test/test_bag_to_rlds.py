@@ -381,6 +381,29 @@ def _copy_bag(recording: DemoRecording, target: Path) -> Path:
     return target
 
 
+def test_each_frame_gets_its_own_jpeg_when_frames_are_freed(small_bag: DemoRecording) -> None:
+    """Frames are freed as conversion goes on; a later frame must never get an earlier frame's JPEG."""
+    import io
+
+    from PIL import Image
+
+    from openvla_ros.dataset.bag_reader import DemoBag
+    from openvla_ros.dataset.converter import FrameEncoder
+
+    config = ConversionConfig(topics=TopicConfig(image="/camera/image_raw", action="/teleop/action",
+                                                 instruction="/instruction"))
+    futures = []
+    with DemoBag(small_bag.path, config) as bag, FrameEncoder(config, workers=1) as encoder:
+        for _, stream, value in bag.messages():
+            if stream.camera_key:
+                futures.append(encoder.submit(bag, stream.camera_key, value))
+                futures[-1].result()  # the encoder caught up, as it does whenever the bag reads slower
+            del value  # nothing else holds the frame: its memory (and id) is free for the next one
+        codes = [frame_index(np.asarray(Image.open(io.BytesIO(future.result())))) for future in futures]
+    assert len(codes) > 30
+    assert codes == list(range(len(codes))), "a frame was stored with another frame's image"
+
+
 def test_missing_topic_lists_the_bags_topics(tmp_path: Path, small_bag: DemoRecording) -> None:
     config = ConversionConfig(topics=TopicConfig(image="/camera/color/image_raw", action="/teleop/action",
                                                  instruction="/instruction"))

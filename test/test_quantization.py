@@ -91,7 +91,8 @@ def test_lora_adapter_merged_equals_unmerged_and_changes_the_model(
     for seed in range(4):
         image = _image(seed)
         merged_logits, unmerged_logits = _action_logits(merged, image), _action_logits(unmerged, image)
-        assert (merged_logits - unmerged_logits).abs().max() <= 1e-5 * merged_logits.abs().max() + 1e-4
+        # fp32 rounding differs between W + BA and W x + B(A x); the adapter's effect is 100x larger (below)
+        assert (merged_logits - unmerged_logits).abs().max() <= 1e-4 * merged_logits.abs().max() + 1e-4
         np.testing.assert_array_equal(merged.predict_action(image, INSTRUCTION), unmerged.predict_action(image, INSTRUCTION))
         base_logits = _action_logits(full_precision, image)
         changed += bool((merged_logits - base_logits).abs().max() > 1e-2 * base_logits.abs().max())

@@ -80,7 +80,9 @@ class FrameEncoder:
         self._transform = ImageTransform(image_size=config.image_size)
         self._quality = config.jpeg_quality
         self._sizes: dict[str, tuple[int, int, str]] = {}
-        self._last: dict[str, tuple[int, Future]] = {}
+        # The newest frame submitted per camera and its future. The frame object itself is kept (not its
+        # id()): a freed frame's id can be reused by a later frame, which must not get the old JPEG.
+        self._last: dict[str, tuple[RawFrame, Future]] = {}
         self._workers = workers or min(4, os.cpu_count() or 1)
         self._max_pending = max_pending
         self._pending: deque[Future] = deque()
@@ -102,13 +104,13 @@ class FrameEncoder:
         camera's first frame.
         """
         cached = self._last.get(key)
-        if cached is not None and cached[0] == id(frame):
+        if cached is not None and cached[0] is frame:
             return cached[1]
         while len(self._pending) >= self._max_pending:  # bounded memory: wait for the oldest frame
             self._pending.popleft().result()
         future = self._pool.submit(self._encode, bag, key, frame)
         self._pending.append(future)
-        self._last[key] = (id(frame), future)
+        self._last[key] = (frame, future)
         return future
 
     def _encode(self, bag: DemoBag, key: str, frame: RawFrame) -> bytes:
