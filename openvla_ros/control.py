@@ -228,6 +228,14 @@ class LatestSlot(Generic[JobT]):
             self._taken = True
             return self._value
 
+    def take_new(self) -> JobT | None:
+        """Returns the newest value and marks it used, or None when it was already taken (or never put)."""
+        with self._lock:
+            if self._taken:
+                return None
+            self._taken = True
+            return self._value
+
     def clear(self) -> None:
         with self._lock:
             self._value = None

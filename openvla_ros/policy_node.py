@@ -245,6 +245,7 @@ class Step:
     instruction: str
     tick_ns: int
     settings: ControlSettings
+    stop_count: int  # the node's stop count when the step started: a stop since then voids it
 
 
 class PolicyNode(LifecycleNode):
@@ -264,6 +265,7 @@ class PolicyNode(LifecycleNode):
         self._instruction: str | None = None
         self._enabled = False
         self._output_live = False
+        self._stop_count = 0
         self._last_gripper = math.nan
         self._control_timer = None
         self._subscriptions_in_use: list[Any] = []
@@ -271,8 +273,10 @@ class PolicyNode(LifecycleNode):
         self._latency_ms = LatencyStats()
         self._model_ms = LatencyStats()
         self._skipped_ticks = 0
+        self._ticks_without_new_frame = 0
         self._steps = 0
 
+        self.add_pre_set_parameters_callback(self._whole_numbers_as_floats)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
         for spec in PARAMETERS:
@@ -294,7 +298,16 @@ class PolicyNode(LifecycleNode):
         return bool(self._values["autostart"])
 
     def _declare(self, spec: ParameterSpec) -> None:
-        """Declares one parameter; an invalid start-up value is logged and replaced by the default."""
+        """Declares one parameter; an invalid start-up value is logged and replaced by the default.
+
+        A whole number given for a floating-point parameter (``rate_hz: 10`` in YAML, ``-p
+        max_translation:=0``) is taken as that float rather than rejected for its type.
+        """
+        if isinstance(spec.default, float):
+            # rclpy keeps the start-up overrides here and types ``10`` as an integer.
+            override = self._parameter_overrides.get(spec.name)
+            if override is not None and override.type_ == Parameter.Type.INTEGER:
+                self._parameter_overrides[spec.name] = Parameter(spec.name, value=float(override.value))
         try:
             self.declare_parameter(spec.name, spec.default, spec.descriptor())
         except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
@@ -303,6 +316,25 @@ class PolicyNode(LifecycleNode):
             )
             self._problems.report(f"parameter:{spec.name}", f"start-up value rejected: {exc}")
             self.declare_parameter(spec.name, spec.default, spec.descriptor(), ignore_override=True)
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        """Sets parameters at run time (the parameter services call this); logs a rejection with its reason."""
+        result = super().set_parameters_atomically(parameter_list)
+        if not result.successful:
+            names = ", ".join(parameter.name for parameter in parameter_list)
+            self.get_logger().error(f"parameter change rejected ({names}): {result.reason}")
+        return result
+
+    @staticmethod
+    def _whole_numbers_as_floats(parameters: list[Parameter]) -> list[Parameter]:
+        """Takes ``ros2 param set ... rate_hz 10`` (an integer) as 10.0 for floating-point parameters."""
+        converted = []
+        for parameter in parameters:
+            spec = _SPECS.get(parameter.name)
+            if spec is not None and isinstance(spec.default, float) and parameter.type_ == Parameter.Type.INTEGER:
+                parameter = Parameter(parameter.name, value=float(parameter.value))
+            converted.append(parameter)
+        return converted
 
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Rejects enum values outside their choices and control settings that do not validate."""
@@ -555,6 +587,19 @@ class PolicyNode(LifecycleNode):
             return
         self._resolve("no_image")
         age_s = (now_ns - frame.stamp_ns) / 1e9
+        if age_s < -settings.max_image_age_s:
+            # A stamp from the future cannot be judged fresh: the camera's clock and the node's disagree
+            # (or use_sim_time is set and /clock is not running yet).
+            self._report(
+                "clock_mismatch",
+                "camera image stamps are ahead of the node's clock by more than max_image_age_s; output "
+                "stopped (synchronise the clocks, or check use_sim_time and /clock)",
+                detail=f"newest image is {-age_s:.2f} s in the future",
+            )
+            self._stop_output("image stamps ahead of the clock")
+            return
+        if self._resolve("clock_mismatch"):
+            self.get_logger().info("image stamps agree with the node's clock again")
         if age_s > settings.max_image_age_s:
             self._report(
                 "stale_image",
@@ -566,8 +611,16 @@ class PolicyNode(LifecycleNode):
             return
         if self._resolve("stale_image"):
             self.get_logger().info("fresh images again; output resumes")
-        frame = self._frames.take() or frame
-        if not worker.submit(Step(frame, instruction, now_ns, settings)):
+        if worker.busy:  # the previous step overran: skip this tick rather than queue work
+            self._skipped_ticks += 1
+            return
+        frame = self._frames.take_new()
+        if frame is None:  # no frame since the last step: a second delta from the same image would double it
+            self._ticks_without_new_frame += 1
+            return
+        with self._lock:
+            stop_count = self._stop_count
+        if not worker.submit(Step(frame, instruction, now_ns, settings, stop_count)):
             self._skipped_ticks += 1
 
     def _run_step(self, step: Step) -> None:
@@ -602,8 +655,13 @@ class PolicyNode(LifecycleNode):
         self._resolve("inference", "inference works again")
         self._resolve("non_finite")
         with self._lock:
-            if not self._enabled or self._control_timer is None or self._instruction != step.instruction:
-                return  # disabled, deactivated or re-instructed while the model ran
+            if (
+                not self._enabled
+                or self._control_timer is None
+                or self._instruction != step.instruction
+                or self._stop_count != step.stop_count
+            ):
+                return  # disabled, deactivated, re-instructed or stopped (stale camera...) while the model ran
             self._publish_action(limited, gripper, step)
             self._output_live = True
             self._last_gripper = float(limited[GRIPPER_INDEX])
@@ -634,8 +692,12 @@ class PolicyNode(LifecycleNode):
         self._gripper_pub.publish(Float64(data=float(gripper)))
 
     def _stop_output(self, reason: str) -> None:
-        """Publishes one zero delta (gripper held) if actions were being published, then stays silent."""
+        """Publishes one zero delta (gripper held) if actions were being published, then stays silent.
+
+        Also voids any step still running, so nothing it computed is published after the zero delta.
+        """
         with self._lock:
+            self._stop_count += 1
             if not self._output_live:
                 return
             self._output_live = False
@@ -733,6 +795,7 @@ class PolicyNode(LifecycleNode):
             "image_to_action_latency_ms_median": f"{self._latency_ms.percentile(50):.1f}",
             "dropped_frames": str(self._frames.dropped),
             "skipped_ticks": str(self._skipped_ticks),
+            "ticks_without_new_frame": str(self._ticks_without_new_frame),
             "steps": str(self._steps),
             "image_errors": str(self._problems.count("image")),
             "inference_errors": str(self._problems.count("inference")),

@@ -27,9 +27,11 @@ import cv2
 import numpy as np
 import pytest
 import rclpy  # noqa: E402  (imported after the DDS isolation variables are set)
+import rclpy.duration  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from geometry_msgs.msg import TwistStamped  # noqa: E402
-from lifecycle_msgs.srv import GetState  # noqa: E402
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from rcl_interfaces.srv import GetParameters, SetParameters  # noqa: E402
 from rclpy.parameter import Parameter, parameter_value_to_python  # noqa: E402
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
@@ -112,17 +114,23 @@ class Received:
 
 
 class Camera:
-    """Publishes a constant test image at 30 Hz with fresh stamps; ``mode`` selects what is sent."""
+    """Publishes a constant test image (30 Hz by default) with fresh stamps; ``mode`` selects what is sent.
 
-    def __init__(self, node: rclpy.node.Node, topic: str, compressed: bool = False) -> None:
+    ``stamp_offset_s`` shifts the stamps from the publisher's clock (a camera whose clock is ahead).
+    """
+
+    def __init__(
+        self, node: rclpy.node.Node, topic: str, compressed: bool = False, hz: float = CAMERA_HZ
+    ) -> None:
         self.node = node
         self.compressed = compressed
         self.mode = "stopped"
+        self.stamp_offset_s = 0.0
         self.stamps: set[tuple[int, int]] = set()
         self.pixels = np.random.default_rng(1).integers(0, 256, size=IMAGE_SHAPE, dtype=np.uint8)
         message_type = CompressedImage if compressed else Image
         self.publisher = node.create_publisher(message_type, topic, SENSOR_QOS)
-        self.timer = node.create_timer(1.0 / CAMERA_HZ, self._publish)
+        self.timer = node.create_timer(1.0 / hz, self._publish)
         ok, jpeg = cv2.imencode(".jpg", self.pixels)
         assert ok
         self.jpeg = jpeg.tobytes()
@@ -130,7 +138,8 @@ class Camera:
     def _publish(self) -> None:
         if self.mode == "stopped":
             return
-        stamp = self.node.get_clock().now().to_msg()
+        now = self.node.get_clock().now()
+        stamp = (now + rclpy.duration.Duration(nanoseconds=int(self.stamp_offset_s * 1e9))).to_msg()
         if self.compressed:
             message = CompressedImage(format="jpeg")
             message.data = self.jpeg if self.mode == "good" else b"\xff\xd8\xff\xe0 this is not a jpeg"
@@ -153,11 +162,17 @@ class Driver:
     """The test side: publishers, subscriptions and service clients for one policy node."""
 
     def __init__(
-        self, node: rclpy.node.Node, name: str, image_topic: str, instruction_topic: str, compressed: bool
+        self,
+        node: rclpy.node.Node,
+        name: str,
+        image_topic: str,
+        instruction_topic: str,
+        compressed: bool,
+        camera_hz: float = CAMERA_HZ,
     ):
         self.node = node
         self.name = name
-        self.camera = Camera(node, image_topic + ("/compressed" if compressed else ""), compressed)
+        self.camera = Camera(node, image_topic + ("/compressed" if compressed else ""), compressed, camera_hz)
         self.instruction_pub = node.create_publisher(String, instruction_topic, LATCHED_QOS)
         self.actions, self.twists, self.grippers = Received(), Received(), Received()
         node.create_subscription(Float64MultiArray, f"/{name}/action", self.actions.add, 50)
@@ -165,6 +180,7 @@ class Driver:
         node.create_subscription(Float64, f"/{name}/gripper", self.grippers.add, 50)
         self.enable_client = node.create_client(SetBool, f"/{name}/enable")
         self.state_client = node.create_client(GetState, f"/{name}/get_state")
+        self.change_state_client = node.create_client(ChangeState, f"/{name}/change_state")
         self.get_params_client = node.create_client(GetParameters, f"/{name}/get_parameters")
         self.set_params_client = node.create_client(SetParameters, f"/{name}/set_parameters")
 
@@ -182,6 +198,10 @@ class Driver:
 
     def state(self) -> str:
         return self.call(self.state_client, GetState.Request()).current_state.label
+
+    def transition(self, transition_id: int, timeout_s: float = 60.0) -> bool:
+        request = ChangeState.Request(transition=Transition(id=transition_id))
+        return self.call(self.change_state_client, request, timeout_s).success
 
     def get(self, *names: str) -> list[Any]:
         response = self.call(self.get_params_client, GetParameters.Request(names=list(names)))
@@ -239,7 +259,25 @@ def nodes(
         .replace('frame_id: "base_link"', 'frame_id: "tool0"')
         .replace("max_rotation: 0.25", "max_rotation: 0.2")
     )
+    # The managed node starts unconfigured (autostart false) from a file that writes floats as integers.
+    managed_params = log_dir / "managed.yaml"
+    managed_params.write_text(
+        PARAMS_FILE.read_text()
+        .replace("/**/openvla_policy:", "/**/policy_managed:")
+        .replace("autostart: true", "autostart: false")
+        .replace("rate_hz: 5.0", "rate_hz: 10")
+        .replace("max_translation: 0.05", "max_translation: 0")
+    )
     started = {
+        "policy_managed": start_node(
+            "policy_managed",
+            log_dir,
+            f"model:={tiny_checkpoint}",
+            "cpu_threads:=1",
+            "image_topic:=/managed_camera/image",
+            "instruction_topic:=/managed_instruction",
+            params_file=managed_params,
+        ),
         "openvla_policy": start_node(
             "openvla_policy", log_dir, f"model:={tiny_checkpoint}", "cpu_threads:=1"
         ),
@@ -425,6 +463,30 @@ def test_invalid_parameters_are_rejected_with_a_reason(
     assert main_driver.get("rate_hz", "gripper_mode") == [5.0, "raw"], "rejected values must not apply"
 
 
+def test_rejected_parameter_changes_are_logged_with_the_reason(
+    main_driver: Driver, nodes: dict[str, NodeProcess]
+) -> None:
+    (result,) = main_driver.set(max_image_age_s=60.0)
+    assert not result.successful
+    wait_until(
+        lambda: "parameter change rejected (max_image_age_s)" in nodes["openvla_policy"].log(),
+        5.0,
+        "the rejection in the node's log",
+    )
+    line = next(
+        line
+        for line in nodes["openvla_policy"].log().splitlines()
+        if "parameter change rejected (max_image_age_s)" in line
+    )
+    assert result.reason in line
+
+
+def test_whole_numbers_set_at_run_time_are_taken_as_floats(main_driver: Driver) -> None:
+    (result,) = main_driver.set(rate_hz=5)
+    assert result.successful, result.reason
+    assert main_driver.get("rate_hz") == [5.0]
+
+
 def test_watchdog_sends_one_zero_delta_when_the_camera_stops(main_driver: Driver) -> None:
     main_driver.wait_for_actions(1)
     stopped = time.monotonic()
@@ -529,6 +591,86 @@ def test_compressed_transport_survives_corrupt_jpeg_and_recovers(
     driver.camera.mode = "stopped"
 
 
+@pytest.fixture(scope="module")
+def managed_driver(nodes: dict[str, NodeProcess], ros_node: rclpy.node.Node) -> Driver:
+    driver = Driver(ros_node, "policy_managed", "/managed_camera/image", "/managed_instruction", False)
+    driver.wait_ready()
+    return driver
+
+
+def _zero_deltas_then_silence(driver: Driver, since: float) -> None:
+    after = driver.twists.since(since)
+    assert after and is_zero(after[-1][1]), "the last message must be a zero delta"
+    assert sum(is_zero(twist) for _, twist in after) == 1, "exactly one zero delta"
+    assert driver.silent_for(0.8) == []
+
+
+def test_managed_node_runs_the_whole_lifecycle_through_its_services(managed_driver: Driver) -> None:
+    driver = managed_driver
+    assert driver.state() == "unconfigured", "autostart: false must leave the node unconfigured"
+    assert driver.get("rate_hz", "max_translation") == [10.0, 0.0], "10 and 0 in YAML are 10.0 and 0.0"
+    assert driver.transition(Transition.TRANSITION_CONFIGURE)
+    assert driver.state() == "inactive"
+    response = driver.enable(True)
+    assert not response.success and "inactive" in response.message
+    assert driver.transition(Transition.TRANSITION_ACTIVATE)
+    assert driver.state() == "active"
+    wait_until(lambda: driver.camera.publisher.get_subscription_count() > 0, 30, "the image subscription")
+    driver.camera.mode = "good"
+    driver.instruct(INSTRUCTION)
+    assert driver.enable(True).success
+    first = driver.wait_for_actions(2)
+    time.sleep(2.2)
+    assert rate_over(driver.twists, first, 2.0) == pytest.approx(10.0, rel=0.10)
+    actions = np.array([action.data for _, action in driver.actions.since(first)])
+    assert np.all(actions[:, :3] == 0.0), "max_translation: 0 must hold every translation at zero"
+    assert np.any(actions[:, 3:6] != 0.0)
+
+    deactivated = time.monotonic()
+    assert driver.transition(Transition.TRANSITION_DEACTIVATE)
+    assert driver.state() == "inactive"
+    _zero_deltas_then_silence(driver, deactivated)
+
+    assert driver.transition(Transition.TRANSITION_CLEANUP)
+    assert driver.state() == "unconfigured"
+    assert driver.transition(Transition.TRANSITION_CONFIGURE), "configure after cleanup reloads the model"
+    assert driver.transition(Transition.TRANSITION_ACTIVATE)
+    assert driver.enable(True).success
+    driver.wait_for_actions(3, timeout_s=15.0)
+
+
+def test_image_stamps_ahead_of_the_clock_stop_output(
+    managed_driver: Driver, nodes: dict[str, NodeProcess]
+) -> None:
+    driver = managed_driver
+    driver.wait_for_actions(1)
+    shifted = time.monotonic()
+    driver.camera.stamp_offset_s = 5.0
+    time.sleep(1.0)
+    _zero_deltas_then_silence(driver, shifted)
+    assert "stamps are ahead of the node's clock" in nodes["policy_managed"].log()
+    driver.camera.stamp_offset_s = 0.0
+    driver.wait_for_actions(2, timeout_s=5.0)
+
+
+def test_a_slow_camera_gives_one_action_per_frame(managed_driver: Driver, ros_node: rclpy.node.Node) -> None:
+    driver = managed_driver
+    slow = Camera(ros_node, "/managed_camera/image", hz=3.0)
+    driver.camera.mode = "stopped"
+    slow.mode = "good"
+    try:
+        start = time.monotonic()
+        time.sleep(3.0)
+        twists = [twist for _, twist in driver.twists.since(start)]
+        stamps = [(twist.header.stamp.sec, twist.header.stamp.nanosec) for twist in twists]
+        assert 5 <= len(twists) <= 11, f"{len(twists)} actions from a 3 Hz camera in 3 s at 10 Hz control"
+        assert len(set(stamps)) == len(stamps), "a frame was used for two steps (its delta applied twice)"
+    finally:
+        slow.mode = "stopped"
+        ros_node.destroy_timer(slow.timer)
+        driver.camera.mode = "good"
+
+
 def test_a_model_that_fails_to_load_leaves_the_node_running_unconfigured(
     nodes: dict[str, NodeProcess], ros_node: rclpy.node.Node, diagnostics: Received
 ) -> None:
@@ -603,3 +745,26 @@ def test_launch_description_builds_where_launch_is_installed() -> None:
     description = launch_module.generate_launch_description()
     names = {argument.name for argument in description.get_launch_arguments()}
     assert names == LAUNCH_ARGUMENTS
+
+
+def _policy_launch_module():
+    """Returns the policy launch file as a module (its `launch` imports happen only when it builds)."""
+    loader_spec = importlib.util.spec_from_file_location("policy_launch_file", LAUNCH_FILE)
+    assert loader_spec is not None and loader_spec.loader is not None
+    module = importlib.util.module_from_spec(loader_spec)
+    loader_spec.loader.exec_module(module)
+    return module
+
+
+def test_launch_arguments_override_the_parameter_file_only_when_given() -> None:
+    parameter_overrides = _policy_launch_module().parameter_overrides
+    defaults = {name: default for name, default, _ in _policy_launch_module().LAUNCH_ARGUMENTS}
+    assert parameter_overrides(defaults) == {"use_sim_time": False}, "defaults must keep the file's values"
+    given = dict(defaults, model="openvla/openvla-7b", quantization="4bit", unnorm_key="bridge_orig",
+                 image_topic="/wrist/image", instruction_topic="/task", rate_hz="10", use_sim_time="true")
+    assert parameter_overrides(given) == {
+        "model": "openvla/openvla-7b", "quantization": "4bit", "unnorm_key": "bridge_orig",
+        "image_topic": "/wrist/image", "instruction_topic": "/task", "rate_hz": 10.0, "use_sim_time": True,
+    }
+    with pytest.raises(ValueError, match="rate_hz must be a number of Hz, got 'fast'"):
+        parameter_overrides(dict(defaults, rate_hz="fast"))
