@@ -4,8 +4,8 @@ A pure conversion library in the spirit of cv_bridge: functions take a message a
 C-contiguous ``uint8`` array of shape ``(height, width, 3)`` in RGB order, or raise
 :class:`ImageConversionError` saying what is wrong with the message.
 
-Raw images are converted with the ROS install's ``cv_bridge`` when it can be imported and with numpy
-otherwise; both give the same pixels (the numpy path validates first, so both reject the same
+Raw images are converted with the ROS install's ``cv_bridge`` when it imports and passes a self-check,
+and with numpy otherwise; both give the same pixels (the numpy path validates first, so both reject the same
 messages). Compressed images are decoded with OpenCV (JPEG, PNG and anything else ``cv2.imdecode``
 reads), as ``image_transport``'s compressed plugin does.
 """
@@ -37,19 +37,55 @@ class ImageConversionError(ImageError):
 
 
 def cv_bridge_available() -> bool:
-    """Returns True when the ROS install's cv_bridge can be imported (checked once, lazily)."""
+    """Returns True when the ROS install's cv_bridge imports and converts correctly (checked once, lazily).
+
+    A cv_bridge that imports but gives wrong pixels (PyPI's ROS 1 port fails with numpy 2) is not
+    used: conversions fall back to numpy and :func:`cv_bridge_status` says why.
+    """
     return _cv_bridge() is not None
+
+
+def cv_bridge_status() -> str:
+    """Returns ``"in use"``, or why raw images are converted with numpy instead of cv_bridge."""
+    _cv_bridge()
+    return _cv_bridge_state["status"]
 
 
 def _cv_bridge() -> Any | None:
     if "bridge" not in _cv_bridge_state:
+        _cv_bridge_state["bridge"] = None
         try:
             from cv_bridge import CvBridge
+
+            bridge = CvBridge()
         except ImportError:
-            _cv_bridge_state["bridge"] = None
+            _cv_bridge_state["status"] = "cv_bridge is not installed"
+        except Exception as exc:  # a broken install can fail in any way at import time
+            _cv_bridge_state["status"] = f"cv_bridge failed to load ({type(exc).__name__}: {exc})"
         else:
-            _cv_bridge_state["bridge"] = CvBridge()
+            problem = _cv_bridge_self_check(bridge)
+            _cv_bridge_state["status"] = problem or "in use"
+            if problem is None:
+                _cv_bridge_state["bridge"] = bridge
     return _cv_bridge_state["bridge"]
+
+
+def _cv_bridge_self_check(bridge: Any) -> str | None:
+    """Converts small known images with ``bridge``; returns None when it agrees with numpy, else why not."""
+    from sensor_msgs.msg import Image
+
+    pixels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    for encoding, channels in (("bgr8", 3), ("rgba8", 4), ("mono8", 1)):
+        data = pixels[:, :, :channels]
+        msg = Image(height=2, width=3, encoding=encoding, step=3 * channels, data=data.tobytes())
+        try:
+            converted = np.asarray(bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8"))
+        except Exception as exc:
+            return f"cv_bridge failed a self-check on {encoding} ({type(exc).__name__}: {exc})"
+        expected = _rows_to_rgb(data.reshape(2, -1), 3, encoding)
+        if converted.shape != expected.shape or not np.array_equal(converted, expected):
+            return f"cv_bridge converts {encoding} wrongly (a ROS 1 port or a numpy mismatch)"
+    return None
 
 
 def image_to_rgb(msg: Any, *, backend: str = "auto") -> np.ndarray:
@@ -70,7 +106,7 @@ def image_to_rgb(msg: Any, *, backend: str = "auto") -> np.ndarray:
     rows = _validated_rows(msg)
     bridge = _cv_bridge() if backend in ("auto", "cv_bridge") else None
     if backend == "cv_bridge" and bridge is None:
-        raise ImageConversionError("backend 'cv_bridge' requested but cv_bridge is not importable")
+        raise ImageConversionError(f"backend 'cv_bridge' requested but cv_bridge is not usable: {cv_bridge_status()}")
     if bridge is not None:
         try:
             converted = bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8")

@@ -6,6 +6,8 @@ References: an RGB array built independently of the code under test, rosbags-ima
 
 from __future__ import annotations
 
+import sys
+
 import cv2
 import numpy as np
 import pytest
@@ -97,7 +99,7 @@ def test_auto_backend_equals_numpy_backend(rgb: np.ndarray) -> None:
 def test_cv_bridge_backend_without_cv_bridge_is_a_clear_error(rgb: np.ndarray) -> None:
     if cv_bridge_available():
         pytest.skip("cv_bridge is importable here")
-    with pytest.raises(ImageConversionError, match="cv_bridge is not importable"):
+    with pytest.raises(ImageConversionError, match="cv_bridge is not usable"):
         image_to_rgb(encode(rgb, "rgb8"), backend="cv_bridge")
     with pytest.raises(ValueError, match="backend must be one of"):
         image_to_rgb(encode(rgb, "rgb8"), backend="pil")
@@ -181,3 +183,22 @@ def test_grey_png_is_replicated_to_rgb(rgb: np.ndarray) -> None:
 def test_corrupt_compressed_images_are_rejected(data: bytes) -> None:
     with pytest.raises(ImageConversionError, match="no data|could not decode"):
         compressed_image_to_rgb(compressed(data, "jpeg"))
+
+
+def test_a_cv_bridge_that_converts_wrongly_is_not_used(rgb: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyPI's ROS 1 cv_bridge port imports but fails with numpy 2: the numpy path must take over."""
+    import types
+
+    from openvla_ros import ros_conversions
+
+    class SwappedChannelsBridge:  # what a broken port does: hands back the raw channel order
+        def imgmsg_to_cv2(self, msg, desired_encoding="passthrough"):
+            return np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, -1)
+
+    monkeypatch.setitem(sys.modules, "cv_bridge", types.SimpleNamespace(CvBridge=SwappedChannelsBridge))
+    monkeypatch.setattr(ros_conversions, "_cv_bridge_state", {})
+    assert not cv_bridge_available()
+    assert "converts bgr8 wrongly" in ros_conversions.cv_bridge_status()
+    np.testing.assert_array_equal(image_to_rgb(encode(rgb, "bgr8")), rgb)
+    with pytest.raises(ImageConversionError, match="not usable: cv_bridge converts bgr8 wrongly"):
+        image_to_rgb(encode(rgb, "bgr8"), backend="cv_bridge")
