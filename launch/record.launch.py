@@ -10,6 +10,7 @@ mcap unless ``storage`` says otherwise. Stop with Ctrl-C; then convert with
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from launch import LaunchContext, LaunchDescription
 
 PACKAGE = "openvla_ros"
 STORAGE_PLUGINS = ("mcap", "sqlite3")
+# Distributions whose `ros2 bag record` takes topics only as positional arguments; later ones take
+# `--topics` (positional topics are deprecated in Kilted and gone after it).
+POSITIONAL_TOPIC_DISTROS = ("foxy", "galactic", "humble", "iron")
 
 # (name, default, description); an empty default takes the value from the config file.
 LAUNCH_ARGUMENTS = (
@@ -30,8 +34,11 @@ LAUNCH_ARGUMENTS = (
 )
 
 
-def record_command(config: dict, output_dir: str, episode: str, storage: str) -> list[str]:
+def record_command(config: dict, output_dir: str, episode: str, storage: str, distro: str = "") -> list[str]:
     """Returns the ``ros2 bag record`` command line for a parsed config file.
+
+    ``distro`` is the ROS distribution (``$ROS_DISTRO``): Humble and older get the topics as positional
+    arguments, newer ones after ``--topics``.
 
     Raises:
         ValueError: for an unknown storage plugin or a config without an image or action topic.
@@ -50,6 +57,8 @@ def record_command(config: dict, output_dir: str, episode: str, storage: str) ->
     if duration > 0:
         command += ["--max-bag-duration", str(duration)]
     extra = [str(topic) for topic in record.get("extra_topics") or []]
+    if distro.strip().lower() not in POSITIONAL_TOPIC_DISTROS:
+        command.append("--topics")
     return command + list(dict.fromkeys(topics.recorded_topics() + extra))
 
 
@@ -64,7 +73,8 @@ def _make_recorder(context: LaunchContext) -> list:
     config_file = argument("config") or f"{get_package_share_directory(PACKAGE)}/config/record.yaml"
     with open(config_file) as stream:
         config = yaml.safe_load(stream) or {}
-    command = record_command(config, argument("output_dir"), argument("episode"), argument("storage"))
+    command = record_command(config, argument("output_dir"), argument("episode"), argument("storage"),
+                             os.environ.get("ROS_DISTRO", ""))
     return [ExecuteProcess(cmd=command, output="screen", sigterm_timeout="10")]
 
 

@@ -19,7 +19,8 @@ def _record_command_function():
     tree = ast.parse(LAUNCH_FILE.read_text())
     keep = [node for node in tree.body
             if isinstance(node, ast.FunctionDef) and node.name == "record_command" or isinstance(node, ast.Assign)]
-    module = ast.Module(body=[*ast.parse("import time\nfrom pathlib import Path").body, *keep], type_ignores=[])
+    module = ast.Module(body=[*ast.parse("import os\nimport time\nfrom pathlib import Path").body, *keep],
+                        type_ignores=[])
     namespace: dict = {}
     exec(compile(module, str(LAUNCH_FILE), "exec"), namespace)
     return namespace["record_command"]
@@ -38,13 +39,16 @@ def test_launch_file_follows_ros2_conventions() -> None:
 def test_record_command_from_the_shared_config() -> None:
     record_command = _record_command_function()
     config = yaml.safe_load(RECORD_YAML.read_text())
-    command = record_command(config, "/data/demos", "pick_cup_01", "")
+    command = record_command(config, "/data/demos", "pick_cup_01", "", "kilted")
     assert command[:7] == ["ros2", "bag", "record", "--storage", "mcap", "--output", "/data/demos/pick_cup_01"]
-    assert command[7:] == ["/camera/image_raw", "/teleop/action", "/joint_states", "/instruction"]
+    topics = ["/camera/image_raw", "/teleop/action", "/joint_states", "/instruction"]
+    assert command[7:] == ["--topics", *topics], "Kilted deprecates positional topics; later distros drop them"
+    assert record_command(config, "/data/demos", "pick_cup_01", "", "humble")[7:] == topics, "Humble has no --topics"
+    assert record_command(config, "/data/demos", "pick_cup_01", "", "")[7] == "--topics"
     config["record"].update(max_bag_duration_s=60, extra_topics=["/tf", "/instruction"])
     command = record_command(config, "", "ep", "sqlite3")
     assert command[3:7] == ["--storage", "sqlite3", "--output", "demos/ep"]
-    assert command[7:9] == ["--max-bag-duration", "60"] and command[-1] == "/tf"
+    assert command[7:10] == ["--max-bag-duration", "60", "--topics"] and command[-1] == "/tf"
     assert command.count("/instruction") == 1
     assert record_command(config, "", "", "")[6].startswith("demos/episode_")
     with pytest.raises(ValueError, match="storage must be one of mcap, sqlite3"):
