@@ -186,6 +186,20 @@ def test_qlora_4bit_gradients_are_correct_after_an_eval_forward(tiny_checkpoint:
     assert cosine > 0.9, f"4-bit LoRA gradient far from the full-precision one (cosine {cosine:.3f})"
 
 
+def test_qlora_turns_off_the_cpu_repacking_path_on_every_4bit_layer(tiny_checkpoint: Path, dataset_dir: Path,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    """On CPUs with AVX512-BF16 bitsandbytes repacks 4-bit weights after a no-grad forward, and later
+    gradients are wrong; this CPU may lack the feature, so the detection is forced on here."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    model = build_trainable_model(_config(tiny_checkpoint, dataset_dir, tmp_path / "q", quantization="4bit",
+                                          lora_rank=4), tiny_checkpoint, "cpu")
+    layers = [module for module in model.modules() if type(module).__name__ == "Linear4bit"]
+    assert len(layers) >= 14, "every linear layer of the 2-layer Llama is 4-bit"
+    assert [layer.support_avx512bf16_for_cpu for layer in layers] == [False] * len(layers)
+
+
 def test_torchrun_two_processes_train_and_write_once(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -237,6 +251,14 @@ def test_bad_datasets_and_settings(tiny_checkpoint: Path, dataset_dir: Path, tmp
     settings.write_text("data_dir: d\ndataset_name: n\nlearning_rate: 0.01\nbatch-size: 2\n")
     config = load_config(["--config", str(settings), "--batch-size", "3"])
     assert (config.learning_rate, config.batch_size, config.lora_alpha) == (0.01, 3, 16.0)
+    # YAML reads 5e-4 as a string and 8 as an int: each setting is taken as its field's type
+    settings.write_text("data_dir: d\ndataset_name: n\nlearning_rate: 5e-4\nlora_alpha: 8\nimage_aug: 'no'\n")
+    config = load_config(["--config", str(settings)])
+    assert (config.learning_rate, config.lora_alpha, config.image_aug) == (5e-4, 8.0, False)
+    assert isinstance(config.lora_alpha, float)
+    settings.write_text("data_dir: d\ndataset_name: n\nmax_steps: lots\n")
+    with pytest.raises(ValueError, match="max_steps must be an int, got 'lots'"):
+        load_config(["--config", str(settings)])
     settings.write_text("data_dir: d\ndataset_name: n\nlearning_rte: 0.01\n")
     with pytest.raises(ValueError, match="unknown setting 'learning_rte'"):
         load_config(["--config", str(settings)])

@@ -20,12 +20,20 @@ from openvla_ros.finetune.trainer import run_finetune
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    config = None
     try:
         config = load_config(argv)
         metrics = run_finetune(config)
     except (OpenVLAError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: run the same command with --resume to continue from the newest checkpoint in "
+            f"{config.out if config else 'the output directory'}/checkpoints (steps since it are lost)",
+            file=sys.stderr,
+        )
+        return 130
     print(f"done: outputs in {config.out}  last metrics: {metrics}")
     return 0
 

@@ -116,6 +116,40 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _field_kind(field: dataclasses.Field) -> str:
+    """Returns "bool", "int", "float" or "str" for a config field (``float | None`` counts as float)."""
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    for name in ("bool", "int", "float"):
+        if kind.startswith(name):
+            return name
+    return "str"
+
+
+def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
+    """Returns a YAML value as the field's type (YAML reads ``5e-4`` as a string, ``1`` as an int).
+
+    Raises:
+        ValueError: naming the field when the value cannot be read as its type.
+    """
+    kind = _field_kind(field)
+    if value is None:
+        return None
+    try:
+        if kind == "bool":
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise ValueError(f"{source}: {field.name} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}") from None
+    return str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Returns the command-line parser: one ``--option`` per config field, all defaulting to unset."""
     parser = argparse.ArgumentParser(
@@ -125,12 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML file of settings (command-line options override it)")
     for field in dataclasses.fields(FinetuneConfig):
         option = "--" + field.name.replace("_", "-")
-        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        kind = _field_kind(field)
         if kind == "bool":
             parser.add_argument(option, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL")
         elif kind == "int":
             parser.add_argument(option, type=int, default=None)
-        elif kind.startswith("float"):
+        elif kind == "float":
             parser.add_argument(option, type=float, default=None)
         else:
             parser.add_argument(option, type=str, default=None)
@@ -153,11 +187,11 @@ def load_config(argv: list[str] | None = None) -> FinetuneConfig:
         loaded = yaml.safe_load(config_path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_path} must hold a mapping of settings")
-        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        known = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
         for key, value in loaded.items():
             name = str(key).replace("-", "_")
-            if name not in names:
-                raise ValueError(f"{config_path}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
-            values[name] = value
+            if name not in known:
+                raise ValueError(f"{config_path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+            values[name] = _coerce(known[name], value, str(config_path))
     values.update({key: value for key, value in args.items() if value is not None})
     return FinetuneConfig(**values)
