@@ -351,17 +351,63 @@ def test_split_bag_reads_as_one_episode(tmp_path: Path, storage: str) -> None:
     assert report.bags[0].topics["/camera/image_raw"].count == len(whole.image_times)
 
 
-def test_metadata_version_4_bag(tmp_path: Path) -> None:
-    recording = write_demo_bag(tmp_path / "old", storage="sqlite3", duration_s=2.0, version=8, seed=7)
+def test_split_on_instruction_change_and_on_camera_gap(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    recording = write_demo_bag(tmp_path / "bag", duration_s=5.0, seed=5, camera_gap_s=(3.0, 3.7),
+                               instructions=((0.0, "pick up the red block"), (1.5, "put it on the blue block")))
+    expected = expected_steps(recording, CONFIG)["steps"]
+    for step in expected:
+        step["instruction"] = recording.instructions[newest_at_or_before(recording.instruction_times, step["time"])]
+    groups: list[list[dict]] = []
+    for step in expected:  # a new episode at each instruction change and after each stale gap
+        previous = groups[-1][-1] if groups else None
+        if (previous is None or previous["instruction"] != step["instruction"]
+                or step["time"] - previous["time"] > CONFIG.step_ns):
+            groups.append([])
+        groups[-1].append(step)
+    assert len(groups) == 3, "the recording has one instruction change and one camera gap"
+
+    config = replace(CONFIG, split_on_instruction=True, split_on_gap=True)
+    report = convert_bags([recording.path], tmp_path / "data", "split_demo", config)
+    episodes = sorted(load_episodes(tmp_path / "data", "split_demo", "train")
+                      + load_episodes(tmp_path / "data", "split_demo", "val"),
+                      key=lambda episode: episode["episode_metadata"]["start_time_ns"])
+    assert report.episodes == len(episodes) == 3
+    for episode, group in zip(episodes, groups, strict=True):
+        steps = episode_steps(episode)
+        assert [frame_index(step["observation"]["image"]) for step in steps] == [want["image"] for want in group]
+        assert {step["language_instruction"].decode() for step in steps} == {group[0]["instruction"]}
+        assert steps[0]["is_first"] and steps[-1]["is_last"] and not any(step["is_last"] for step in steps[:-1])
+
+    unsplit = convert_bags([recording.path], tmp_path / "data", "unsplit_demo", CONFIG)
+    assert unsplit.episodes == 1 and unsplit.steps == len(expected)
+
+
+# Fields each rosbag2 metadata version added (a v8 bag loses them to become an older version).
+_ADDED_IN_VERSION = {5: "files", 6: "custom_data", 7: "ros_distro"}
+
+
+@pytest.mark.parametrize(
+    ("version", "storage"),
+    [(4, "sqlite3"), (5, "sqlite3"), (6, "sqlite3"), (7, "sqlite3"), (5, "mcap"), (6, "mcap"), (7, "mcap"),
+     (8, "mcap"), (8, "sqlite3")],
+)
+def test_metadata_versions_4_to_8(tmp_path: Path, version: int, storage: str) -> None:
+    recording = write_demo_bag(tmp_path / "old", storage=storage, duration_s=2.0, version=8, seed=7)
     metadata_path = recording.path / "metadata.yaml"
     metadata = yaml.safe_load(metadata_path.read_text())
     info = metadata["rosbag2_bagfile_information"]
-    info["version"] = 4
-    for key in ("files", "custom_data", "ros_distro"):
-        info.pop(key, None)
+    assert info["version"] == 8
+    info["version"] = version
+    for added_in, key in _ADDED_IN_VERSION.items():
+        if version < added_in:
+            info.pop(key, None)
     for topic in info["topics_with_message_count"]:
-        topic["topic_metadata"].pop("type_description_hash", None)
-        topic["topic_metadata"]["offered_qos_profiles"] = ""
+        if version < 8:
+            topic["topic_metadata"].pop("type_description_hash", None)
+        if version == 4:
+            topic["topic_metadata"]["offered_qos_profiles"] = ""
     metadata_path.write_text(yaml.safe_dump(metadata))
     report = convert_bags([recording.path], tmp_path / "data", "old_demo", CONFIG)
     assert report.steps == len(expected_steps(recording, CONFIG)["steps"])
@@ -412,6 +458,55 @@ def test_missing_topic_lists_the_bags_topics(tmp_path: Path, small_bag: DemoReco
     message = str(error.value)
     assert "no topic /camera/color/image_raw" in message
     assert "/camera/image_raw (sensor_msgs/msg/Image)" in message and "/joint_states" in message
+    assert leftovers(tmp_path / "data") == []
+
+
+def _rewrite_one_message(bag: Path, topic: str, change) -> None:
+    """Deserialises the 5th message on ``topic`` in a sqlite3 bag, applies ``change`` and writes it back."""
+    import sqlite3
+
+    from rosbags.typesys import Stores, get_typestore
+
+    typestore = get_typestore(Stores.LATEST)
+    (database,) = bag.glob("*.db3")
+    with sqlite3.connect(database) as connection:
+        topic_id, msgtype = connection.execute("SELECT id, type FROM topics WHERE name = ?", (topic,)).fetchone()
+        row_id, data = connection.execute(
+            "SELECT id, data FROM messages WHERE topic_id = ? ORDER BY timestamp LIMIT 1 OFFSET 4", (topic_id,)
+        ).fetchone()
+        message = typestore.deserialize_cdr(data, msgtype)
+        change(message)
+        connection.execute("UPDATE messages SET data = ? WHERE id = ?",
+                           (bytes(typestore.serialize_cdr(message, msgtype)), row_id))
+
+
+def test_nan_action_is_an_error_naming_the_message(tmp_path: Path, small_bag: DemoRecording) -> None:
+    bag = _copy_bag(small_bag, tmp_path / "bag")
+
+    def poison(message) -> None:
+        data = np.array(message.data)
+        data[2] = np.nan
+        message.data = data
+
+    _rewrite_one_message(bag, "/teleop/action", poison)
+    with pytest.raises(DatasetError, match=r"action on /teleop/action at \d+ ns holds NaN or infinity") as error:
+        convert_bags([bag], tmp_path / "data", "x", CONFIG)
+    assert str(bag) in str(error.value)
+    assert leftovers(tmp_path / "data") == []
+
+
+def test_pose_action_without_orientation_is_an_error(tmp_path: Path) -> None:
+    recording = write_demo_bag(tmp_path / "bag", storage="sqlite3", duration_s=2.0, seed=3, action_source="pose")
+
+    def zero_quaternion(message) -> None:
+        orientation = message.pose.orientation
+        orientation.x = orientation.y = orientation.z = orientation.w = 0.0
+
+    _rewrite_one_message(recording.path, "/robot/ee_pose", zero_quaternion)
+    config = ConversionConfig(topics=TopicConfig(image="/camera/image_raw", action="/robot/ee_pose",
+                                                 gripper="/teleop/gripper", instruction="/instruction"))
+    with pytest.raises(DatasetError, match=r"pose on /robot/ee_pose at \d+ ns: quaternion .* has no valid orientation"):
+        convert_bags([recording.path], tmp_path / "data", "x", config)
     assert leftovers(tmp_path / "data") == []
 
 

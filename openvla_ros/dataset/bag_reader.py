@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from openvla_ros.dataset.alignment import ActionKind, Role, pose_to_state
+from openvla_ros.dataset.alignment import ActionKind, Role, pose_to_state, quaternion_to_matrix
 from openvla_ros.dataset.config import ConversionConfig
 from openvla_ros.errors import DatasetError, ImageError
 
@@ -252,6 +252,27 @@ class DemoBag:
             ) from exc
 
     def _value(self, stream: Stream, message: Any, time_ns: int) -> Any:
+        """Returns the decoded value of a non-camera message, rejecting NaN/inf and unusable orientations.
+
+        Raises:
+            DatasetError: naming the bag, topic and time of the bad message.
+        """
+        value = self._decoded_value(stream, message, time_ns)
+        if isinstance(value, str):
+            return value
+        if not np.all(np.isfinite(value)):
+            raise DatasetError(
+                f"bag {self.path}: {stream.role.value} on {stream.topic} at {time_ns} ns holds NaN or infinity "
+                f"({np.round(np.asarray(value, dtype=np.float64), 6).tolist()}); fix the publisher or leave this bag out"
+            )
+        if stream.msgtype == POSE_TYPE and stream.role is Role.ACTION:
+            try:
+                quaternion_to_matrix(value[3:])
+            except ValueError as exc:
+                raise DatasetError(f"bag {self.path}: pose on {stream.topic} at {time_ns} ns: {exc}") from exc
+        return value
+
+    def _decoded_value(self, stream: Stream, message: Any, time_ns: int) -> Any:
         msgtype = stream.msgtype
         if msgtype == STRING_TYPE:
             return str(message.data)
