@@ -32,6 +32,7 @@ from openvla_ros.tiny import make_tiny_checkpoint
 MODES = {
     "fp32": {"dtype": "float32", "quantization": "none"},
     "bf16": {"dtype": "bfloat16", "quantization": "none"},
+    "fp16": {"dtype": "float16", "quantization": "none"},
     "8bit": {"dtype": "auto", "quantization": "8bit"},
     "4bit": {"dtype": "auto", "quantization": "4bit"},
 }
@@ -84,9 +85,18 @@ def run(name: str, model: str, mode: str, args: argparse.Namespace) -> None:
     except OpenVLAError as exc:
         print(f"{name:<22} {mode:<5} skipped: {exc}")
         return
+    except (RuntimeError, MemoryError) as exc:  # e.g. CUDA out of memory: the other modes still run
+        print(f"{name:<22} {mode:<5} failed to load: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        _free(None, device)
+        return
     image = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
-    ours = time_steps(functools.partial(policy.predict_action, image, INSTRUCTION), args.warmup, args.steps, device)
-    plain = time_steps(plain_generate_step(policy, image), 1, max(3, args.steps // 3), device)
+    try:
+        ours = time_steps(functools.partial(policy.predict_action, image, INSTRUCTION), args.warmup, args.steps, device)
+        plain = time_steps(plain_generate_step(policy, image), 1, max(3, args.steps // 3), device)
+    except (RuntimeError, MemoryError) as exc:
+        print(f"{name:<22} {mode:<5} failed while running: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        _free(policy, device)
+        return
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if device.type == "cuda" else "     n/a"
     median = statistics.median(ours)
     print(
@@ -95,22 +105,28 @@ def run(name: str, model: str, mode: str, args: argparse.Namespace) -> None:
         f"  ratio {statistics.median(plain) / median:5.2f}x",
         flush=True,
     )
-    policy.release()
-    del policy
+    _free(policy, device)
+
+
+def _free(policy: OpenVLAPolicy | None, device: torch.device) -> None:
+    if policy is not None:
+        policy.release()
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="checkpoint dir or hub id (repeatable); default: tiny + mid")
-    parser.add_argument("--modes", default=None, help="comma list of fp32,bf16,8bit,4bit (default: all on CPU, bf16,8bit,4bit on CUDA)")
+    parser.add_argument("--modes", default=None, help="comma list of fp32,bf16,fp16,8bit,4bit (default: all on CPU, bf16,8bit,4bit on CUDA)")
     parser.add_argument("--unnorm-key", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    modes = (args.modes or ("bf16,8bit,4bit" if cuda else "fp32,bf16,8bit,4bit")).split(",")
+    modes = (args.modes or ("bf16,8bit,4bit" if cuda else "fp32,bf16,fp16,8bit,4bit")).split(",")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")

@@ -74,7 +74,8 @@ def resolve_checkpoint_dir(model: str) -> Path:
         return Path(snapshot_download(repo_id=model, allow_patterns=HUB_FILE_PATTERNS))
     except Exception as exc:  # the hub client raises many unrelated types for one cause
         raise CheckpointError(
-            f"cannot fetch {model!r} from the model hub and it is not in the local cache ({exc.__class__.__name__}: "
+            f"{model!r} is not a local directory (relative to {Path.cwd()}), and as a hub id it cannot be "
+            f"fetched from the model hub nor found in the local cache ({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); on a machine with network access run "
             f"`hf download {model}` and pass the downloaded directory (or copy the cache, HF_HOME)"
         ) from exc

@@ -79,4 +79,6 @@ def test_cli_hub_id_offline_without_cache(image_file: Path, tmp_path: Path) -> N
                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot fetch 'openvla/openvla-7b'") and "hf download openvla/openvla-7b" in last
+    assert last.startswith("error: 'openvla/openvla-7b' is not a local directory")
+    assert "cannot be fetched from the model hub" in last and "hf download openvla/openvla-7b" in last
+    assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
