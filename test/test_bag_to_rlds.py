@@ -257,6 +257,32 @@ def test_overwrite_replaces_the_dataset(tmp_path: Path, converted: dict) -> None
     assert leftovers(data_dir) == [NAME]
 
 
+def test_interrupted_overwrite_keeps_the_old_dataset(tmp_path: Path, converted: dict, monkeypatch) -> None:
+    data_dir = tmp_path / "data"
+    shutil.copytree(converted["data_dir"], data_dir)
+    before = sorted(p.name for p in (data_dir / NAME / "1.0.0").iterdir())
+    original_rename = Path.rename
+
+    def interrupted_rename(self: Path, target):
+        if "-incomplete-" in str(self) and self.name == "1.0.0":  # Ctrl-C as the new dataset moves in
+            raise KeyboardInterrupt
+        return original_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        convert_bags([converted["recordings"]["sqlite3"].path], data_dir, NAME, CONFIG, overwrite=True)
+    monkeypatch.undo()
+    assert leftovers(data_dir) == [NAME]
+    assert sorted(p.name for p in (data_dir / NAME / "1.0.0").iterdir()) == before
+    assert len(load_episodes(data_dir, NAME, "train")) + len(load_episodes(data_dir, NAME, "val")) == 2
+
+
+def test_failed_conversion_removes_the_data_dir_it_created(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError):
+        convert_bags([tmp_path / "no_such_bag"], tmp_path / "new" / "data", "x", CONFIG)
+    assert not (tmp_path / "new" / "data").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Other action sources, compressed images, split bags and old metadata.
 

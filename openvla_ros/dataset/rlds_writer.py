@@ -197,6 +197,7 @@ class RldsWriter:
         self._serializer: Any = None
         self._temp_root: Path | None = None
         self._staging: Any = None
+        self._created_data_dir = False
         self._records: list[tuple[int, int, int]] = []  # (offset, length, steps)
         self._actions: list[np.ndarray] = []
         self._states: list[np.ndarray] = []
@@ -212,6 +213,7 @@ class RldsWriter:
 
     def __enter__(self) -> RldsWriter:
         self._check_destination()
+        self._created_data_dir = not self.data_dir.exists()
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._temp_root = Path(tempfile.mkdtemp(prefix=f".{self.name}-incomplete-", dir=self.data_dir))
@@ -354,9 +356,15 @@ class RldsWriter:
     def _publish(self, build_dir: Path) -> None:
         final = self.dataset_dir
         final.parent.mkdir(parents=True, exist_ok=True)
+        replaced = self._temp_root / "replaced"
         if final.exists():
-            final.rename(self._temp_root / "replaced")
-        build_dir.rename(final)
+            final.rename(replaced)
+        try:
+            build_dir.rename(final)
+        except BaseException:  # Ctrl-C or a failed rename: put the old dataset back before leaving
+            if replaced.exists() and not final.exists():
+                replaced.rename(final)
+            raise
         shutil.rmtree(self._temp_root, ignore_errors=True)
         self._temp_root = None
 
@@ -367,3 +375,8 @@ class RldsWriter:
         if self._temp_root is not None:
             shutil.rmtree(self._temp_root, ignore_errors=True)
             self._temp_root = None
+        if self._created_data_dir:
+            try:
+                self.data_dir.rmdir()  # only when still empty: a directory this writer created
+            except OSError:
+                pass
