@@ -275,8 +275,11 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
 
     Returns the recording facts (bags, steps, expert successes, messages, megabytes).
 
+    A demonstration the expert fails is not kept (its bag is deleted and a new episode is recorded);
+    more than ``max(3, episodes // 5)`` failures end the stage.
+
     Raises:
-        PipelineError: when the sim fails, a topic never appears or an expert episode fails.
+        PipelineError: when the sim fails, a topic never appears or the expert fails too often.
     """
     from std_srvs.srv import SetBool, Trigger
 
@@ -291,13 +294,16 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
     ], log_dir, env)
     session = RosSession("pipeline_recorder")
     alive = sim.check_alive
-    facts: dict[str, Any] = {"bags": [], "expert_steps": [], "messages": 0, "topics": topics}
+    facts: dict[str, Any] = {"bags": [], "expert_steps": [], "messages": 0, "topics": topics, "expert_failures": 0}
+    max_failures = max(3, settings.episodes // 5)
+    episode = -1
     try:
-        for episode in range(settings.episodes):
+        while len(facts["bags"]) < settings.episodes:
+            episode += 1
             reset = session.call(f"/{SIM_NODE}/reset", Trigger, Trigger.Request(), 60.0, alive)
             wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode), 10.0,
                      f"the task state of episode {episode}", alive)
-            path = bags_dir / f"episode_{episode:03d}"
+            path = bags_dir / f"episode_{len(facts['bags']):03d}"
             recorder = BagRecorder(session.node, topics, path, record_settings.storage)
             recorder.start()
             try:
@@ -315,7 +321,16 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
                 summary = recorder.stop()
             state = dict(session.task_state)
             if state.get("status") != "success":
-                raise PipelineError(f"the expert failed episode {episode} ({reset.message!r}): {state}")
+                facts["expert_failures"] += 1
+                shutil.rmtree(path, ignore_errors=True)
+                print(f"  sim episode {episode}: the expert failed ({reset.message!r}, {state.get('status')}); "
+                      "not kept", flush=True)
+                if facts["expert_failures"] > max_failures:
+                    raise PipelineError(
+                        f"the expert failed {facts['expert_failures']} episodes (last: {reset.message!r}, {state}); "
+                        "the sim or the expert is broken"
+                    )
+                continue
             facts["bags"].append(str(path))
             facts["expert_steps"].append(int(state.get("steps", 0)))
             facts["messages"] += summary.message_count
@@ -752,7 +767,8 @@ def run(settings: PipelineSettings) -> Report:
     with stage(report, "convert", "converting the bags to RLDS"):
         report.dataset = convert(settings, recording["bags"], out / "data")
         report.dataset.update(bags=len(recording["bags"]), bag_megabytes=recording["megabytes"],
-                              messages=recording["messages"], expert_steps=recording["expert_steps"])
+                              messages=recording["messages"], expert_steps=recording["expert_steps"],
+                              expert_failures=recording["expert_failures"])
     with stage(report, "finetune", f"fine-tuning {settings.base} (LoRA rank {settings.lora_rank})"):
         report.training = finetune(settings, out / "data", out)
         report.files["training_curve"] = str(plot_training_curve(report.training["curve"],
