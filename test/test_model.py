@@ -216,3 +216,49 @@ def test_training_loss_at_labelled_positions_equals_full_logits_loss(policy: Ope
     expected = torch.nn.functional.cross_entropy(full[-9:-1].float(), targets[0])
     torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(output.logits, full[-9:-1], rtol=1e-5, atol=1e-4)
+
+
+def test_vision_features_come_from_the_second_to_last_block_without_final_norm(policy: OpenVLAPolicy) -> None:
+    """DINOv2 block 22 of 24 and SigLIP block 25 of 27 in the 7B: here the second-to-last of each ViT."""
+    _, pixel_values = policy.prepare_inputs(_images(1, seed=5)[0], INSTRUCTION)
+    backbone = policy.model.vision_backbone
+    second_to_last, last = [], []
+    with torch.no_grad():
+        for vit, pixels in ((backbone.featurizer, pixel_values[:, :3]), (backbone.fused_featurizer, pixel_values[:, 3:])):
+            tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels))))
+            for block in vit.blocks[:-1]:
+                tokens = block(tokens)
+            second_to_last.append(tokens[:, vit.num_prefix_tokens :])
+            last.append(vit.blocks[-1](tokens)[:, vit.num_prefix_tokens :])
+        features = backbone(pixel_values)
+    assert features.shape == (1, 256, backbone.featurizer.embed_dim + backbone.fused_featurizer.embed_dim)
+    torch.testing.assert_close(features, torch.cat(second_to_last, dim=2))
+    assert not torch.allclose(features, torch.cat(last, dim=2)), "the last block must make a difference here"
+
+
+def test_config_without_llama_defaults_gets_the_official_values(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = _copy(tiny_checkpoint, tmp_path)
+    config = json.loads((checkpoint / "config.json").read_text())
+    for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling"):
+        config["text_config"].pop(key, None)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    model = load_model(checkpoint, device="cpu")
+    text = model.config.text_config
+    assert text.rms_norm_eps == 1e-6, "OpenVLA's Llama relies on the 1e-6 default that config.json omits"
+    assert model.language_model.model.norm.variance_epsilon == 1e-6
+    from openvla_ros.configuration_openvla import rope_theta
+
+    assert rope_theta(text) == 10000.0
+
+
+def test_code_shipped_with_a_checkpoint_is_never_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = _copy(tiny_checkpoint, tmp_path)
+    marker = tmp_path / "remote_code_ran"
+    (checkpoint / "modeling_prismatic.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
+                          "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    policy = OpenVLAPolicy.from_pretrained(str(checkpoint), device="cpu")
+    assert np.all(np.isfinite(policy.predict_action(_images(1)[0], INSTRUCTION)))
+    assert not marker.exists(), "a checkpoint's Python file was executed"
