@@ -262,3 +262,22 @@ def test_bad_datasets_and_settings(tiny_checkpoint: Path, dataset_dir: Path, tmp
     settings.write_text("data_dir: d\ndataset_name: n\nlearning_rte: 0.01\n")
     with pytest.raises(ValueError, match="unknown setting 'learning_rte'"):
         load_config(["--config", str(settings)])
+
+
+def test_cli_resume_continues_a_run_from_its_newest_checkpoint(tiny_checkpoint: Path, dataset_dir: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    base = [sys.executable, str(REPO / "training" / "finetune.py"), "--vla-path", str(tiny_checkpoint),
+            "--data-dir", str(dataset_dir), "--dataset-name", NAME, "--out", str(out), "--batch-size", "1",
+            "--lora-rank", "4", "--save-steps", "1", "--eval-steps", "0", "--device", "cpu", "--image-aug", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*base, "--max-steps", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run([*base, "--max-steps", "3"], capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 2 and "already holds checkpoints; pass --resume" in again.stderr
+    resumed = subprocess.run([*base, "--max-steps", "3", "--resume"], capture_output=True, text=True, timeout=600,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+    assert "step-000003" in {p.name for p in (out / "checkpoints").iterdir()}
+    assert (out / "merged" / "config.json").is_file()
