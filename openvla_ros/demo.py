@@ -473,10 +473,14 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
     monitor = processes.monitor = DemoMonitor(processes.context)
 
     def should_stop() -> bool:
+        if stop.is_set():  # checked first: Ctrl-C in a terminal also reaches (and ends) the children
+            return True
         for child in children:
             if not child.alive():
+                if stop.event.wait(0.2):  # the interrupt may be about to reach this process too
+                    return True
                 raise DemoError(f"{child.name} exited with status {child.process.returncode}")
-        return stop.is_set()
+        return False
 
     started_loading = time.monotonic()
     reset = monitor.call(monitor.reset_client, Trigger.Request(), 60.0, should_stop)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import cv2
+import pytest
 
 from openvla_ros.demo import resolve_model, resolve_unnorm_key
 
@@ -90,11 +91,13 @@ def test_demo_runs_headless_prints_live_lines_and_saves_the_episode_png(
     assert (out / "sim_scene.log").is_file() and (out / "openvla_policy.log").is_file()
 
 
-def test_demo_stops_its_child_processes_when_terminated(tiny_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the demo", "Ctrl-C in a terminal"])
+def test_demo_stops_its_child_processes_when_terminated(tiny_checkpoint: Path, tmp_path: Path, to_group: bool) -> None:
     command = [sys.executable, "-m", "openvla_ros.demo", "--model", str(tiny_checkpoint), "--duration", "600"]
     command += ["--out", str(tmp_path / "demo")]
     process = subprocess.Popen(
-        command, cwd=REPO, env=demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=REPO, env=demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
     lines: list[str] = []
     pids: list[int] = []
@@ -109,14 +112,18 @@ def test_demo_stops_its_child_processes_when_terminated(tiny_checkpoint: Path, t
                 pids = [int(pid) for pid in re.findall(r"pid (\d+)", line)]
                 break
         assert len(pids) == 2, "".join(lines)
-        process.send_signal(signal.SIGTERM)
+        if to_group:  # a terminal's Ctrl-C reaches the demo and its children at once
+            time.sleep(3.0)
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
         rest, _ = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
     output = "".join(lines) + rest
     assert process.returncode == 130, output
-    assert "stopped early (SIGTERM)" in output
+    assert f"stopped early ({'SIGINT' if to_group else 'SIGTERM'})" in output
     assert "stopped sim_scene" in output and "openvla_policy" in output
     for pid in pids:
         assert not pid_alive(pid), f"child {pid} still running\n{output}"
