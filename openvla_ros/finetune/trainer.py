@@ -401,12 +401,18 @@ class Trainer:
             "trained_with_image_aug": self.config.image_aug,
             "steps": self.step,
         }
-        merged_dir = self.out / "merged"
-        if merged_dir.exists():
-            shutil.rmtree(merged_dir)
-        save_checkpoint(merged, merged_dir, tokenizer=self.tokenizer)
+        # Written beside the previous merged model and swapped in at the end, so a failure or Ctrl-C while
+        # saving never leaves the run without a loadable merged model.
+        merged_dir, fresh, previous = self.out / "merged", self.out / ".merged-new", self.out / ".merged-old"
+        for leftover in (fresh, previous):
+            shutil.rmtree(leftover, ignore_errors=True)
+        save_checkpoint(merged, fresh, tokenizer=self.tokenizer)
         # as the official fine-tuning does: the run's own statistics beside the model
-        (merged_dir / "dataset_statistics.json").write_text(json.dumps(statistics, indent=2))
+        (fresh / "dataset_statistics.json").write_text(json.dumps(statistics, indent=2))
+        if merged_dir.exists():
+            merged_dir.rename(previous)
+        fresh.rename(merged_dir)
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
