@@ -274,6 +274,9 @@ class PolicyNode(LifecycleNode):
         self._model_ms = LatencyStats()
         self._skipped_ticks = 0
         self._ticks_without_new_frame = 0
+        # A tick that found no new frame: (tick time, instruction, settings, stop count); the next frame
+        # that arrives before the following tick starts its step.
+        self._waiting_tick: tuple[int, str, ControlSettings, int] | None = None
         self._steps = 0
 
         self.add_pre_set_parameters_callback(self._whole_numbers_as_floats)
@@ -526,6 +529,13 @@ class PolicyNode(LifecycleNode):
         stamp = message.header.stamp
         received_ns = self.get_clock().now().nanoseconds
         self._frames.put(Frame(message, stamp.sec * 1_000_000_000 + stamp.nanosec, received_ns))
+        with self._lock:
+            waiting, self._waiting_tick = self._waiting_tick, None
+        if waiting is not None:  # this tick was waiting for a frame: start its step now (no inference here)
+            _, instruction, settings, stop_count = waiting
+            frame = self._frames.take_new()
+            if frame is not None:
+                self._submit(frame, instruction, received_ns, settings, stop_count)
 
     def _on_instruction(self, message: String) -> None:
         try:
@@ -565,6 +575,9 @@ class PolicyNode(LifecycleNode):
     def _on_control_tick(self) -> None:
         now_ns = self.get_clock().now().nanoseconds
         with self._lock:
+            if self._waiting_tick is not None:  # the previous tick never got a new frame
+                self._waiting_tick = None
+                self._ticks_without_new_frame += 1
             enabled, instruction, settings, worker = (
                 self._enabled,
                 self._instruction,
@@ -614,13 +627,21 @@ class PolicyNode(LifecycleNode):
         if worker.busy:  # the previous step overran: skip this tick rather than queue work
             self._skipped_ticks += 1
             return
-        frame = self._frames.take_new()
-        if frame is None:  # no frame since the last step: a second delta from the same image would double it
-            self._ticks_without_new_frame += 1
-            return
         with self._lock:
             stop_count = self._stop_count
-        if not worker.submit(Step(frame, instruction, now_ns, settings, stop_count)):
+        frame = self._frames.take_new()
+        if frame is None:
+            # No frame since the last step (a second delta from the same image would double it): the
+            # next frame to arrive before the following tick starts this tick's step.
+            with self._lock:
+                self._waiting_tick = (now_ns, instruction, settings, stop_count)
+            return
+        self._submit(frame, instruction, now_ns, settings, stop_count)
+
+    def _submit(self, frame: Frame, instruction: str, tick_ns: int, settings: ControlSettings, stop_count: int) -> None:
+        """Hands one step to the worker; counts a skipped tick when it is still busy."""
+        worker = self._worker
+        if worker is None or not worker.submit(Step(frame, instruction, tick_ns, settings, stop_count)):
             self._skipped_ticks += 1
 
     def _run_step(self, step: Step) -> None:
@@ -698,6 +719,7 @@ class PolicyNode(LifecycleNode):
         """
         with self._lock:
             self._stop_count += 1
+            self._waiting_tick = None
             if not self._output_live:
                 return
             self._output_live = False
