@@ -620,8 +620,8 @@ def test_managed_node_runs_the_whole_lifecycle_through_its_services(managed_driv
     driver.instruct(INSTRUCTION)
     assert driver.enable(True).success
     first = driver.wait_for_actions(2)
-    time.sleep(2.2)
-    assert rate_over(driver.twists, first, 2.0) == pytest.approx(10.0, rel=0.10)
+    time.sleep(3.2)  # the first steps after a model load run slower: measure the 2 s after a warm-up second
+    assert rate_over(driver.twists, first + 1.0, 2.0) == pytest.approx(10.0, rel=0.10)
     actions = np.array([action.data for _, action in driver.actions.since(first)])
     assert np.all(actions[:, :3] == 0.0), "max_translation: 0 must hold every translation at zero"
     assert np.any(actions[:, 3:6] != 0.0)
@@ -653,18 +653,21 @@ def test_image_stamps_ahead_of_the_clock_stop_output(
     driver.wait_for_actions(2, timeout_s=5.0)
 
 
-def test_a_slow_camera_gives_one_action_per_frame(managed_driver: Driver, ros_node: rclpy.node.Node) -> None:
+def test_a_camera_slower_than_the_rate_keeps_the_rate_and_is_reported(
+    managed_driver: Driver, ros_node: rclpy.node.Node, diagnostics: Received
+) -> None:
     driver = managed_driver
-    slow = Camera(ros_node, "/managed_camera/image", hz=3.0)
+    slow = Camera(ros_node, "/managed_camera/image", hz=4.0)
     driver.camera.mode = "stopped"
     slow.mode = "good"
     try:
         start = time.monotonic()
-        time.sleep(3.0)
-        twists = [twist for _, twist in driver.twists.since(start)]
-        stamps = [(twist.header.stamp.sec, twist.header.stamp.nanosec) for twist in twists]
-        assert 5 <= len(twists) <= 11, f"{len(twists)} actions from a 3 Hz camera in 3 s at 10 Hz control"
-        assert len(set(stamps)) == len(stamps), "a frame was used for two steps (its delta applied twice)"
+        time.sleep(3.2)
+        assert rate_over(driver.twists, start + 0.2, 3.0) == pytest.approx(10.0, rel=0.15)
+        stamps = {(t.header.stamp.sec, t.header.stamp.nanosec) for _, t in driver.twists.since(start + 0.2)}
+        assert stamps <= slow.stamps | driver.camera.stamps and len(stamps) <= 14, "ticks reuse the newest frame"
+        values = {item.key: item.value for item in latest_status(diagnostics, "policy_managed").values}
+        assert int(values["ticks_reusing_frame"]) >= 10
     finally:
         slow.mode = "stopped"
         ros_node.destroy_timer(slow.timer)
