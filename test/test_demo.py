@@ -69,12 +69,13 @@ def test_unnorm_key_is_the_fine_tuned_dataset_when_there_are_several(
     assert resolve_unnorm_key("openvla/openvla-7b") == ""
 
 
-def test_demo_runs_headless_prints_live_lines_and_saves_the_episode_png(
+def test_make_demo_runs_headless_prints_live_lines_and_saves_the_episode_png(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
+    """The README's first command, as written there (with a short duration and a scratch output)."""
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "openvla_ros.demo", "--model", str(tiny_checkpoint), "--duration", "5"]
-    command += ["--out", str(out), "--task", "reach", "--seed", "2"]
+    command = ["make", "-s", "demo", f"MODEL={tiny_checkpoint}",
+               f"DEMO_ARGS=--duration 5 --out {out} --task reach --seed 2"]
     result = subprocess.run(command, cwd=REPO, env=demo_env(), capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
