@@ -82,3 +82,20 @@ def test_cli_hub_id_offline_without_cache(image_file: Path, tmp_path: Path) -> N
     assert last.startswith("error: 'openvla/openvla-7b' is not a local directory")
     assert "cannot be fetched from the model hub" in last and "hf download openvla/openvla-7b" in last
     assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
+
+
+def test_readme_one_shot_commands_build_a_tiny_checkpoint_and_predict(image_file: Path, tmp_path: Path,
+                                                                       tiny_checkpoint: Path) -> None:
+    """``python -m openvla_ros.tiny DIR`` then ``python -m openvla_ros.predict ... --json``, as the README has them."""
+    built = subprocess.run([sys.executable, "-m", "openvla_ros.tiny", str(tmp_path / "tiny")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.strip() == str(tmp_path / "tiny")
+    assert (tmp_path / "tiny" / "config.json").read_bytes() == (tiny_checkpoint / "config.json").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "openvla_ros.tiny", str(tmp_path / "tiny")],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.startswith("error:") and "not empty" in again.stderr
+    result = _run("--model", str(tmp_path / "tiny"), "--image", str(image_file),
+                  "--instruction", "pick up the red block", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout.strip().splitlines()[-1])) == 7
