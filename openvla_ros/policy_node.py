@@ -274,6 +274,7 @@ class PolicyNode(LifecycleNode):
         self._model_ms = LatencyStats()
         self._skipped_ticks = 0
         self._ticks_reusing_frame = 0
+        self._late_tick_ns: int | None = None  # a tick that came while a step ran (see _late_step)
         self._steps = 0
 
         self.add_pre_set_parameters_callback(self._whole_numbers_as_floats)
@@ -564,6 +565,29 @@ class PolicyNode(LifecycleNode):
 
     def _on_control_tick(self) -> None:
         now_ns = self.get_clock().now().nanoseconds
+        inputs = self._checked_inputs(now_ns)
+        if inputs is None:
+            return
+        worker = self._worker
+        if worker is None:
+            return
+        if worker.busy:
+            # The previous step overran: this tick's step starts as soon as it ends, unless the next
+            # tick comes first (then this one is skipped). One late tick at most: never a queue.
+            with self._lock:
+                if self._late_tick_ns is not None:
+                    self._skipped_ticks += 1
+                self._late_tick_ns = now_ns
+            return
+        if not worker.submit(self._make_step(*inputs, now_ns)):
+            self._skipped_ticks += 1
+
+    def _checked_inputs(self, now_ns: int) -> tuple[Frame, str, ControlSettings] | None:
+        """Returns (newest frame, instruction, settings) when a step may run now, else None.
+
+        Applies the safety checks of a control tick: enabled, an instruction, a frame, its stamp not
+        ahead of the clock and not older than ``max_image_age_s`` (those two stop the output).
+        """
         with self._lock:
             enabled, instruction, settings, worker = (
                 self._enabled,
@@ -572,19 +596,19 @@ class PolicyNode(LifecycleNode):
                 self._worker,
             )
         if not enabled or worker is None:
-            return
+            return None
         if instruction is None:
             self._report(
                 "no_instruction", "enabled but no instruction received yet; publishing nothing", warn=False
             )
-            return
+            return None
         self._resolve("no_instruction")
         frame = self._frames.peek()
         if frame is None:
             self._report(
                 "no_image", "enabled but no camera image received yet; publishing nothing", warn=False
             )
-            return
+            return None
         self._resolve("no_image")
         age_s = (now_ns - frame.stamp_ns) / 1e9
         if age_s < -settings.max_image_age_s:
@@ -597,7 +621,7 @@ class PolicyNode(LifecycleNode):
                 detail=f"newest image is {-age_s:.2f} s in the future",
             )
             self._stop_output("image stamps ahead of the clock")
-            return
+            return None
         if self._resolve("clock_mismatch"):
             self.get_logger().info("image stamps agree with the node's clock again")
         if age_s > settings.max_image_age_s:
@@ -608,24 +632,46 @@ class PolicyNode(LifecycleNode):
                 detail=f"newest image is {age_s:.2f} s old",
             )
             self._stop_output("stale image")
-            return
+            return None
         if self._resolve("stale_image"):
             self.get_logger().info("fresh images again; output resumes")
-        if worker.busy:  # the previous step overran: skip this tick rather than queue work
-            self._skipped_ticks += 1
-            return
+        return frame, instruction, settings
+
+    def _make_step(self, frame: Frame, instruction: str, settings: ControlSettings, tick_ns: int) -> Step:
+        """Returns the step of a tick, on a frame newer than the last step's when there is one."""
         with self._lock:
             stop_count = self._stop_count
         newest = self._frames.take_new()
         if newest is None:
             # No frame since the last step (camera jitter, or a camera slower than rate_hz): the rate is
-            # kept with the newest frame, whose age the watchdog above bounds; counted in diagnostics.
+            # kept with the newest frame, whose age the checks bound; counted in diagnostics.
             self._ticks_reusing_frame += 1
             newest = frame
-        if not worker.submit(Step(newest, instruction, now_ns, settings, stop_count)):
-            self._skipped_ticks += 1
+        return Step(newest, instruction, tick_ns, settings, stop_count)
+
+    def _late_step(self) -> Step | None:
+        """Worker thread, after a step: the step of a tick that came while it ran, if still due."""
+        with self._lock:
+            late_ns, self._late_tick_ns = self._late_tick_ns, None
+            period_ns = 1e9 / self._settings.rate_hz
+        if late_ns is None:
+            return None
+        now_ns = self.get_clock().now().nanoseconds
+        if now_ns - late_ns >= period_ns:  # the next tick is due already: this one is skipped
+            with self._lock:
+                self._skipped_ticks += 1
+            return None
+        inputs = self._checked_inputs(now_ns)
+        return None if inputs is None else self._make_step(*inputs, now_ns)
 
     def _run_step(self, step: Step) -> None:
+        """Worker thread: runs ``step``, then the step of a tick that came while it ran (if still due)."""
+        current: Step | None = step
+        while current is not None:
+            self._run_one_step(current)
+            current = self._late_step()
+
+    def _run_one_step(self, step: Step) -> None:
         """Worker thread: decode, infer, limit and publish one action."""
         started = time.perf_counter()
         try:
@@ -700,6 +746,7 @@ class PolicyNode(LifecycleNode):
         """
         with self._lock:
             self._stop_count += 1
+            self._late_tick_ns = None
             if not self._output_live:
                 return
             self._output_live = False
