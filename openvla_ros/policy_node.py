@@ -304,11 +304,10 @@ class PolicyNode(LifecycleNode):
         A whole number given for a floating-point parameter (``rate_hz: 10`` in YAML, ``-p
         max_translation:=0``) is taken as that float rather than rejected for its type.
         """
-        if isinstance(spec.default, float):
-            # rclpy keeps the start-up overrides here and types ``10`` as an integer.
-            override = self._parameter_overrides.get(spec.name)
-            if override is not None and override.type_ == Parameter.Type.INTEGER:
-                self._parameter_overrides[spec.name] = Parameter(spec.name, value=float(override.value))
+        # rclpy keeps the start-up overrides here and types ``10`` as an integer.
+        override = self._parameter_overrides.get(spec.name)
+        if override is not None:
+            (self._parameter_overrides[spec.name],) = self._whole_numbers_as_floats([override])
         try:
             self.declare_parameter(spec.name, spec.default, spec.descriptor())
         except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
@@ -614,28 +613,27 @@ class PolicyNode(LifecycleNode):
         if age_s < -settings.max_image_age_s:
             # A stamp from the future cannot be judged fresh: the camera's clock and the node's disagree
             # (or use_sim_time is set and /clock is not running yet).
-            self._report(
-                "clock_mismatch",
+            message = (
                 "camera image stamps are ahead of the node's clock by more than max_image_age_s; output "
-                "stopped (synchronise the clocks, or check use_sim_time and /clock)",
-                detail=f"newest image is {-age_s:.2f} s in the future",
+                "stopped (synchronise the clocks, or check use_sim_time and /clock)"
             )
-            self._stop_output("image stamps ahead of the clock")
-            return None
+            return self._stop_for("clock_mismatch", message, f"newest image is {-age_s:.2f} s in the future")
         if self._resolve("clock_mismatch"):
             self.get_logger().info("image stamps agree with the node's clock again")
         if age_s > settings.max_image_age_s:
-            self._report(
-                "stale_image",
+            message = (
                 f"camera images are older than max_image_age_s ({settings.max_image_age_s:g} s); "
-                "output stopped until fresh images arrive",
-                detail=f"newest image is {age_s:.2f} s old",
+                "output stopped until fresh images arrive"
             )
-            self._stop_output("stale image")
-            return None
+            return self._stop_for("stale_image", message, f"newest image is {age_s:.2f} s old")
         if self._resolve("stale_image"):
             self.get_logger().info("fresh images again; output resumes")
         return frame, instruction, settings
+
+    def _stop_for(self, key: str, message: str, detail: str) -> None:
+        """Reports problem ``key`` (logged once) and stops the output with one zero delta; returns None."""
+        self._report(key, message, detail=detail)
+        self._stop_output(key.replace("_", " "))
 
     def _make_step(self, frame: Frame, instruction: str, settings: ControlSettings, tick_ns: int) -> Step:
         """Returns the step of a tick, on a frame newer than the last step's when there is one."""
