@@ -105,6 +105,9 @@ class ActionNormalizer:
     def from_stats(cls, action_stats: Mapping[str, Any]) -> ActionNormalizer:
         """Builds a normaliser from an ``{"q01", "q99", "mask"?}`` dict (``norm_stats[key]["action"]``).
 
+        Without a ``mask`` every dimension is (un-)normalised, the gripper included, as the official
+        code does; statistics written by this package always carry the mask explicitly.
+
         Raises:
             ValueError: when q01/q99 are missing or malformed.
         """
@@ -113,7 +116,7 @@ class ActionNormalizer:
             q99 = action_stats["q99"]
         except KeyError as exc:
             raise ValueError(f"action statistics lack {exc.args[0]!r}; found keys {sorted(action_stats)}") from exc
-        mask = action_stats.get("mask", DEFAULT_MASK[: len(q01)])
+        mask = action_stats.get("mask", [True] * len(q01))
         return cls(q01=np.asarray(q01), q99=np.asarray(q99), mask=np.asarray(mask))
 
     @property

@@ -19,6 +19,8 @@ from typing import Any
 
 from transformers import LlamaConfig
 
+from openvla_ros.processor import RESIZE_STRATEGIES
+
 MODEL_TYPE = "openvla"
 DEFAULT_TIMM_IDS = ("vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224")
 LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0}
@@ -34,7 +36,8 @@ class OpenVLAConfig:
         timm_model_ids: timm ids of the vision backbones (DINOv2 first, SigLIP second).
         image_sizes: input side of each backbone (224 for both).
         use_fused_vision_backbone: run both backbones and concatenate their features.
-        image_resize_strategy: only ``resize-naive`` (resize without keeping aspect) is supported.
+        image_resize_strategy: ``resize-naive`` (resize without keeping aspect, OpenVLA's), ``letterbox``
+            or ``resize-crop``; ``preprocessor_config.json`` wins when present.
         llm_backbone_id: name of the language model (informational).
         pad_to_multiple_of: the vocabulary is padded to a multiple of this (64 -> 32064 ids).
         text_config: the Llama config of the language model.
@@ -63,10 +66,10 @@ class OpenVLAConfig:
             )
         if len(self.image_sizes) < 1 or len(set(self.image_sizes)) != 1:
             raise ValueError(f"image_sizes must name one size shared by all backbones, got {self.image_sizes}")
-        if self.image_resize_strategy != "resize-naive":
+        if self.image_resize_strategy not in RESIZE_STRATEGIES:
             raise ValueError(
-                f"image_resize_strategy {self.image_resize_strategy!r} is not supported; "
-                "only 'resize-naive' (the OpenVLA release setting) is"
+                f"image_resize_strategy {self.image_resize_strategy!r} is not supported; use one of "
+                f"{', '.join(RESIZE_STRATEGIES)} ('resize-naive' is the OpenVLA release setting)"
             )
         if self.timm_override_args is not None and len(self.timm_override_args) != n_backbones:
             raise ValueError("timm_override_args must have one entry per vision backbone")

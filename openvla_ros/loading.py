@@ -1,7 +1,8 @@
 """Loading and saving OpenVLA checkpoints in the Hugging Face layout, without remote code.
 
 A checkpoint directory holds ``config.json`` (``model_type: openvla``), ``model.safetensors`` or
-sharded ``model-*.safetensors`` with ``model.safetensors.index.json``, tokenizer files and often
+sharded ``model-*.safetensors`` with ``model.safetensors.index.json``, tokenizer files,
+``preprocessor_config.json`` (the image processor's resize and normalisation settings) and often
 ``dataset_statistics.json``. Any ``auto_map`` or ``*.py`` file in it is ignored: only safetensors
 weights and JSON are read. Hub ids are resolved with ``huggingface_hub.snapshot_download`` restricted to
 those files.
@@ -25,11 +26,13 @@ from torch import nn
 from openvla_ros.configuration_openvla import OpenVLAConfig
 from openvla_ros.errors import CheckpointError, QuantizationError
 from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
+from openvla_ros.processor import ImageSettings, default_image_settings
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 STATISTICS_NAME = "dataset_statistics.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
@@ -98,6 +101,43 @@ def read_config(checkpoint_dir: Path) -> OpenVLAConfig:
         for key, value in _read_json(statistics_path, what="dataset statistics").items():
             config.norm_stats.setdefault(key, value)
     return config
+
+
+def read_image_settings(checkpoint_dir: Path, config: OpenVLAConfig) -> ImageSettings:
+    """Returns the image settings the official processor would apply to this checkpoint.
+
+    They come from ``preprocessor_config.json`` (``means``, ``stds``, ``input_sizes``,
+    ``image_resize_strategy``, ``interpolations``) when the file exists; otherwise from the config's
+    image size and resize strategy with the textbook DINOv2/SigLIP constants.
+
+    Raises:
+        CheckpointError: when the file is unreadable or its settings do not fit the model.
+    """
+    path = checkpoint_dir / PREPROCESSOR_NAME
+    towers = 2 if config.use_fused_vision_backbone else 1
+    if not path.is_file():
+        defaults = default_image_settings(config.use_fused_vision_backbone, config.image_size)
+        return ImageSettings(
+            image_size=defaults.image_size,
+            resize_strategy=config.image_resize_strategy,
+            interpolation=defaults.interpolation,
+            means=defaults.means,
+            stds=defaults.stds,
+        )
+    data = _read_json(path, what="the image processor settings")
+    try:
+        settings = ImageSettings.from_preprocessor_config(data, num_towers=towers)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} does not fit the model: {exc}; fix the file, or remove it to use the default "
+            "DINOv2/SigLIP settings"
+        ) from exc
+    if settings.image_size != config.image_size:
+        raise CheckpointError(
+            f"{path} gives input size {settings.image_size}, but config.json's image_sizes say "
+            f"{config.image_size}; make them agree"
+        )
+    return settings
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -352,11 +392,14 @@ def save_checkpoint(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    image_settings: ImageSettings | None = None,
 ) -> Path:
     """Writes ``model`` in the official layout (official weight names) and returns ``out_dir``.
 
     The directory is written beside ``out_dir`` and renamed into place, so an interrupted save never
-    leaves a half-written checkpoint. ``dataset_statistics.json`` mirrors ``config.norm_stats``.
+    leaves a half-written checkpoint. ``dataset_statistics.json`` mirrors ``config.norm_stats``;
+    ``preprocessor_config.json`` holds ``image_settings`` (pass the base checkpoint's, from
+    :func:`read_image_settings`; the textbook settings when None).
 
     Raises:
         CheckpointError: when ``out_dir`` exists and is not empty.
@@ -399,6 +442,9 @@ def save_checkpoint(
         (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2))
         if model.config.norm_stats:
             (staging / STATISTICS_NAME).write_text(json.dumps(model.config.norm_stats, indent=2))
+        fused = model.config.use_fused_vision_backbone
+        settings = image_settings or default_image_settings(fused, model.config.image_size)
+        (staging / PREPROCESSOR_NAME).write_text(json.dumps(settings.to_preprocessor_config(fused), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
             vocab_file = getattr(tokenizer, "vocab_file", None)

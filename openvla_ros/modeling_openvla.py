@@ -169,20 +169,31 @@ class OpenVLAForActionPrediction(nn.Module):
         first_action_id: int,
         last_action_id: int,
         num_tokens: int = 7,
+        restrict_to_actions: bool = True,
+        eos_token_id: int | None = None,
     ) -> torch.Tensor:
-        """Greedy-decodes ``num_tokens`` ids restricted to [first_action_id, last_action_id] with a KV cache.
+        """Greedy-decodes up to ``num_tokens`` ids with a KV cache.
+
+        With ``restrict_to_actions`` (the default) each step chooses among [first_action_id,
+        last_action_id] only. Without it the argmax runs over the whole (padded) vocabulary, as the
+        official ``generate()`` does, and decoding ends early when ``eos_token_id`` is chosen (the EOS id
+        is the last one returned).
 
         Returns:
-            LongTensor [B, num_tokens] of action-token ids.
+            LongTensor [B, n] of generated ids, n <= ``num_tokens`` (n == ``num_tokens`` when restricted).
         """
         embeds = self.embed_multimodal(input_ids, pixel_values)
         output = self.language_model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         generated = []
         for step in range(num_tokens):
-            logits = output.logits[:, -1, first_action_id : last_action_id + 1]
-            next_ids = logits.argmax(dim=-1) + first_action_id
+            if restrict_to_actions:
+                next_ids = output.logits[:, -1, first_action_id : last_action_id + 1].argmax(dim=-1) + first_action_id
+            else:
+                next_ids = output.logits[:, -1].argmax(dim=-1)
             generated.append(next_ids)
             if step + 1 == num_tokens:
+                break
+            if not restrict_to_actions and eos_token_id is not None and bool((next_ids == eos_token_id).all()):
                 break
             output = self.language_model(
                 input_ids=next_ids[:, None],

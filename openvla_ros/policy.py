@@ -16,14 +16,25 @@ import torch
 from openvla_ros.action_codec import ACTION_DIM, ActionNormalizer, ActionTokenizer, select_unnorm_key
 from openvla_ros.configuration_openvla import OpenVLAConfig
 from openvla_ros.errors import CheckpointError, InstructionError, OpenVLAError, QuantizationError
-from openvla_ros.loading import load_model, load_tokenizer, read_config, resolve_checkpoint_dir
+from openvla_ros.loading import (
+    load_model,
+    load_tokenizer,
+    read_config,
+    read_image_settings,
+    resolve_checkpoint_dir,
+)
 from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
-from openvla_ros.processor import ImageTransform, prompt_token_ids
+from openvla_ros.processor import ImageSettings, ImageTransform, prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
 # The action ids are the last 256 of the unpadded Llama vocabulary (32000), whatever the padding.
 BASE_VOCAB_SIZE = 32000
+EOS_TOKEN_ID = 2
+# actions_only: each of the 7 steps chooses among the 256 action ids (never a word, never an early end).
+# official: the official generate(): argmax over the whole vocabulary, stopping at EOS; a non-action id
+# decodes to an edge bin, and after an early EOS the last 7 ids of prompt + output are read.
+DECODINGS = ("actions_only", "official")
 
 
 class OpenVLAPolicy:
@@ -41,8 +52,13 @@ class OpenVLAPolicy:
         center_crop: bool = False,
         rotate_180: bool = False,
         checkpoint_dir: Path | None = None,
+        image_settings: ImageSettings | None = None,
+        decoding: str = "actions_only",
     ) -> None:
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
         self.model = model
+        self.decoding = decoding
         self.tokenizer = tokenizer
         self.config: OpenVLAConfig = model.config
         self.checkpoint_dir = checkpoint_dir
@@ -61,7 +77,10 @@ class OpenVLAPolicy:
             )
         self.action_tokenizer = ActionTokenizer(vocab_size=min(BASE_VOCAB_SIZE, len(tokenizer)))
         self.image_transform = ImageTransform(
-            image_size=self.config.image_size, center_crop=center_crop, rotate_180=rotate_180
+            image_size=self.config.image_size,
+            center_crop=center_crop,
+            rotate_180=rotate_180,
+            settings=image_settings,
         )
         self._prompt_cache: tuple[str, torch.Tensor] | None = None
 
@@ -78,6 +97,7 @@ class OpenVLAPolicy:
         unnorm_key: str | None = None,
         center_crop: bool = False,
         rotate_180: bool = False,
+        decoding: str = "actions_only",
     ) -> OpenVLAPolicy:
         """Loads a checkpoint directory or hub id (safetensors only, no remote code).
 
@@ -92,13 +112,22 @@ class OpenVLAPolicy:
             unnorm_key: which dataset's statistics un-normalise actions (may be None with one key).
             center_crop: take the centre 90%-area crop (models trained with crop augmentation).
             rotate_180: rotate camera images by 180 degrees first.
+            decoding: ``actions_only`` (choose among the 256 action ids; the default) or ``official``
+                (argmax over the whole vocabulary, as the official code: reproduces its outputs exactly).
+
+        The image resize and normalisation settings come from the checkpoint's
+        ``preprocessor_config.json`` (textbook values when it has none), as the official processor.
 
         Raises:
             CheckpointError, QuantizationError, UnnormKeyError: with the problem and the way out.
+            ValueError: for an unknown ``decoding``.
         """
+        if decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
         checkpoint_dir = resolve_checkpoint_dir(model)
         config = read_config(checkpoint_dir)
         select_unnorm_key(config.norm_stats, unnorm_key or default_unnorm_key(config))  # fail before the weight load
+        image_settings = read_image_settings(checkpoint_dir, config)
         tokenizer = load_tokenizer(checkpoint_dir)
         network = load_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization, config=config)
         if adapter:
@@ -110,6 +139,8 @@ class OpenVLAPolicy:
             center_crop=center_crop,
             rotate_180=rotate_180,
             checkpoint_dir=checkpoint_dir,
+            image_settings=image_settings,
+            decoding=decoding,
         )
 
     @property
@@ -145,19 +176,27 @@ class OpenVLAPolicy:
         return self.prompt_ids(instruction), pixel_values
 
     def predict_action_ids(self, image: np.ndarray, instruction: str) -> np.ndarray:
-        """Returns the 7 greedily decoded action-token ids (int64).
+        """Returns the 7 greedily decoded token ids (int64) that :meth:`predict_action` decodes.
+
+        With ``decoding="official"`` these may include non-action ids (decoded to an edge bin) and,
+        after an early EOS, the prompt's last ids, exactly as the official ``predict_action`` reads them.
 
         Raises:
             ImageError, InstructionError: for bad inputs.
         """
         input_ids, pixel_values = self.prepare_inputs(image, instruction)
+        official = self.decoding == "official"
         ids = self.model.generate_action_ids(
             input_ids,
             pixel_values,
             self.action_tokenizer.first_action_id,
             self.action_tokenizer.last_action_id,
             num_tokens=ACTION_DIM,
+            restrict_to_actions=not official,
+            eos_token_id=EOS_TOKEN_ID if official else None,
         )
+        if ids.shape[1] < ACTION_DIM:  # official decoding ended early at EOS
+            ids = torch.cat([input_ids, ids], dim=1)[:, -ACTION_DIM:]
         return ids[0].cpu().numpy()
 
     def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:

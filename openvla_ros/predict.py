@@ -1,7 +1,7 @@
 """One-shot prediction from the command line.
 
     python -m openvla_ros.predict --model DIR_OR_ID --image PATH --instruction TEXT
-        [--unnorm-key K] [--quantization none|8bit|4bit] [--center-crop] [--json]
+        [--unnorm-key K] [--quantization none|8bit|4bit] [--center-crop] [--decoding official] [--json]
 
 Prints the 7 action values [dx, dy, dz, droll, dpitch, dyaw, gripper] (a JSON list with --json).
 Exit status 0 on success, 2 with one error line on bad input.
@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", default=None, help="optional LoRA adapter directory")
     parser.add_argument("--center-crop", action="store_true", help="centre 90%%-area crop (crop-augmented models)")
     parser.add_argument("--rotate-180", action="store_true", help="rotate the image by 180 degrees first")
+    parser.add_argument(
+        "--decoding",
+        default="actions_only",
+        choices=("actions_only", "official"),
+        help="actions_only: choose among the 256 action tokens (default); official: argmax over the whole "
+        "vocabulary as the official code (reproduces its outputs exactly)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
 
@@ -71,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             unnorm_key=args.unnorm_key,
             center_crop=args.center_crop,
             rotate_180=args.rotate_180,
+            decoding=args.decoding,
         )
         action = policy.predict_action(image, args.instruction)
     except OpenVLAError as exc:

@@ -1,9 +1,13 @@
 """Image and prompt preprocessing, identical at inference and in training.
 
-Images: uint8 HxWx3 RGB -> optional 180 degree rotation -> PIL bicubic resize to the model's size
-(aspect ratio not kept, as the official ``resize-naive`` strategy) -> optional centre crop of 90% area
-(TensorFlow ``crop_and_resize`` reproduced in numpy) -> x / 255 -> DINOv2 and SigLIP normalisations
-stacked to [6, S, S].
+Images: uint8 HxWx3 RGB -> optional 180 degree rotation -> PIL resize to the model's size with the
+checkpoint's resize strategy and interpolation (official default ``resize-naive``, bicubic: aspect ratio
+not kept) -> optional centre crop of 90% area (TensorFlow ``crop_and_resize`` reproduced in numpy) ->
+x / 255 -> one normalisation per vision tower (DINOv2 then SigLIP), stacked to [6, S, S]. The
+normalisation constants, sizes, strategy and interpolation come from the checkpoint's
+``preprocessor_config.json`` as the official processor takes them (openvla-7b stores the DINOv2
+mean/std rounded to bfloat16); :data:`DEFAULT_IMAGE_SETTINGS` holds the textbook values used when a
+checkpoint has no such file.
 
 Prompts: ``In: What action should the robot take to {instruction}?\\nOut:`` tokenised with BOS, with
 the bare-space token appended as the official inference code does.
@@ -11,8 +15,9 @@ the bare-space token appended as the official inference code does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +33,141 @@ CENTER_CROP_AREA = 0.9
 BARE_SPACE_TOKEN_ID = 29871
 MAX_INSTRUCTION_CHARS = 1000
 PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
+# Literal special-token text (after the prompt's lower-casing) is tokenised differently by the
+# official fast tokenizer and ours.
+SPECIAL_TOKEN_TEXTS = ("<s>", "</s>", "<unk>")
+RESIZE_STRATEGIES = ("resize-naive", "letterbox", "resize-crop")
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How camera images become model input: the settings of the official image processor.
+
+    Attributes:
+        image_size: side of the square model input (224 for OpenVLA).
+        resize_strategy: ``resize-naive`` (stretch to a square, OpenVLA's), ``letterbox`` (pad to a
+            square with the first tower's mean colour, then resize) or ``resize-crop`` (resize the short
+            side, then take the centre square).
+        interpolation: PIL resampling filter name (``bicubic`` for OpenVLA).
+        means, stds: one RGB triple per vision tower, in tower order (DINOv2 then SigLIP when fused).
+    """
+
+    image_size: int = 224
+    resize_strategy: str = "resize-naive"
+    interpolation: str = "bicubic"
+    means: tuple[tuple[float, float, float], ...] = (DINOV2_MEAN, SIGLIP_MEAN)
+    stds: tuple[tuple[float, float, float], ...] = (DINOV2_STD, SIGLIP_STD)
+    _mean_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
+    _std_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if int(self.image_size) < 2:
+            raise ValueError(f"image_size must be >= 2, got {self.image_size}")
+        if self.resize_strategy not in RESIZE_STRATEGIES:
+            raise ValueError(
+                f"image_resize_strategy {self.resize_strategy!r} is not supported; use one of "
+                f"{', '.join(RESIZE_STRATEGIES)}"
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation {self.interpolation!r} is not supported; use one of {', '.join(INTERPOLATIONS)}"
+            )
+        means = tuple(tuple(float(v) for v in triple) for triple in self.means)
+        stds = tuple(tuple(float(v) for v in triple) for triple in self.stds)
+        if not means or len(means) != len(stds) or any(len(t) != 3 for t in means + stds):
+            raise ValueError(
+                f"means and stds need one RGB triple per vision tower, got {len(means)} means and {len(stds)} stds"
+            )
+        if any(v <= 0 for triple in stds for v in triple):
+            raise ValueError(f"stds must be positive, got {stds}")
+        object.__setattr__(self, "means", means)
+        object.__setattr__(self, "stds", stds)
+        object.__setattr__(self, "_mean_tensor", torch.tensor(means, dtype=torch.float32).view(-1, 3, 1, 1))
+        object.__setattr__(self, "_std_tensor", torch.tensor(stds, dtype=torch.float32).view(-1, 3, 1, 1))
+
+    @property
+    def num_towers(self) -> int:
+        return len(self.means)
+
+    @classmethod
+    def from_preprocessor_config(cls, data: Mapping[str, Any], num_towers: int | None = None) -> ImageSettings:
+        """Returns the settings of an official ``preprocessor_config.json`` dict.
+
+        Reads ``input_sizes`` ([[3, S, S], ...]), ``image_resize_strategy``, ``interpolations``,
+        ``means`` and ``stds`` (one entry per tower); a missing field keeps its default.
+
+        Raises:
+            ValueError: when a field is malformed, the towers disagree on size or interpolation, or the
+                number of towers differs from ``num_towers``.
+        """
+        defaults = cls()
+        means = data.get("means", defaults.means)
+        stds = data.get("stds", defaults.stds)
+        if num_towers is not None and "means" not in data:
+            means, stds = means[:num_towers], stds[:num_towers]
+        sizes = data.get("input_sizes")
+        if sizes is not None:
+            squares = {tuple(int(v) for v in size[-2:]) for size in sizes}
+            if len(squares) != 1 or len(next(iter(squares))) != 2 or len(set(next(iter(squares)))) != 1:
+                raise ValueError(f"input_sizes must be one square size for every tower, got {sizes}")
+            image_size = next(iter(squares))[0]
+        else:
+            image_size = defaults.image_size
+        interpolations = data.get("interpolations", [defaults.interpolation])
+        if isinstance(interpolations, str):
+            interpolations = [interpolations]
+        if len(set(interpolations)) != 1:
+            raise ValueError(f"interpolations must be the same for every tower, got {interpolations}")
+        settings = cls(
+            image_size=image_size,
+            resize_strategy=str(data.get("image_resize_strategy", defaults.resize_strategy)),
+            interpolation=str(interpolations[0]),
+            means=tuple(tuple(m) for m in means),
+            stds=tuple(tuple(s) for s in stds),
+        )
+        if num_towers is not None and settings.num_towers != num_towers:
+            raise ValueError(
+                f"means/stds describe {settings.num_towers} vision tower(s), the model has {num_towers}"
+            )
+        return settings
+
+    def to_preprocessor_config(self, use_fused_vision_backbone: bool) -> dict[str, Any]:
+        """Returns the official ``preprocessor_config.json`` content for these settings."""
+        return {
+            "image_processor_type": "PrismaticImageProcessor",
+            "processor_class": "PrismaticProcessor",
+            "use_fused_vision_backbone": bool(use_fused_vision_backbone),
+            "image_resize_strategy": self.resize_strategy,
+            "input_sizes": [[3, self.image_size, self.image_size] for _ in self.means],
+            "interpolations": [self.interpolation for _ in self.means],
+            "means": [list(m) for m in self.means],
+            "stds": [list(s) for s in self.stds],
+        }
+
+    def normalize(self, model_image: np.ndarray) -> torch.Tensor:
+        """Returns the [3 * towers, S, S] float32 tensor of a resized uint8 [S, S, 3] image."""
+        pixels = torch.from_numpy(np.ascontiguousarray(model_image)).permute(2, 0, 1).to(torch.float32) / 255.0
+        normalized = (pixels[None] - self._mean_tensor) / self._std_tensor
+        return normalized.reshape(-1, *pixels.shape[1:])
+
+
+DEFAULT_IMAGE_SETTINGS = ImageSettings()
+
+
+def default_image_settings(use_fused_vision_backbone: bool, image_size: int = 224) -> ImageSettings:
+    """Returns the textbook settings (no ``preprocessor_config.json``): DINOv2 + SigLIP, or one tower."""
+    towers = 2 if use_fused_vision_backbone else 1
+    return ImageSettings(
+        image_size=image_size, means=DEFAULT_IMAGE_SETTINGS.means[:towers], stds=DEFAULT_IMAGE_SETTINGS.stds[:towers]
+    )
 
 
 def validate_image(image: np.ndarray) -> np.ndarray:
@@ -104,18 +244,25 @@ class ImageTransform:
     """The image path into the model, shared by the policy, the dataset converter and training.
 
     Attributes:
-        image_size: side of the square model input (224 for OpenVLA).
+        image_size: side of the square model input (224 for OpenVLA); ``settings.image_size`` wins
+            when ``settings`` is given.
         center_crop: take the centre 90%-area crop (use with models trained with random crops).
         rotate_180: rotate the camera image by 180 degrees first (upside-down mounted cameras).
+        settings: resize and normalisation settings, normally the checkpoint's (see
+            ``openvla_ros.loading.read_image_settings``); the textbook values when None.
     """
 
     image_size: int = 224
     center_crop: bool = False
     rotate_180: bool = False
+    settings: ImageSettings | None = None
 
     def __post_init__(self) -> None:
-        if self.image_size < 2:
-            raise ValueError(f"image_size must be >= 2, got {self.image_size}")
+        settings = self.settings
+        if settings is None:
+            settings = ImageSettings(image_size=self.image_size)
+        object.__setattr__(self, "settings", settings)
+        object.__setattr__(self, "image_size", settings.image_size)
 
     def model_image(self, image: np.ndarray) -> np.ndarray:
         """Returns the uint8 [S, S, 3] image the model sees (rotated, resized, optionally cropped).
@@ -126,39 +273,62 @@ class ImageTransform:
         image = validate_image(image)
         if self.rotate_180:
             image = np.ascontiguousarray(image[::-1, ::-1])
-        size = (self.image_size, self.image_size)
-        if image.shape[:2] != size:
-            image = np.array(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+        image = resize_to_square(image, self.settings)
         if self.center_crop:
             image = center_crop_and_resize(image)
         return image
 
     def pixel_values(self, image: np.ndarray) -> torch.Tensor:
-        """Returns the float32 [6, S, S] model input: DINOv2-normalised then SigLIP-normalised RGB.
+        """Returns the float32 [3 * towers, S, S] model input (DINOv2 then SigLIP normalisation when fused).
 
         Raises:
             ImageError: when ``image`` is not a uint8 HxWx3 array.
         """
-        return normalize_model_image(self.model_image(image))
+        return self.settings.normalize(self.model_image(image))
 
 
-def normalize_model_image(model_image: np.ndarray) -> torch.Tensor:
-    """Returns the [6, S, S] float32 tensor of an already resized uint8 [S, S, 3] image."""
-    pixels = torch.from_numpy(np.ascontiguousarray(model_image)).permute(2, 0, 1).to(torch.float32) / 255.0
-    dino = (pixels - _channel_tensor(DINOV2_MEAN)) / _channel_tensor(DINOV2_STD)
-    siglip = (pixels - _channel_tensor(SIGLIP_MEAN)) / _channel_tensor(SIGLIP_STD)
-    return torch.cat([dino, siglip], dim=0)
+def resize_to_square(image: np.ndarray, settings: ImageSettings) -> np.ndarray:
+    """Returns ``image`` resized to [S, S, 3] by ``settings.resize_strategy`` with PIL's filter.
+
+    An image already of the model's size is returned unchanged under every strategy.
+    """
+    size = settings.image_size
+    if image.shape[:2] == (size, size):
+        return image
+    resample = INTERPOLATIONS[settings.interpolation]
+    pil = Image.fromarray(image)
+    if settings.resize_strategy == "letterbox":
+        side = max(pil.size)
+        fill = tuple(int(value * 255) for value in settings.means[0])
+        square = Image.new("RGB", (side, side), fill)
+        square.paste(pil, ((side - pil.size[0]) // 2, (side - pil.size[1]) // 2))
+        pil = square
+    elif settings.resize_strategy == "resize-crop":
+        width, height = pil.size
+        scale = size / min(width, height)
+        new_size = (size, max(size, int(height * scale))) if width <= height else (max(size, int(width * scale)), size)
+        pil = pil.resize(new_size, resample)
+        left = int(round((pil.size[0] - size) / 2.0))
+        top = int(round((pil.size[1] - size) / 2.0))
+        return np.array(pil.crop((left, top, left + size, top + size)))
+    return np.array(pil.resize((size, size), resample))
 
 
-def _channel_tensor(values: Sequence[float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).view(3, 1, 1)
+def normalize_model_image(model_image: np.ndarray, settings: ImageSettings | None = None) -> torch.Tensor:
+    """Returns the normalised float32 tensor of an already resized uint8 [S, S, 3] image.
+
+    ``settings`` defaults to the textbook DINOv2 + SigLIP constants; pass the checkpoint's.
+    """
+    return (settings or DEFAULT_IMAGE_SETTINGS).normalize(model_image)
 
 
 def validate_instruction(instruction: str, max_chars: int = MAX_INSTRUCTION_CHARS) -> str:
     """Returns the stripped instruction.
 
     Raises:
-        InstructionError: when it is not a string, is empty or is longer than ``max_chars``.
+        InstructionError: when it is not a string, is empty, is longer than ``max_chars`` or holds a
+            literal special token such as ``</s>`` (tokenisers disagree on such text, so the model would
+            not see what the official code gives it).
     """
     if not isinstance(instruction, str):
         raise InstructionError(f"instruction must be a string, got {type(instruction).__name__}")
@@ -168,6 +338,12 @@ def validate_instruction(instruction: str, max_chars: int = MAX_INSTRUCTION_CHAR
     if len(text) > max_chars:
         raise InstructionError(
             f"instruction is {len(text)} characters long, the limit is {max_chars}; shorten it"
+        )
+    special = [token for token in SPECIAL_TOKEN_TEXTS if token in text.lower()]
+    if special:
+        raise InstructionError(
+            f"instruction contains the special-token text {special[0]!r}, which tokenisers treat "
+            "inconsistently; remove it or write it another way (e.g. 's' instead of '<s>')"
         )
     return text
 

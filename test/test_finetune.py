@@ -24,6 +24,7 @@ from openvla_ros.finetune.evaluation import action_metrics, predict_frames
 from openvla_ros.finetune.trainer import build_trainable_model, run_finetune
 from openvla_ros.loading import load_tokenizer
 from openvla_ros.policy import OpenVLAPolicy
+from openvla_ros.processor import ImageSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "toy_reach"
@@ -164,7 +165,7 @@ def test_qlora_4bit_gradients_are_correct_after_an_eval_forward(tiny_checkpoint:
     config = _config(tiny_checkpoint, dataset_dir, tmp_path / "q", quantization="4bit", lora_rank=4)
     frames = load_frames(open_rlds(dataset_dir, NAME), "train")[:2]
     statistics = json.loads((dataset_dir / NAME / "1.0.0" / "dataset_statistics.json").read_text())[NAME]
-    samples = SampleBuilder(load_tokenizer(tiny_checkpoint), statistics, 224, image_aug=False)
+    samples = SampleBuilder(load_tokenizer(tiny_checkpoint), statistics, ImageSettings(), image_aug=False)
     batch = collate([samples(frame, None) for frame in frames], pad_token_id=32000)
 
     fresh = build_trainable_model(config, tiny_checkpoint, "cpu")
@@ -281,3 +282,27 @@ def test_cli_resume_continues_a_run_from_its_newest_checkpoint(tiny_checkpoint: 
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
     assert "step-000003" in {p.name for p in (out / "checkpoints").iterdir()}
     assert (out / "merged" / "config.json").is_file()
+
+
+def test_training_normalises_images_with_the_base_checkpoints_preprocessor_settings(
+    tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    settings = json.loads((base / "preprocessor_config.json").read_text())
+    settings["means"][0] = [0.484375, 0.455078125, 0.40625]
+    settings["stds"][0] = [0.228515625, 0.2236328125, 0.224609375]
+    (base / "preprocessor_config.json").write_text(json.dumps(settings))
+    from openvla_ros.finetune.data import decode_image
+    from openvla_ros.finetune.trainer import Trainer
+
+    trainer = Trainer(_config(base, dataset_dir, tmp_path / "run", max_steps=1, save_steps=10, eval_steps=10))
+    frame = trainer.train_frames[0]
+    policy = OpenVLAPolicy.from_pretrained(str(base), device="cpu")
+    expected = policy.image_transform.pixel_values(decode_image(frame.image))
+    torch.testing.assert_close(trainer.samples(frame, None)["pixel_values"], expected, rtol=0, atol=0)
+    textbook = SampleBuilder(trainer.tokenizer, trainer.statistics, ImageSettings(), False)(frame, None)
+    assert (textbook["pixel_values"] - expected).abs().max() > 1e-3  # the settings matter
+    trainer.run()
+    written = json.loads((tmp_path / "run" / "merged" / "preprocessor_config.json").read_text())
+    assert written["means"] == settings["means"] and written["stds"] == settings["stds"]

@@ -24,7 +24,7 @@ from PIL import Image
 from openvla_ros.action_codec import ACTION_DIM, ActionNormalizer, ActionTokenizer
 from openvla_ros.errors import DatasetError
 from openvla_ros.modeling_openvla import IGNORE_INDEX
-from openvla_ros.processor import ImageTransform, crop_and_resize, normalize_model_image, prompt_token_ids
+from openvla_ros.processor import ImageSettings, ImageTransform, crop_and_resize, prompt_token_ids
 
 EOS_TOKEN_ID = 2
 CROP_AREA = 0.9
@@ -159,13 +159,17 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class SampleBuilder:
-    """Turns a :class:`Frame` into model inputs and labels (shared by training and validation)."""
+    """Turns a :class:`Frame` into model inputs and labels (shared by training and validation).
 
-    def __init__(self, tokenizer, statistics: dict[str, Any], image_size: int, image_aug: bool) -> None:
+    ``image_settings`` must be the base checkpoint's (``loading.read_image_settings``): the same resize
+    and normalisation constants the policy applies at inference.
+    """
+
+    def __init__(self, tokenizer, statistics: dict[str, Any], image_settings: ImageSettings, image_aug: bool) -> None:
         self.tokenizer = tokenizer
         self.normalizer = ActionNormalizer.from_stats(statistics["action"])
         self.action_tokenizer = ActionTokenizer(vocab_size=min(32000, len(tokenizer)))
-        self.transform = ImageTransform(image_size=image_size)
+        self.transform = ImageTransform(settings=image_settings)
         self.image_aug = image_aug
         self._prompt_cache: dict[str, list[int]] = {}
 
@@ -185,7 +189,7 @@ class SampleBuilder:
         input_ids = torch.tensor(prompt + targets, dtype=torch.long)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[-len(targets):] = input_ids[-len(targets):]
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": normalize_model_image(image)}
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": self.transform.settings.normalize(image)}
 
 
 def collate(samples: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:

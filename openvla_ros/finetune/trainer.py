@@ -42,7 +42,14 @@ from openvla_ros.finetune.data import (
     open_rlds,
     sample_rng,
 )
-from openvla_ros.loading import load_model, load_tokenizer, resolve_checkpoint_dir, save_checkpoint
+from openvla_ros.loading import (
+    load_model,
+    load_tokenizer,
+    read_config,
+    read_image_settings,
+    resolve_checkpoint_dir,
+    save_checkpoint,
+)
 from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
 from openvla_ros.policy import attach_adapter
 
@@ -203,8 +210,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.checkpoint_dir)
         self.model = build_trainable_model(config, self.checkpoint_dir, str(device))
         base = self.model.get_base_model()
-        self.samples = SampleBuilder(self.tokenizer, self.statistics, base.config.image_size, config.image_aug)
-        self.eval_samples = SampleBuilder(self.tokenizer, self.statistics, base.config.image_size, False)
+        # The base checkpoint's preprocessor settings, exactly as the policy will apply them.
+        self.image_settings = read_image_settings(self.checkpoint_dir, read_config(self.checkpoint_dir))
+        self.samples = SampleBuilder(self.tokenizer, self.statistics, self.image_settings, config.image_aug)
+        self.eval_samples = SampleBuilder(self.tokenizer, self.statistics, self.image_settings, False)
         self.pad_token_id = base.config.text_config.pad_token_id or 32000
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=0.0)
@@ -406,7 +415,7 @@ class Trainer:
         merged_dir, fresh, previous = self.out / "merged", self.out / ".merged-new", self.out / ".merged-old"
         for leftover in (fresh, previous):
             shutil.rmtree(leftover, ignore_errors=True)
-        save_checkpoint(merged, fresh, tokenizer=self.tokenizer)
+        save_checkpoint(merged, fresh, tokenizer=self.tokenizer, image_settings=self.image_settings)
         # as the official fine-tuning does: the run's own statistics beside the model
         (fresh / "dataset_statistics.json").write_text(json.dumps(statistics, indent=2))
         if merged_dir.exists():

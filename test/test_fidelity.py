@@ -1,0 +1,226 @@
+"""Fidelity to what official checkpoints ship: preprocessor settings, mask-less statistics, decoding."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from openvla_ros.action_codec import ActionNormalizer
+from openvla_ros.errors import CheckpointError, InstructionError
+from openvla_ros.loading import PREPROCESSOR_NAME, read_config, read_image_settings, save_checkpoint
+from openvla_ros.policy import OpenVLAPolicy
+from openvla_ros.processor import ImageSettings, ImageTransform, validate_instruction
+
+INSTRUCTION = "pick up the red block"
+# openvla-7b's preprocessor_config.json: the DINOv2 constants rounded to bfloat16.
+ROUNDED_MEAN = [0.484375, 0.455078125, 0.40625]
+ROUNDED_STD = [0.228515625, 0.2236328125, 0.224609375]
+
+
+def _image(seed: int = 0, height: int = 480, width: int = 640) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _official_preprocessor(**changes) -> dict:
+    config = {
+        "image_processor_type": "PrismaticImageProcessor",
+        "image_resize_strategy": "resize-naive",
+        "input_sizes": [[3, 224, 224], [3, 224, 224]],
+        "interpolations": ["bicubic", "bicubic"],
+        "means": [ROUNDED_MEAN, [0.5, 0.5, 0.5]],
+        "processor_class": "PrismaticProcessor",
+        "stds": [ROUNDED_STD, [0.5, 0.5, 0.5]],
+        "use_fused_vision_backbone": True,
+    }
+    config.update(changes)
+    return config
+
+
+@pytest.fixture(scope="module")
+def rounded_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with openvla-7b's preprocessor_config.json (bf16-rounded DINOv2 constants)."""
+    out = tmp_path_factory.mktemp("rounded") / "ckpt"
+    shutil.copytree(tiny_checkpoint, out)
+    (out / PREPROCESSOR_NAME).write_text(json.dumps(_official_preprocessor()))
+    return out
+
+
+def test_tiny_checkpoint_ships_the_textbook_preprocessor_settings(tiny_checkpoint: Path) -> None:
+    written = json.loads((tiny_checkpoint / PREPROCESSOR_NAME).read_text())
+    assert written["means"] == [[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]]
+    assert written["image_resize_strategy"] == "resize-naive" and written["input_sizes"] == [[3, 224, 224]] * 2
+
+
+def test_pixel_values_use_the_checkpoints_means_and_stds(rounded_checkpoint: Path) -> None:
+    policy = OpenVLAPolicy.from_pretrained(str(rounded_checkpoint), device="cpu")
+    image = _image()
+    pixels = policy.image_transform.pixel_values(image).numpy()
+    resized = np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BICUBIC), np.float32) / 255
+    dino = (resized - np.array(ROUNDED_MEAN, np.float32)) / np.array(ROUNDED_STD, np.float32)
+    np.testing.assert_allclose(pixels[:3], dino.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(pixels[3:], ((resized - 0.5) / 0.5).transpose(2, 0, 1), atol=1e-6)
+    textbook = ImageTransform().pixel_values(image).numpy()
+    assert np.abs(textbook[:3] - pixels[:3]).max() > 5e-3  # the rounding moves values by up to ~0.008
+    np.testing.assert_array_equal(textbook[3:], pixels[3:])
+
+
+def test_the_checkpoints_settings_change_the_models_logits(tiny_checkpoint: Path, rounded_checkpoint: Path) -> None:
+    image = _image(1)
+    logits = []
+    for checkpoint in (tiny_checkpoint, rounded_checkpoint):
+        policy = OpenVLAPolicy.from_pretrained(str(checkpoint), device="cpu")
+        input_ids, pixel_values = policy.prepare_inputs(image, INSTRUCTION)
+        with torch.no_grad():
+            logits.append(policy.model(input_ids, pixel_values).logits[0, -1])
+    assert (logits[0] - logits[1]).abs().max() > 1e-4
+
+
+def test_saving_keeps_the_preprocessor_settings(rounded_checkpoint: Path, tmp_path: Path) -> None:
+    policy = OpenVLAPolicy.from_pretrained(str(rounded_checkpoint), device="cpu")
+    out = save_checkpoint(
+        policy.model, tmp_path / "copy", tokenizer=policy.tokenizer, image_settings=policy.image_transform.settings
+    )
+    reloaded = read_image_settings(out, read_config(out))
+    assert reloaded == policy.image_transform.settings
+    assert [list(m) for m in reloaded.means] == [ROUNDED_MEAN, [0.5, 0.5, 0.5]]
+
+
+def test_without_a_preprocessor_file_the_textbook_values_apply(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_checkpoint, bare)
+    (bare / PREPROCESSOR_NAME).unlink()
+    assert read_image_settings(bare, read_config(bare)) == ImageSettings()
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"means": [ROUNDED_MEAN]}, "1 means and 2 stds"),
+        ({"means": [ROUNDED_MEAN] * 3, "stds": [ROUNDED_STD] * 3}, "3 vision tower(s), the model has 2"),
+        ({"input_sizes": [[3, 448, 448], [3, 448, 448]]}, "input size 448"),
+        ({"image_resize_strategy": "resize-stretch"}, "'resize-stretch' is not supported"),
+        ({"interpolations": ["bicubic", "bilinear"]}, "the same for every tower"),
+    ],
+)
+def test_preprocessor_settings_that_do_not_fit_are_one_clear_error(
+    tiny_checkpoint: Path, tmp_path: Path, changes: dict, words: str
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / PREPROCESSOR_NAME).write_text(json.dumps(_official_preprocessor(**changes)))
+    with pytest.raises(CheckpointError, match=PREPROCESSOR_NAME) as caught:
+        OpenVLAPolicy.from_pretrained(str(broken), device="cpu")
+    assert words in str(caught.value)
+
+
+def test_letterbox_pads_with_the_mean_colour_then_resizes() -> None:
+    settings = ImageSettings(resize_strategy="letterbox")
+    image = np.full((100, 200, 3), 255, np.uint8)
+    resized = ImageTransform(settings=settings).model_image(image)
+    assert resized.shape == (224, 224, 3)
+    fill = [int(v * 255) for v in settings.means[0]]
+    np.testing.assert_array_equal(resized[5, 112], fill)  # the padding band above the image
+    np.testing.assert_array_equal(resized[112, 112], [255, 255, 255])
+
+
+def test_resize_crop_keeps_the_aspect_and_takes_the_centre() -> None:
+    image = np.zeros((100, 300, 3), np.uint8)
+    image[:, 100:200] = 200  # the centre third
+    resized = ImageTransform(settings=ImageSettings(resize_strategy="resize-crop")).model_image(image)
+    assert resized.shape == (224, 224, 3)
+    assert resized[112, 112, 0] == 200 and abs(int(resized[112, 5, 0]) - 200) < 60
+
+
+def test_statistics_without_a_mask_unnormalise_every_dimension_as_the_official_code() -> None:
+    stats = {"q01": [-1.0] * 7, "q99": [3.0] * 7}
+    normalizer = ActionNormalizer.from_stats(stats)
+    np.testing.assert_allclose(normalizer.unnormalize(np.zeros(7)), [1.0] * 7)
+    with_mask = ActionNormalizer.from_stats({**stats, "mask": [True] * 6 + [False]})
+    np.testing.assert_allclose(with_mask.unnormalize(np.zeros(7)), [1.0] * 6 + [0.0])
+
+
+def test_a_checkpoint_without_mask_moves_the_gripper_through_its_bounds(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "nomask"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    for name in ("config.json", "dataset_statistics.json"):
+        data = json.loads((checkpoint / name).read_text())
+        stats = data["norm_stats"] if name == "config.json" else data
+        for entry in stats.values():
+            entry["action"].pop("mask", None)
+            entry["action"]["q01"][6], entry["action"]["q99"][6] = 10.0, 20.0
+        (checkpoint / name).write_text(json.dumps(data))
+    policy = OpenVLAPolicy.from_pretrained(str(checkpoint), device="cpu")
+    gripper = policy.predict_action(_image(2), INSTRUCTION)[6]
+    assert 10.0 <= gripper <= 20.0
+
+
+def _full_vocabulary_greedy(policy: OpenVLAPolicy, image: np.ndarray, steps: int) -> list[int]:
+    """The official rule written out: argmax over every id, recomputing the whole sequence each step."""
+    input_ids, pixel_values = policy.prepare_inputs(image, INSTRUCTION)
+    chosen: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([input_ids, torch.tensor([chosen], dtype=torch.long)], dim=1)
+            logits = policy.model(ids, pixel_values).logits[0, -1]
+            chosen.append(int(logits.argmax()))
+            if chosen[-1] == 2:
+                break
+    return chosen
+
+
+def test_official_decoding_takes_the_argmax_over_the_whole_vocabulary(tiny_checkpoint: Path) -> None:
+    ours = OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), device="cpu")
+    official = OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), device="cpu", decoding="official")
+    outside = compared = 0
+    for seed in range(4):
+        image = _image(10 + seed, 120, 160)
+        expected = _full_vocabulary_greedy(official, image, 7)
+        if len(expected) == 7:
+            assert official.predict_action_ids(image, INSTRUCTION).tolist() == expected
+            compared += 1
+        restricted = ours.predict_action_ids(image, INSTRUCTION)
+        assert ((restricted >= 31744) & (restricted <= 31999)).all()
+        outside += sum(not 31744 <= i <= 31999 for i in expected)
+        action = official.predict_action(image, INSTRUCTION)
+        normalized = official.action_tokenizer.decode(official.predict_action_ids(image, INSTRUCTION))
+        np.testing.assert_allclose(action, official.normalizer.unnormalize(normalized))
+    # the random tiny model rarely prefers action ids: official decoding then reads edge bins
+    assert outside > 0 and compared > 0
+
+
+def test_official_decoding_after_an_early_eos_reads_the_prompts_tail(tiny_checkpoint: Path) -> None:
+    official = OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), device="cpu", decoding="official")
+    calls = {"n": 0}
+
+    def eos_on_third_step(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            output = output.clone()
+            output[..., 2] = output.max() + 10.0
+        return output
+
+    handle = official.model.language_model.lm_head.register_forward_hook(eos_on_third_step)
+    try:
+        ids = official.predict_action_ids(_image(3, 120, 160), INSTRUCTION).tolist()
+    finally:
+        handle.remove()
+    prompt = official.prompt_ids(INSTRUCTION)[0].tolist()
+    assert calls["n"] == 3 and ids[-1] == 2
+    assert ids[:4] == prompt[-4:]  # 7 ids = the prompt's last 4 + 2 generated + EOS
+
+
+def test_unknown_decoding_is_refused(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="actions_only, official"):
+        OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), device="cpu", decoding="sampled")
+
+
+@pytest.mark.parametrize("text", ["pick up <s> the block", "stop</s>", "put it on </S> top", "<unk> block"])
+def test_instructions_with_special_token_text_are_refused(text: str) -> None:
+    with pytest.raises(InstructionError, match="special-token text"):
+        validate_instruction(text)
