@@ -1,6 +1,6 @@
 """A tiny, randomly initialised OpenVLA checkpoint with the official layout, built offline.
 
-    python -m openvla_ros.tiny OUT_DIR [--seed N]
+    python -m openvla_ros.tiny OUT_DIR [--seed N] [--prismatic]
 
 The checkpoint has the same structure as OpenVLA-7B at toy sizes: the same timm architectures
 (DINOv2-reg4 and SigLIP, patch 14 at 224x224, so 256 patches each) with small widths and depths, the
@@ -12,12 +12,17 @@ action tokens are ids 31744..31999. It carries ``norm_stats`` for the key ``tiny
 Random weights at the libraries' default initialisation make the image barely matter (LayerScale
 1e-5, unit norms, zero biases); those are redrawn so that images and instructions visibly change the
 output, and the action tokens' output rows are ordered by bin (see :func:`_order_action_rows`).
+
+With ``--prismatic`` the same model is written as a run directory of the original Prismatic training
+code instead (see :func:`make_tiny_prismatic_run`), the input of :mod:`openvla_ros.convert_prismatic`.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -217,16 +222,114 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, size: str = "tiny")
         CheckpointError: when ``out_dir`` exists and is not empty.
         ValueError: for an unknown size.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    model = OpenVLAForActionPrediction(SIZES[size]())
-    _redraw_parameters(model, torch.Generator().manual_seed(seed))
+    model = _tiny_model(seed, size)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = make_tiny_tokenizer(Path(scratch) / "tokenizer", seed=seed)
         shard_bytes = 6 * 1024**2 if size == "tiny" else 1024**3
         save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_bytes=shard_bytes)
+    return out_dir
+
+
+def _tiny_model(seed: int, size: str) -> OpenVLAForActionPrediction:
+    """Returns the randomly initialised model of :func:`make_tiny_checkpoint`.
+
+    Raises:
+        ValueError: for an unknown size.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    torch.manual_seed(seed)
+    model = OpenVLAForActionPrediction(SIZES[size]())
+    _redraw_parameters(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def _prismatic_state(model: OpenVLAForActionPrediction) -> dict[str, dict[str, torch.Tensor]]:
+    """Returns the weights as the Prismatic training code saves them: one state dict per module.
+
+    Prismatic names the towers ``dino_featurizer`` / ``siglip_featurizer``, the projector's layers by
+    their index in an ``nn.Sequential`` (``projector.0/2/4``, GELUs between), the LLM ``llm.*``, and keeps
+    timm's LayerScale name ``gamma``.
+    """
+    towers = {"featurizer": "dino_featurizer", "fused_featurizer": "siglip_featurizer"}
+    layers = {"fc1": "0", "fc2": "2", "fc3": "4"}
+    groups: dict[str, dict[str, torch.Tensor]] = {"vision_backbone": {}, "projector": {}, "llm_backbone": {}}
+    for name, tensor in model.state_dict().items():
+        module, _, rest = name.partition(".")
+        if module == "vision_backbone":
+            tower, _, rest = rest.partition(".")
+            groups["vision_backbone"][f"{towers[tower]}.{rest}"] = tensor
+        elif module == "projector":
+            layer, _, parameter = rest.partition(".")
+            groups["projector"][f"projector.{layers[layer]}.{parameter}"] = tensor
+        else:
+            groups["llm_backbone"][f"llm.{rest}"] = tensor
+    return groups
+
+
+def make_tiny_prismatic_run(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Writes the tiny model as a Prismatic training run directory and returns its path.
+
+    The weights equal :func:`make_tiny_checkpoint`'s for the same seed and size. The directory holds
+    ``config.json`` (a ``vla`` section with the Prismatic backbone ids, plus the converter's
+    ``openvla_ros_model`` section for what those ids cannot say: the narrowed towers, the toy Llama and
+    the tokenizer directory), ``dataset_statistics.json``, ``tokenizer/`` and
+    ``checkpoints/latest-checkpoint.pt`` (``{"model": {"vision_backbone", "projector", "llm_backbone"}}``).
+    It is written beside ``out_dir`` and renamed into place.
+
+    Raises:
+        CheckpointError: when ``out_dir`` exists and is not empty.
+        ValueError: for an unknown size.
+    """
+    from openvla_ros.errors import CheckpointError
+    from openvla_ros.prismatic_config import OVERRIDE_KEY
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
+    model = _tiny_model(seed, size)
+    config = model.config.to_dict()
+    run_config = {
+        "vla": {
+            "vla_id": f"{size}-dinosiglip-224px+mx-{TINY_UNNORM_KEY}",
+            "base_vlm": f"{size}-dinosiglip-224px",
+            "vision_backbone_id": "dinosiglip-vit-so-224px",
+            "llm_backbone_id": model.config.llm_backbone_id,
+            "arch_specifier": "no-align+fused-gelu-mlp",
+            "image_resize_strategy": model.config.image_resize_strategy,
+            "data_mix": TINY_UNNORM_KEY,
+            "freeze_vision_backbone": False,
+            "freeze_llm_backbone": False,
+        },
+        "run_id": out_dir.name,
+        "seed": seed,
+        OVERRIDE_KEY: {
+            "timm_model_ids": config["timm_model_ids"],
+            "timm_override_args": config["timm_override_args"],
+            "image_sizes": config["image_sizes"],
+            "text_config": config["text_config"],
+            "tokenizer": "tokenizer",
+        },
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tokenizer = make_tiny_tokenizer(staging / "scratch", seed=seed)
+        tokenizer.save_pretrained(str(staging / "tokenizer"))
+        shutil.copyfile(tokenizer.vocab_file, staging / "tokenizer" / "tokenizer.model")
+        shutil.rmtree(staging / "scratch")
+        (staging / "checkpoints").mkdir()
+        torch.save({"model": _prismatic_state(model)}, staging / "checkpoints" / "latest-checkpoint.pt")
+        (staging / "config.json").write_text(json.dumps(run_config, indent=2))
+        (staging / "dataset_statistics.json").write_text(json.dumps(config["norm_stats"], indent=2))
+        staging.chmod(0o755)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out_dir
 
 
@@ -235,11 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="directory to create (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (tests) or mid (~200M, benchmarks)")
+    parser.add_argument(
+        "--prismatic", action="store_true",
+        help="write a Prismatic training run directory (config.json, dataset_statistics.json, "
+        "checkpoints/latest-checkpoint.pt) instead of a checkpoint",
+    )
     args = parser.parse_args(argv)
     from openvla_ros.errors import OpenVLAError
 
+    make = make_tiny_prismatic_run if args.prismatic else make_tiny_checkpoint
     try:
-        path = make_tiny_checkpoint(args.out_dir, seed=args.seed, size=args.size)
+        path = make(args.out_dir, seed=args.seed, size=args.size)
     except OpenVLAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
