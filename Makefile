@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint demo tiny bench clean
+.PHONY: venv test lint demo tiny bench clean ros2-tooling
 
 venv: $(STAMP)
 
@@ -16,10 +16,27 @@ $(STAMP): requirements.lock setup.py
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The ROS 2 launch and ros2cli wheels in ../shared/ros2-tooling, when that folder exists (skipped
+# silently otherwise): the tests then run the real `ros2 launch`, `ros2 topic`, `ros2 service` and
+# `ros2 param`. colcon gets a virtualenv of its own (it needs setuptools<80) and is run with the
+# project's interpreter, with that virtualenv's site-packages on PYTHONPATH.
+ROS2_TOOLING := ../shared/ros2-tooling
+ROS2_WHEELS := $(wildcard $(ROS2_TOOLING)/wheels/*.whl)
+ROS2_TOOLING_STAMP := $(VENV)/.ros2-tooling
+COLCON_VENV := $(VENV)/colcon
+
+ros2-tooling: $(if $(ROS2_WHEELS),$(ROS2_TOOLING_STAMP))
+
+$(ROS2_TOOLING_STAMP): $(STAMP) $(ROS2_WHEELS) requirements-colcon.lock
+	$(PY) -m pip install --quiet --no-deps $(ROS2_TOOLING)/wheels/*.whl
+	test -x $(COLCON_VENV)/bin/python || $(PY) -m venv $(COLCON_VENV)
+	$(COLCON_VENV)/bin/python -m pip install --quiet -r requirements-colcon.lock
+	touch $(ROS2_TOOLING_STAMP)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint ros2-tooling
 	$(PY) -m pytest -q $(PYTEST_ARGS) test
 
 tiny: $(STAMP)
