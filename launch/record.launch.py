@@ -6,12 +6,19 @@
 The bag goes to ``<output_dir>/<episode>`` (an empty ``episode`` gives ``episode_<date>_<time>``), in
 mcap unless ``storage`` says otherwise. Stop with Ctrl-C; then convert with
 ``training/bag_to_rlds.py``, which reads the same config file.
+
+Where ``ros2 bag`` is not installed (rosbag2 is C++; ROS 2 from PyPI wheels does not have it), the
+launch fails with one message naming ``python -m openvla_ros.record``, which records the same topics
+into the same kind of bag without rosbag2, and ``ros2 launch`` exits non-zero.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
@@ -62,14 +69,46 @@ def record_command(config: dict, output_dir: str, episode: str, storage: str, di
     return command + list(dict.fromkeys(topics.recorded_topics() + extra))
 
 
+def missing_ros2_bag() -> str:
+    """Returns why ``ros2 bag record`` cannot run here, or an empty string when it can.
+
+    ``ros2`` finds its verbs through the ``ros2cli.command`` entry points; rosbag2's ``ros2bag`` package
+    registers ``bag`` there.
+    """
+    if shutil.which("ros2") is None:
+        return "the `ros2` command is not on PATH"
+    if not any(entry.name == "bag" for entry in entry_points(group="ros2cli.command")):
+        return "`ros2 bag` is not installed (rosbag2 and its ros2bag package are missing)"
+    return ""
+
+
+def fallback_command(arguments: dict[str, str]) -> str:
+    """Returns the ``python -m openvla_ros.record`` command line that records what ``arguments`` ask for."""
+    command = ["python", "-m", "openvla_ros.record"]
+    for name in ("config", "output_dir", "episode", "storage"):
+        value = arguments.get(name, "").strip()
+        if value:
+            command += ["--" + name.replace("_", "-"), value]
+    return shlex.join(command)
+
+
 def _make_recorder(context: LaunchContext) -> list:
-    """Returns the recording process, with the launch arguments resolved in ``context``."""
+    """Returns the recording process, with the launch arguments resolved in ``context``.
+
+    Raises:
+        RuntimeError: when ``ros2 bag`` is not available; the message names the recorder that needs no
+            rosbag2 (``ros2 launch`` prints it and exits non-zero).
+    """
     import yaml
     from ament_index_python.packages import get_package_share_directory
 
     def argument(name: str) -> str:
         return LaunchConfiguration(name).perform(context)
 
+    problem = missing_ros2_bag()
+    if problem:
+        fallback = fallback_command({name: argument(name) for name, _, _ in LAUNCH_ARGUMENTS})
+        raise RuntimeError(f"cannot record: {problem}. Record without rosbag2 instead: {fallback}")
     config_file = argument("config") or f"{get_package_share_directory(PACKAGE)}/config/record.yaml"
     with open(config_file) as stream:
         config = yaml.safe_load(stream) or {}
