@@ -6,6 +6,11 @@ The node starts from ``params_file`` (default: the package's ``config/policy.yam
 ``quantization``, ``unnorm_key``, the topic arguments and ``rate_hz`` override the file only when given,
 and ``use_sim_time`` always applies. The node configures and activates itself (``autostart``) but publishes nothing until
 ``~/enable`` is called with ``true``.
+
+    ros2 launch openvla_ros policy.launch.py model:=/path/to/checkpoint namespace:=robot1
+
+runs it as ``/robot1/openvla_policy``: ``~/action``, ``~/enable`` and the other node-private names, and
+topic names that do not start with ``/``, resolve under ``/robot1``.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ LAUNCH_ARGUMENTS = (
     ("model", "", "Checkpoint directory or hub id; empty keeps the parameter file's value."),
     ("quantization", "", "none, 8bit or 4bit; empty keeps the parameter file's value."),
     ("unnorm_key", "", "Action statistics key, e.g. bridge_orig; empty keeps the parameter file's value."),
-    ("image_topic", "", "Camera topic (sensor_msgs/Image); empty keeps the file's value (/camera/image_raw)."),
-    ("instruction_topic", "", "Instruction topic (std_msgs/String); empty keeps the file's value (/instruction)."),
+    ("image_topic", "", "Camera topic (sensor_msgs/Image), relative to the namespace unless it starts with /; "
+     "empty keeps the parameter file's value."),
+    ("instruction_topic", "", "Instruction topic (std_msgs/String), relative to the namespace unless it starts "
+     "with /; empty keeps the parameter file's value."),
     ("rate_hz", "", "Control rate in Hz, 1 to 30; empty keeps the file's value (5.0)."),
     ("params_file", "", "Parameter file; empty for the package's config/policy.yaml."),
-    ("namespace", "", "Namespace of the node."),
+    ("namespace", "", "Namespace of the node: its outputs and services, and its inputs when their names "
+     "are relative, move under it (e.g. robot1)."),
     ("log_level", "info", "Logging level: debug, info, warn or error."),
     ("use_sim_time", "false", "Take time from /clock (simulation)."),
 )
