@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -55,11 +57,44 @@ def test_record_command_from_the_shared_config() -> None:
         record_command(config, "", "ep", "rosbag1")
 
 
-def test_launch_description_builds_where_launch_is_installed() -> None:
+def _launch_module():
+    """Returns the launch file as a module; skips where the ROS 2 ``launch`` package is not installed."""
     pytest.importorskip("launch.actions")  # the repo's launch/ folder alone is not the package
     spec = importlib.util.spec_from_file_location("record_launch", LAUNCH_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    description = module.generate_launch_description()
+    return module
+
+
+def test_launch_description_builds_where_launch_is_installed() -> None:
+    description = _launch_module().generate_launch_description()
     declared = [entity.name for entity in description.entities if hasattr(entity, "default_value")]
     assert declared == ["config", "output_dir", "episode", "storage"]
+
+
+def test_without_ros2_bag_the_launch_fails_naming_the_recorder_that_needs_no_rosbag2(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    module = _launch_module()
+    from launch.actions import ExecuteProcess
+
+    from launch import LaunchContext
+
+    context = LaunchContext()
+    context.launch_configurations.update(config=str(RECORD_YAML), output_dir="/data/my demos", episode="ep_01",
+                                         storage="")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/opt/ros/bin/{name}")
+    monkeypatch.setattr(module, "entry_points", lambda group: [SimpleNamespace(name="topic")])
+    assert "`ros2 bag` is not installed" in module.missing_ros2_bag()
+    with pytest.raises(RuntimeError) as raised:
+        module._make_recorder(context)
+    assert str(raised.value).endswith(f"Record without rosbag2 instead: python -m openvla_ros.record --config "
+                                      f"{RECORD_YAML} --output-dir '/data/my demos' --episode ep_01")
+
+    monkeypatch.setattr(module, "entry_points", lambda group: [SimpleNamespace(name="bag")])
+    assert module.missing_ros2_bag() == ""
+    (process,) = module._make_recorder(context)
+    assert isinstance(process, ExecuteProcess)
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert module.missing_ros2_bag() == "the `ros2` command is not on PATH"
