@@ -1,10 +1,11 @@
-"""Reading demonstration bags (rosbag2, sqlite3 or mcap, metadata versions 4-9, split bags) with rosbags.
+"""Reading demonstration bags (rosbag2, sqlite3 or mcap, metadata versions 4-9, split bags).
 
 No ROS installation is needed. :class:`DemoBag` checks that the configured topics exist with a
 supported message type, streams their messages in bag order as plain values (numbers, arrays,
-strings) and camera frames as undecoded :class:`RawFrame` handles, and, once the stream ends,
-checks that every topic yielded as many messages as the bag's metadata declares (a mismatched
-``metadata.yaml`` can otherwise make a reader return nothing without complaint).
+strings) and camera frames as :class:`RawFrame` handles that only say where the frame lies (its
+bytes are read and decoded when a step uses it), and, once the stream ends, checks that every topic
+yielded as many messages as the storage declares and, with a ``metadata.yaml``, as the metadata
+declares.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any
 import numpy as np
 
 from openvla_ros.dataset.alignment import ActionKind, Role, pose_to_state, quaternion_to_matrix
+from openvla_ros.dataset.bag_storage import BagError, StoredBag, open_bag
 from openvla_ros.dataset.config import ConversionConfig
 from openvla_ros.errors import DatasetError, ImageError
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+IMAGE_TYPES = ("sensor_msgs/msg/Image", COMPRESSED_TYPE)
 VECTOR_TYPE = "std_msgs/msg/Float64MultiArray"
 TWIST_TYPES = ("geometry_msgs/msg/TwistStamped", "geometry_msgs/msg/Twist")
 POSE_TYPE = "geometry_msgs/msg/PoseStamped"
@@ -49,7 +52,7 @@ class Stream:
 
 @dataclass(frozen=True)
 class RawFrame:
-    """A camera message kept undecoded until a step needs it."""
+    """A camera message not read yet: ``data`` locates it in the bag's storage for :meth:`DemoBag.decode_frame`."""
 
     topic: str
     msgtype: str
@@ -85,6 +88,10 @@ def action_kind_of(msgtype: str) -> ActionKind:
 class DemoBag:
     """A demonstration bag opened for conversion; use as a context manager.
 
+    Topics, types and counts come from the storage files (see :mod:`~openvla_ros.dataset.bag_storage`),
+    so QoS differences between ``metadata.yaml`` and the storage hide nothing, a bag without
+    ``metadata.yaml`` reads, and only the configured topics are ever decoded.
+
     Raises (from ``__enter__``):
         DatasetError: when the path is not a readable bag, a configured topic is missing (the message
             lists the bag's topics) or has an unsupported message type.
@@ -96,26 +103,24 @@ class DemoBag:
         self.streams: list[Stream] = []
         self.action_kind = ActionKind.VECTOR
         self.counts: dict[str, TopicCount] = {}
-        self._reader: Any = None
-        self._connections: list[Any] = []
+        self._bag: StoredBag | None = None
+        self._typestore: Any = None
         self._joint_names: tuple[str, ...] = config.joint_names
 
     def __enter__(self) -> DemoBag:
-        from rosbags.highlevel import AnyReader
         from rosbags.typesys import Stores, get_typestore
 
-        if not self.path.exists():
-            raise DatasetError(f"bag {self.path} does not exist; pass a rosbag2 directory (with metadata.yaml)")
         try:
-            self._reader = AnyReader([self.path], default_typestore=get_typestore(Stores.LATEST))
-            self._reader.open()
+            self._bag = open_bag(self.path)
+        except DatasetError:
+            raise
         except Exception as exc:
-            self._reader = None
-            raise DatasetError(
-                f"cannot open bag {self.path}: {exc}; check that it is a complete rosbag2 directory "
-                "(metadata.yaml beside its .db3/.mcap files), or rebuild its metadata with `ros2 bag reindex`"
+            raise BagError(
+                f"cannot open bag {self.path}: {type(exc).__name__}: {_one_line(exc)}; check that it is a complete "
+                "rosbag2 directory (its .db3/.mcap files, with or without metadata.yaml)"
             ) from exc
         try:
+            self._typestore = get_typestore(Stores.LATEST)
             self._resolve_streams()
         except BaseException:
             self.__exit__(None, None, None)
@@ -123,23 +128,36 @@ class DemoBag:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._reader is not None:
-            reader, self._reader = self._reader, None
-            reader.close()
+        if self._bag is not None:
+            bag, self._bag = self._bag, None
+            bag.close()
 
     @property
     def start_ns(self) -> int:
-        """The bag's start time (ns)."""
-        return int(self._reader.start_time)
+        """The receive time (ns) of the first message read so far on the configured topics (0 before any)."""
+        firsts = [count.first_ns for count in self.counts.values() if count.count]
+        return min(firsts) if firsts else 0
 
     @property
     def declared_message_count(self) -> int:
-        """Messages that the bag's metadata declares on the topics being read."""
-        return sum(int(conn.msgcount) for conn in self._connections)
+        """Messages on the topics being read, as the storage (or else the metadata) declares them."""
+        total = 0
+        for stream in self.streams:
+            total += self._storage_count(stream.topic) or (self._bag.declared_counts or {}).get(stream.topic, 0)
+        return total
+
+    @property
+    def warnings(self) -> list[str]:
+        """Problems the storage reported that did not stop the reading (e.g. a truncated last file)."""
+        return self._bag.warnings if self._bag is not None else []
 
     def topic_types(self) -> dict[str, str]:
-        """Returns ``{topic: message type}`` of every topic in the bag."""
-        return {conn.topic: conn.msgtype for conn in self._reader.connections}
+        """Returns ``{topic: message type}`` of every topic in the bag's storage."""
+        return {name: topic.msgtype for name, topic in self._bag.topics.items()}
+
+    def _storage_count(self, topic: str) -> int | None:
+        stored = self._bag.topics.get(topic)
+        return None if stored is None else stored.count
 
     def _resolve_streams(self) -> None:
         topics = self.config.topics
@@ -172,6 +190,12 @@ class DemoBag:
             wanted.append((topics.gripper, Role.GRIPPER, ""))
         self.streams = []
         for topic, role, key in wanted:
+            types = self._bag.topics[topic].types
+            if len(types) > 1:
+                raise DatasetError(
+                    f"topic {topic} in bag {self.path} holds messages of several types ({', '.join(types)}); "
+                    "convert a bag whose topic has one type"
+                )
             msgtype = available[topic]
             if msgtype not in ACCEPTED_TYPES[role]:
                 raise DatasetError(
@@ -179,76 +203,98 @@ class DemoBag:
                     f"one of {', '.join(ACCEPTED_TYPES[role])}"
                 )
             self.streams.append(Stream(topic, msgtype, role, key))
-        by_topic = {stream.topic for stream in self.streams}
-        self._connections = [conn for conn in self._reader.connections if conn.topic in by_topic]
         self.counts = {stream.topic: TopicCount(stream.msgtype) for stream in self.streams}
 
     def messages(self) -> Iterator[tuple[int, Stream, Any]]:
         """Yields ``(receive time ns, stream, value)`` in bag order.
 
-        Values: a :class:`RawFrame` for cameras; float64 arrays for actions (7 values, twist
-        ``[vx, vy, vz, wx, wy, wz]`` or pose ``[x, y, z, qx, qy, qz, qw]``) and state; a float for the
-        gripper; a string for the instruction. After the last message, the counts read are checked.
+        Values: a :class:`RawFrame` for cameras (its pixels are read only when :meth:`decode_frame`
+        asks for them); float64 arrays for actions (7 values, twist ``[vx, vy, vz, wx, wy, wz]`` or
+        pose ``[x, y, z, qx, qy, qz, qw]``) and state; a float for the gripper; a string for the
+        instruction. After the last message, the counts read are checked against the storage's own
+        counts and, when the bag has a ``metadata.yaml``, against the metadata's.
 
         Raises:
             DatasetError: when a message cannot be read or has the wrong size, or when the number of
-                messages read on a topic differs from the bag's metadata.
+                messages read on a topic differs from the storage's or the metadata's count.
         """
         streams = {stream.topic: stream for stream in self.streams}
+        payload = [stream.topic for stream in self.streams if stream.role is not Role.CAMERA]
         try:
-            iterator = self._reader.messages(connections=self._connections)
-            for connection, time_ns, raw in iterator:
-                stream = streams[connection.topic]
-                count = self.counts[stream.topic]
+            for time_ns, topic, locator, data in self._bag.entries(list(streams), payload):
+                stream = streams[topic]
+                count = self.counts[topic]
                 if count.count == 0:
                     count.first_ns = time_ns
                 count.count += 1
                 count.last_ns = time_ns
-                if stream.role is Role.CAMERA:
-                    yield time_ns, stream, RawFrame(stream.topic, stream.msgtype, time_ns, raw)
+                if data is None:
+                    yield time_ns, stream, RawFrame(topic, stream.msgtype, time_ns, locator)
                 else:
-                    message = self._reader.deserialize(raw, stream.msgtype)
+                    message = self._deserialize(stream, data, time_ns)
                     yield time_ns, stream, self._value(stream, message, time_ns)
         except DatasetError:
             raise
         except Exception as exc:
             raise DatasetError(
-                f"cannot read messages of bag {self.path}: {type(exc).__name__}: {exc}; the bag is damaged "
-                "(try `ros2 bag reindex`, or leave this bag out)"
+                f"cannot read messages of bag {self.path}: {type(exc).__name__}: {_one_line(exc)}; the bag is "
+                "damaged (try `ros2 bag reindex`, or leave this bag out)"
             ) from exc
         self._check_counts()
 
+    def _deserialize(self, stream: Stream, data: bytes | memoryview, time_ns: int) -> Any:
+        try:
+            return self._typestore.deserialize_cdr(bytes(data), stream.msgtype)
+        except Exception as exc:
+            raise BagError(
+                f"bag {self.path}: the {stream.msgtype} message on {stream.topic} at {time_ns} ns cannot be "
+                f"deserialised ({type(exc).__name__}: {_one_line(exc)}); it was recorded with another definition "
+                "of that type, or is damaged"
+            ) from exc
+
     def _check_counts(self) -> None:
-        declared: dict[str, int] = {}
-        for conn in self._connections:
-            declared[conn.topic] = declared.get(conn.topic, 0) + int(conn.msgcount)
-        wrong = [
-            f"{topic}: read {self.counts[topic].count}, metadata declares {count}"
-            for topic, count in declared.items()
-            if self.counts[topic].count != count
-        ]
-        if wrong:
-            raise DatasetError(
-                f"bag {self.path} does not match its metadata ({'; '.join(wrong)}); the metadata.yaml "
-                "does not describe the data files: rebuild it with `ros2 bag reindex` before converting"
+        damaged, mismatched = [], []
+        declared = self._bag.declared_counts
+        for stream in self.streams:
+            read = self.counts[stream.topic].count
+            stored = self._storage_count(stream.topic)
+            if stored is not None and read != stored:
+                damaged.append(f"{stream.topic}: read {read}, the storage declares {stored}")
+            elif declared is not None and stream.topic in declared and read != declared[stream.topic]:
+                mismatched.append(f"{stream.topic}: read {read}, metadata declares {declared[stream.topic]}")
+        if damaged:
+            raise BagError(
+                f"bag {self.path} holds fewer or more messages than its storage declares ({'; '.join(damaged)}); "
+                "the storage file is damaged: leave this bag out (`mcap recover` may repair an mcap file)"
+            )
+        if mismatched:
+            raise BagError(
+                f"bag {self.path} does not match its metadata ({'; '.join(mismatched)}); the metadata.yaml does not "
+                "describe the data files: rebuild it with `ros2 bag reindex` (or move it away: the bag is then "
+                "read from its storage alone) before converting"
             )
 
     def decode_frame(self, frame: RawFrame) -> np.ndarray:
         """Returns the RGB uint8 ``(height, width, 3)`` pixels of a camera frame, as the policy node converts them.
 
-        Raises:
-            DatasetError: when the message cannot be deserialised or converted.
-        """
-        from openvla_ros.ros_conversions import message_to_rgb
+        Reads the frame's bytes from the storage (safe from worker threads) and decodes them in place.
 
+        Raises:
+            DatasetError: when the bag is closed, or the frame cannot be read or converted.
+        """
+        from openvla_ros.dataset.cdr import compressed_rgb, image_rgb
+
+        bag = self._bag
+        if bag is None:
+            raise BagError(f"bag {self.path} is closed; frame on {frame.topic} at {frame.time_ns} ns not read")
+        data = bag.read(frame.data, frame.topic)
         try:
-            message = self._reader.deserialize(frame.data, frame.msgtype)
-            return message_to_rgb(message)
+            return compressed_rgb(data) if frame.msgtype == COMPRESSED_TYPE else image_rgb(data)
         except ImageError as exc:
             raise DatasetError(f"bag {self.path}: frame on {frame.topic} at {frame.time_ns} ns: {exc}") from exc
         except Exception as exc:
             raise DatasetError(
-                f"bag {self.path}: cannot read the frame on {frame.topic} at {frame.time_ns} ns: {exc}"
+                f"bag {self.path}: cannot read the frame on {frame.topic} at {frame.time_ns} ns: {_one_line(exc)}"
             ) from exc
 
     def _value(self, stream: Stream, message: Any, time_ns: int) -> Any:
@@ -320,6 +366,12 @@ class DemoBag:
                 f"{', '.join(absent)}; it has {', '.join(names)}. List the joints to keep in conversion.joint_names"
             )
         return positions[[index[name] for name in self._joint_names]]
+
+
+def _one_line(exc: BaseException) -> str:
+    """Returns an exception's message on one line, shortened (some libraries put whole definitions in it)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _describe(topics: dict[str, str]) -> str:
