@@ -9,7 +9,9 @@ activates itself; it still publishes nothing until ``~/enable`` is called with `
 Topics:
     in  ``image_topic`` (sensor_msgs/Image, or ``<image_topic>/compressed`` CompressedImage with
         ``image_transport: compressed``), depth-1 keep-last best-effort QoS
-    in  ``instruction_topic`` (std_msgs/String), reliable + transient-local
+    in  ``instruction_topic`` (std_msgs/String), reliable; two subscriptions, volatile (matches every
+        publisher, e.g. ``ros2 topic pub``) and transient-local (a latched publisher's last message
+        reaches a node started after it)
     out ``~/action`` (std_msgs/Float64MultiArray) [dx, dy, dz, droll, dpitch, dyaw, gripper]
     out ``~/delta_twist`` (geometry_msgs/TwistStamped), stamped with the image's stamp
     out ``~/gripper`` (std_msgs/Float64), mapped by ``gripper_mode``
@@ -21,9 +23,11 @@ Services: ``~/enable`` (std_srvs/SetBool) and the standard lifecycle services.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -66,6 +70,7 @@ from openvla_ros.ros_conversions import message_to_rgb
 NODE_NAME = "openvla_policy"
 IMAGE_TRANSPORTS = ("raw", "compressed")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+DECODINGS = ("actions_only", "official")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DIAGNOSTICS_PERIOD_S = 1.0
 ACTION_LAYOUT_LABEL = ",".join(ACTION_NAMES)
@@ -77,6 +82,9 @@ LATCHED_QOS = QoSProfile(
     reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.TRANSIENT_LOCAL,
 )
+# A transient-local subscription does not match a volatile publisher (DDS QoS rules) and a volatile one
+# gets no history: the node subscribes with both, so every kind of publisher reaches it.
+INSTRUCTION_VOLATILE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE)
 OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
@@ -150,19 +158,31 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec(
         "cpu_threads",
         0,
-        "Torch CPU threads for inference; 0 keeps torch's default.",
+        "Torch CPU threads for inference; 0 = auto: all cores but one, leaving one to the executor, DDS "
+        "and the camera driver (one thread on a 2-core machine).",
         read_only=True,
         integer_range=(0, 256),
+    ),
+    ParameterSpec(
+        "decoding",
+        "actions_only",
+        "actions_only: each action token is chosen among the 256 action ids; official: argmax over the "
+        "whole vocabulary as the official code (a non-action id decodes to an edge bin).",
+        read_only=True,
+        choices=DECODINGS,
     ),
     # Inputs.
     ParameterSpec(
         "image_topic",
-        "/camera/image_raw",
-        "Camera topic (base topic for compressed transport).",
+        "camera/image_raw",
+        "Camera topic (base topic for compressed transport); relative names resolve in the node's namespace.",
         read_only=True,
     ),
     ParameterSpec(
-        "instruction_topic", "/instruction", "Language instruction topic (std_msgs/String).", read_only=True
+        "instruction_topic",
+        "instruction",
+        "Language instruction topic (std_msgs/String); relative names resolve in the node's namespace.",
+        read_only=True,
     ),
     ParameterSpec(
         "image_transport",
@@ -248,11 +268,51 @@ class Step:
     stop_count: int  # the node's stop count when the step started: a stop since then voids it
 
 
-class PolicyNode(LifecycleNode):
-    """The OpenVLA policy as a managed (lifecycle) node; see the module docstring for its interface."""
+PolicyLoader = Callable[[dict[str, Any]], Any]
 
-    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+
+def load_policy(values: dict[str, Any]) -> Any:
+    """Returns the :class:`~openvla_ros.policy.OpenVLAPolicy` that the node's parameter values describe.
+
+    Raises:
+        OpenVLAError: when the model cannot be loaded (the node reports it and stays unconfigured).
+    """
+    from openvla_ros.policy import OpenVLAPolicy
+
+    return OpenVLAPolicy.from_pretrained(
+        values["model"],
+        quantization=values["quantization"],
+        dtype=values["dtype"],
+        device=values["device"],
+        adapter=values["adapter"] or None,
+        unnorm_key=values["unnorm_key"] or None,
+        center_crop=values["center_crop"],
+        rotate_180=values["rotate_180"],
+        decoding=values["decoding"],
+    )
+
+
+def auto_cpu_threads(cpu_count: int | None = None) -> int:
+    """Returns the torch thread count for ``cpu_threads: 0``: every core but one, at least one.
+
+    On a 2-core machine two inference threads made the step's tail ten times longer whenever anything
+    else ran (the camera driver, DDS, the executor): one core is left to them.
+    """
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
+class PolicyNode(LifecycleNode):
+    """The OpenVLA policy as a managed (lifecycle) node; see the module docstring for its interface.
+
+    ``policy_loader`` builds the policy from the parameter values on configure (default
+    :func:`load_policy`); anything with ``predict_action(rgb, instruction)``, ``unnorm_key`` and
+    ``release()`` will do.
+    """
+
+    def __init__(self, node_name: str = NODE_NAME, policy_loader: PolicyLoader | None = None, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
+        self._policy_loader = policy_loader or load_policy
         self._lock = threading.RLock()
         self._problems = ProblemTracker()
         self._values: dict[str, Any] = {spec.name: spec.default for spec in PARAMETERS}
@@ -388,8 +448,6 @@ class PolicyNode(LifecycleNode):
         return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        from openvla_ros.policy import OpenVLAPolicy
-
         values = dict(self._values)
         self._model_status = "loading"
         self.get_logger().info(
@@ -398,20 +456,11 @@ class PolicyNode(LifecycleNode):
         )
         started = time.perf_counter()
         try:
-            if values["cpu_threads"] > 0:
-                import torch
+            import torch
 
-                torch.set_num_threads(int(values["cpu_threads"]))
-            policy = OpenVLAPolicy.from_pretrained(
-                values["model"],
-                quantization=values["quantization"],
-                dtype=values["dtype"],
-                device=values["device"],
-                adapter=values["adapter"] or None,
-                unnorm_key=values["unnorm_key"] or None,
-                center_crop=values["center_crop"],
-                rotate_180=values["rotate_180"],
-            )
+            threads = int(values["cpu_threads"]) or auto_cpu_threads()
+            torch.set_num_threads(threads)
+            policy = self._policy_loader(values)
         except OpenVLAError as exc:
             return self._fail_configure(f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a model that fails to load must not take the node down
@@ -429,13 +478,15 @@ class PolicyNode(LifecycleNode):
             image_sub = self.create_subscription(CompressedImage, topic, self._on_image, SENSOR_QOS)
         else:
             image_sub = self.create_subscription(Image, values["image_topic"], self._on_image, SENSOR_QOS)
-        instruction_sub = self.create_subscription(
-            String, values["instruction_topic"], self._on_instruction, LATCHED_QOS
-        )
-        self._subscriptions_in_use = [image_sub, instruction_sub]
+        instruction_subs = [
+            self.create_subscription(String, values["instruction_topic"], self._on_instruction, qos)
+            for qos in (INSTRUCTION_VOLATILE_QOS, LATCHED_QOS)
+        ]
+        self._subscriptions_in_use = [image_sub, *instruction_subs]
         self._state_label = "inactive"
         self.get_logger().info(
-            f"subscribed to {image_sub.topic_name} ({values['image_transport']}) and {instruction_sub.topic_name}"
+            f"subscribed to {image_sub.topic_name} ({values['image_transport']}) and "
+            f"{instruction_subs[0].topic_name} (volatile and latched publishers); torch threads {threads}"
         )
         return TransitionCallbackReturn.SUCCESS
 
@@ -495,6 +546,19 @@ class PolicyNode(LifecycleNode):
         if self._worker is not None:
             self._worker.wait_idle(timeout_s=30.0)
         self._stop_output("control stopped")
+
+    def stop_now(self, reason: str) -> None:
+        """Stops the output at once: no new step starts, a running step is voided, one zero delta goes out.
+
+        Fast and safe from a signal handler (takes no slow path: the model, worker and timer are left to
+        :meth:`close`).
+        """
+        with self._lock:
+            self._enabled = False
+            timer = self._control_timer
+            if timer is not None:
+                timer.cancel()
+        self._stop_output(reason)
 
     def close(self) -> None:
         """Stops control and frees the model outside the lifecycle (process exit); safe to call twice."""
@@ -865,32 +929,80 @@ class PolicyNode(LifecycleNode):
         self._diagnostics_pub.publish(array)
 
 
-def main(args: list[str] | None = None) -> None:
-    """Runs the policy node until shutdown (Ctrl-C or an external shutdown)."""
+class ShutdownSignals:
+    """SIGINT/SIGTERM handling that holds under repeated signals.
+
+    Before the node spins (model loading) the first signal aborts start-up as a KeyboardInterrupt:
+    nothing has been published. Once it spins, the first signal stops the output at once (the zero
+    delta goes out from the handler, before anything slow) and ends the spin loop; every later signal
+    is logged and ignored, so clean-up always runs to the end and the process exits with status 0.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.node: PolicyNode | None = None
+        self.closing = False  # clean-up has begun: every signal is ignored
+        self.requested = threading.Event()
+        self.ignored = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.closing or self.requested.is_set():
+            self.ignored += 1
+            if self.node is not None:
+                self.node.get_logger().warning(f"{name} again: already shutting down, output is stopped")
+            return
+        if self.node is None:
+            raise KeyboardInterrupt
+        self.requested.set()
+        self.node.get_logger().info(f"{name}: stopping")
+        self.node.stop_now(f"shutdown on {name}")
+
+
+def main(args: list[str] | None = None, policy_loader: PolicyLoader | None = None) -> None:
+    """Runs the policy node until shutdown (SIGINT, SIGTERM or an external shutdown).
+
+    ``policy_loader`` replaces the model loading (see :class:`PolicyNode`).
+    """
     # rclpy's own SIGINT handler would shut the context down before the final zero delta could be
-    # published; handle SIGINT (KeyboardInterrupt) and SIGTERM here instead.
+    # published: the node's handlers stop the output first (see ShutdownSignals).
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signals = ShutdownSignals()
+    signals.install()
     node: PolicyNode | None = None
+    executor: MultiThreadedExecutor | None = None
     try:
-        node = PolicyNode()
+        node = PolicyNode(policy_loader=policy_loader)
         if node.autostart and not node.start():
             node.get_logger().error("autostart did not reach the active state; see the errors above")
         executor = MultiThreadedExecutor(num_threads=2)
         executor.add_node(node)
-        executor.spin()
+        signals.node = node
+        while not signals.requested.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        signals.closing = True
+        if node is not None:
+            signals.node = node
+            node.stop_now("shutdown")
+        if executor is not None:
+            executor.shutdown(timeout_sec=10.0)
         if node is not None:
             node.close()
             node.destroy_node()
         rclpy.try_shutdown()
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+        signals.restore()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+from ros_helpers import reserve_domain_id
 
 from openvla_ros.demo import resolve_model, resolve_unnorm_key
 
@@ -28,7 +28,7 @@ def demo_env() -> dict[str, str]:
     return dict(
         os.environ,
         ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        ROS_DOMAIN_ID=str(random.SystemRandom().randint(101, 200)),
+        ROS_DOMAIN_ID=str(reserve_domain_id()),
         PYTHONUNBUFFERED="1",
     )
 

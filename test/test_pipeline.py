@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ros_helpers import reserve_domain_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def quick_run(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     """Runs ``python -m openvla_ros.pipeline --quick`` on the tiny checkpoint; returns (out dir, stdout)."""
     out = tmp_path_factory.mktemp("pipeline") / "out"
     env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-               ROS_DOMAIN_ID=str(random.SystemRandom().randint(1, 100)))
+               ROS_DOMAIN_ID=str(reserve_domain_id()))
     result = subprocess.run(
         [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(out), "--base", str(tiny_checkpoint)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
