@@ -59,7 +59,7 @@ MODULE_GROUPS = ("vision_backbone", "projector", "llm_backbone")
 PREPROCESSOR_NAME = "preprocessor_config.json"
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 SELF_CHECK_INSTRUCTION = "pick up the red block"
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)  # the refused global
 
 
 @dataclass(frozen=True)
@@ -188,11 +188,16 @@ def map_weights(
             f"; it has no {' or '.join(absent)} weights at all (a run with frozen modules saves only the ones "
             "it trained; convert a checkpoint that holds all three)" if absent else ""
         )
+        problems = [
+            f"{len(names)} {what} {_preview(names)}"
+            for what, names in (("missing weight(s)", missing), ("unknown weight(s)", unknown),
+                                ("weight(s) with the wrong shape", shapes))
+            if names
+        ]
         raise CheckpointError(
             f"{source} does not fit the architecture its run config names "
             f"({model.config.extra.get('vision_backbone_id')} + {model.config.llm_backbone_id}): "
-            f"{len(missing)} missing weight(s) {_preview(missing)}, {len(unknown)} unknown weight(s) "
-            f"{_preview(unknown)}, {len(shapes)} with the wrong shape {_preview(shapes)}{hint}; nothing was written"
+            f"{', '.join(problems)}{hint}; nothing was written"
         )
     return mapped
 
@@ -248,7 +253,7 @@ def load_base_tokenizer(source: str, config: OpenVLAConfig):
                 f"{' '.join(TOKENIZER_FILES)} --local-dir DIR` and pass --tokenizer-from DIR"
             ) from exc
     tokenizer = load_tokenizer(directory)
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token != "<PAD>":  # Prismatic adds it whatever the base tokenizer pads with
         tokenizer.add_special_tokens({"pad_token": "<PAD>"})
     pad_id, vocab = config.text_config.pad_token_id, config.text_config.vocab_size
     if tokenizer.pad_token_id != pad_id or len(tokenizer) > vocab:
