@@ -19,6 +19,8 @@ import numpy as np
 
 from openvla_ros.dataset.alignment import ActionKind, Role, pose_to_state, quaternion_to_matrix
 from openvla_ros.dataset.bag_storage import BagError, StoredBag, open_bag
+from openvla_ros.dataset.cdr import CdrError
+from openvla_ros.dataset.cdr_values import decode_value
 from openvla_ros.dataset.config import ConversionConfig
 from openvla_ros.errors import DatasetError, ImageError
 
@@ -104,12 +106,9 @@ class DemoBag:
         self.action_kind = ActionKind.VECTOR
         self.counts: dict[str, TopicCount] = {}
         self._bag: StoredBag | None = None
-        self._typestore: Any = None
         self._joint_names: tuple[str, ...] = config.joint_names
 
     def __enter__(self) -> DemoBag:
-        from rosbags.typesys import Stores, get_typestore
-
         try:
             self._bag = open_bag(self.path)
         except DatasetError:
@@ -120,7 +119,6 @@ class DemoBag:
                 "rosbag2 directory (its .db3/.mcap files, with or without metadata.yaml)"
             ) from exc
         try:
-            self._typestore = get_typestore(Stores.LATEST)
             self._resolve_streams()
         except BaseException:
             self.__exit__(None, None, None)
@@ -244,12 +242,11 @@ class DemoBag:
 
     def _deserialize(self, stream: Stream, data: bytes | memoryview, time_ns: int) -> Any:
         try:
-            return self._typestore.deserialize_cdr(bytes(data), stream.msgtype)
-        except Exception as exc:
+            return decode_value(stream.msgtype, data)
+        except CdrError as exc:
             raise BagError(
                 f"bag {self.path}: the {stream.msgtype} message on {stream.topic} at {time_ns} ns cannot be "
-                f"deserialised ({type(exc).__name__}: {_one_line(exc)}); it was recorded with another definition "
-                "of that type, or is damaged"
+                f"decoded ({exc}); it was recorded with another definition of that type, or is damaged"
             ) from exc
 
     def _check_counts(self) -> None:
@@ -297,13 +294,13 @@ class DemoBag:
                 f"bag {self.path}: cannot read the frame on {frame.topic} at {frame.time_ns} ns: {_one_line(exc)}"
             ) from exc
 
-    def _value(self, stream: Stream, message: Any, time_ns: int) -> Any:
+    def _value(self, stream: Stream, decoded: Any, time_ns: int) -> Any:
         """Returns the decoded value of a non-camera message, rejecting NaN/inf and unusable orientations.
 
         Raises:
             DatasetError: naming the bag, topic and time of the bad message.
         """
-        value = self._decoded_value(stream, message, time_ns)
+        value = self._decoded_value(stream, decoded, time_ns)
         if isinstance(value, str):
             return value
         if not np.all(np.isfinite(value)):
@@ -318,39 +315,24 @@ class DemoBag:
                 raise DatasetError(f"bag {self.path}: pose on {stream.topic} at {time_ns} ns: {exc}") from exc
         return value
 
-    def _decoded_value(self, stream: Stream, message: Any, time_ns: int) -> Any:
+    def _decoded_value(self, stream: Stream, decoded: Any, time_ns: int) -> Any:
         msgtype = stream.msgtype
-        if msgtype == STRING_TYPE:
-            return str(message.data)
-        if msgtype in SCALAR_TYPES:
-            return float(message.data)
-        if msgtype == VECTOR_TYPE:
-            values = np.asarray(message.data, dtype=np.float64)
-            if stream.role is Role.ACTION and values.shape != (7,):
-                raise DatasetError(
-                    f"bag {self.path}: action on {stream.topic} at {time_ns} ns has {values.size} values; a "
-                    "Float64MultiArray action needs 7: dx, dy, dz, droll, dpitch, dyaw, gripper"
-                )
-            return values
-        if msgtype in TWIST_TYPES:
-            twist = message.twist if msgtype.endswith("TwistStamped") else message
-            return np.array([twist.linear.x, twist.linear.y, twist.linear.z,
-                             twist.angular.x, twist.angular.y, twist.angular.z])
-        if msgtype == POSE_TYPE:
-            position, orientation = message.pose.position, message.pose.orientation
-            pose = np.array([position.x, position.y, position.z,
-                             orientation.x, orientation.y, orientation.z, orientation.w])
-            if stream.role is Role.STATE:
-                try:
-                    return pose_to_state(pose)
-                except ValueError as exc:
-                    raise DatasetError(f"bag {self.path}: pose on {stream.topic} at {time_ns} ns: {exc}") from exc
-            return pose
-        return self._joint_positions(stream, message, time_ns)
+        if msgtype == VECTOR_TYPE and stream.role is Role.ACTION and decoded.shape != (7,):
+            raise DatasetError(
+                f"bag {self.path}: action on {stream.topic} at {time_ns} ns has {decoded.size} values; a "
+                "Float64MultiArray action needs 7: dx, dy, dz, droll, dpitch, dyaw, gripper"
+            )
+        if msgtype == POSE_TYPE and stream.role is Role.STATE:
+            try:
+                return pose_to_state(decoded)
+            except ValueError as exc:
+                raise DatasetError(f"bag {self.path}: pose on {stream.topic} at {time_ns} ns: {exc}") from exc
+        if msgtype == JOINT_STATE_TYPE:
+            return self._joint_positions(stream, *decoded, time_ns)
+        return decoded
 
-    def _joint_positions(self, stream: Stream, message: Any, time_ns: int) -> np.ndarray:
-        names = list(message.name)
-        positions = np.asarray(message.position, dtype=np.float64)
+    def _joint_positions(self, stream: Stream, names: tuple[str, ...], positions: np.ndarray,
+                         time_ns: int) -> np.ndarray:
         if len(names) != positions.size:
             raise DatasetError(
                 f"bag {self.path}: JointState on {stream.topic} at {time_ns} ns has {len(names)} names but "

@@ -23,10 +23,9 @@ import numpy as np
 
 from openvla_ros.errors import ImageError
 
-# Encapsulation ids of plain (not parameter-list) CDR; XCDR2's plain layout equals XCDR1's for
-# these messages, whose fields never need more than 4-byte alignment.
-_LITTLE_ENDIAN_IDS = (0x0001, 0x0007)
-_BIG_ENDIAN_IDS = (0x0000, 0x0006)
+# Encapsulation ids of plain CDR (XCDR1), which ROS 2 middlewares write for ROS messages.
+_LITTLE_ENDIAN_ID = 0x0001
+_BIG_ENDIAN_ID = 0x0000
 _HEADER_BYTES = 4
 
 # encoding -> (numpy dtype name, channels, channel order of R, G, B, or None for grey)
@@ -65,53 +64,59 @@ class ImageLayout:
     data_length: int
 
 
-class _Cursor:
-    """Reads aligned CDR fields from a buffer; raises CdrError past its end."""
+class CdrReader:
+    """Reads aligned CDR fields in order from a serialised message; raises CdrError past its end."""
 
     def __init__(self, data: bytes | memoryview) -> None:
         if len(data) < _HEADER_BYTES:
             raise CdrError(f"{len(data)} bytes are too short for a CDR message")
         kind = int.from_bytes(bytes(data[:2]), "big")
-        if kind in _LITTLE_ENDIAN_IDS:
-            self._uint32 = struct.Struct("<I")
-        elif kind in _BIG_ENDIAN_IDS:
-            self._uint32 = struct.Struct(">I")
-        else:
-            raise CdrError(f"CDR encapsulation 0x{kind:04x} is not plain CDR (parameter lists are not supported)")
+        if kind not in (_LITTLE_ENDIAN_ID, _BIG_ENDIAN_ID):
+            raise CdrError(f"CDR encapsulation 0x{kind:04x} is not plain CDR (XCDR2 and parameter lists are not read)")
+        self.order = "<" if kind == _LITTLE_ENDIAN_ID else ">"
+        self._uint32 = struct.Struct(self.order + "I")
+        self._float64 = struct.Struct(self.order + "d")
         self.data = data
         self.position = _HEADER_BYTES
 
-    def _need(self, size: int) -> None:
-        if self.position + size > len(self.data):
-            raise CdrError(f"CDR message ends after {len(self.data)} bytes, inside a field at byte {self.position}")
+    def _take(self, size: int, align: int) -> int:
+        """Aligns to ``align``, checks that ``size`` bytes follow, and returns where they start."""
+        self.position += -(self.position - _HEADER_BYTES) % align
+        start = self.position
+        if start + size > len(self.data):
+            raise CdrError(f"CDR message ends after {len(self.data)} bytes, inside a field at byte {start}")
+        self.position = start + size
+        return start
 
     def uint32(self) -> int:
-        self.position += -(self.position - _HEADER_BYTES) % 4
-        self._need(4)
-        (value,) = self._uint32.unpack_from(self.data, self.position)
-        self.position += 4
-        return value
+        return self._uint32.unpack_from(self.data, self._take(4, 4))[0]
 
     def uint8(self) -> int:
-        self._need(1)
-        value = self.data[self.position]
-        self.position += 1
-        return value
+        return self.data[self._take(1, 1)]
+
+    def float64(self) -> float:
+        return self._float64.unpack_from(self.data, self._take(8, 8))[0]
+
+    def float32(self) -> float:
+        return struct.unpack_from(self.order + "f", self.data, self._take(4, 4))[0]
+
+    def float64_array(self, count: int) -> np.ndarray:
+        """Returns ``count`` float64 values (a copy in native byte order)."""
+        start = self._take(8 * count, 8) if count else self.position
+        return np.frombuffer(self.data, np.dtype(self.order + "f8"), count, start).astype(np.float64)
+
+    def float64_sequence(self) -> np.ndarray:
+        return self.float64_array(self.uint32())
 
     def string(self) -> str:
         size = self.uint32()
-        self._need(size)
-        raw = bytes(self.data[self.position : self.position + size])
-        self.position += size
-        return raw.rstrip(b"\x00").decode("utf-8", errors="replace")
+        start = self._take(size, 1)
+        return bytes(self.data[start : start + size]).rstrip(b"\x00").decode("utf-8", errors="replace")
 
     def byte_sequence(self) -> tuple[int, int]:
         """Returns ``(offset, length)`` of a ``uint8[]`` field and moves past it."""
         size = self.uint32()
-        self._need(size)
-        offset = self.position
-        self.position += size
-        return offset, size
+        return self._take(size, 1), size
 
     def skip_header(self) -> None:
         """Moves past a ``std_msgs/Header`` (stamp seconds, nanoseconds, frame id)."""
@@ -126,7 +131,7 @@ def image_layout(data: bytes | memoryview) -> ImageLayout:
     Raises:
         CdrError: when the bytes are not a complete CDR ``Image``.
     """
-    cursor = _Cursor(data)
+    cursor = CdrReader(data)
     cursor.skip_header()
     height, width = cursor.uint32(), cursor.uint32()
     encoding = cursor.string()
@@ -142,7 +147,7 @@ def compressed_payload(data: bytes | memoryview) -> tuple[str, memoryview]:
     Raises:
         CdrError: when the bytes are not a complete CDR ``CompressedImage``.
     """
-    cursor = _Cursor(data)
+    cursor = CdrReader(data)
     cursor.skip_header()
     image_format = cursor.string()
     offset, length = cursor.byte_sequence()
