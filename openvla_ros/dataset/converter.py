@@ -37,6 +37,7 @@ class BagSummary:
     dropped_idle: int = 0
     dropped_stale: int = 0
     topics: dict[str, TopicCount] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def convert_bags(
         for path in bags:
             summaries.append(_convert_bag(Path(path), config, encoder, writer, progress))
         result = writer.finish(val_fraction=config.val_fraction, seed=config.split_seed)
-    warnings = []
+    warnings = [warning for summary in summaries for warning in summary.warnings]
     if writer.num_episodes == 1:
         warnings.append("only one episode: it is used as both the train and the val split; record more episodes")
     return ConversionReport(result["path"], name, summaries, result["splits"], result["statistics"], warnings)
@@ -222,6 +223,7 @@ def _convert_bag(path: Path, config: ConversionConfig, encoder: FrameEncoder, wr
         take(aligner.finish())
         close_episode()
         summary.topics = bag.counts
+        summary.warnings = list(bag.warnings)
         if summary.steps == 0:
             raise DatasetError(_empty_reason(path, aligner, summary))
     return summary
