@@ -92,11 +92,21 @@ def start_node(
 
 
 def wait_active(driver: Driver, node_process: NodeProcess, timeout_s: float = 120.0) -> None:
-    """Waits until the node's services answer and it reports the active state; fails with its log."""
+    """Waits until the node answers and reports the active state; fails with the node's log.
+
+    A node answers only once it spins, i.e. after its model has loaded.
+    """
     deadline = time.monotonic() + timeout_s
     try:
         driver.wait_ready(timeout_s)
-        wait_until(lambda: driver.state() == "active", max(1.0, deadline - time.monotonic()), "the active state")
+        while True:
+            future = driver.state_client.call_async(GetState.Request())
+            wait_until(lambda: future.done() or time.monotonic() > deadline, timeout_s, "get_state")
+            if future.done() and future.result().current_state.label == "active":
+                return
+            assert node_process.process.poll() is None, "the node process exited"
+            assert time.monotonic() < deadline, f"not active after {timeout_s} s"
+            time.sleep(0.2)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{node_process.log()[-3000:]}") from None
 

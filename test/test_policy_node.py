@@ -1,249 +1,45 @@
-"""The policy node over real DDS: node processes started from config/policy.yaml with the tiny model.
+"""The policy node over real DDS with the tiny model, started from config/policy.yaml.
 
-Three node processes run for the whole module (started together to share the start-up time):
+Three node processes belong to this module's fixture (started together to share the start-up time):
 ``openvla_policy`` (raw images, the parameter file as shipped), ``policy_compressed`` (compressed
 images, enabled at start) and ``policy_broken`` (a model path that does not exist and invalid start-up
-parameters). The tests drive them from an rclpy node in this process and run in file order: each
-leaves the main node enabled with an instruction, or says what it changed.
+parameters). Every test first puts the node in the state it needs (``driving``), so any single test
+runs alone. Rates are not asserted here against a fixed figure: the rate the tests drive the real model
+at is measured on this machine at run time (3x headroom over the step's 95th percentile), and the
+node's timing logic is tested with a stand-in policy in test_policy_node_timing.py.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
-import math
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 import rclpy  # noqa: E402  (imported after the DDS isolation variables are set)
-import rclpy.duration  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
-from geometry_msgs.msg import TwistStamped  # noqa: E402
-from lifecycle_msgs.msg import Transition  # noqa: E402
-from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
-from rcl_interfaces.srv import GetParameters, SetParameters  # noqa: E402
-from rclpy.parameter import Parameter, parameter_value_to_python  # noqa: E402
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
-from ros_helpers import LATCHED_QOS, spinning_node, wait_until  # sets up DDS isolation first
-from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
-from std_msgs.msg import Float64, Float64MultiArray, String  # noqa: E402
-from std_srvs.srv import SetBool  # noqa: E402
+from policy_helpers import (
+    INSTRUCTION,
+    PARAMS_FILE,
+    REPO,
+    Driver,
+    NodeProcess,
+    Received,
+    is_zero,
+    latest_status,
+    rate_over,
+    start_node,
+    status_values,
+    subscribe_diagnostics,
+    wait_active,
+)
+from ros_helpers import spinning_node, wait_until  # sets up DDS isolation first
 
-REPO = Path(__file__).resolve().parents[1]
-PARAMS_FILE = REPO / "config" / "policy.yaml"
 LAUNCH_FILE = REPO / "launch" / "policy.launch.py"
-CAMERA_HZ = 30.0
-IMAGE_SHAPE = (96, 128, 3)
-INSTRUCTION = "pick up the red block"
-SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-
-
-@dataclass
-class NodeProcess:
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        return self.process.returncode
-
-
-def start_node(
-    name: str, log_dir: Path, *ros_args: str, params_file: Path = PARAMS_FILE, namespace: str = ""
-) -> NodeProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "openvla_ros.policy_node",
-        "--ros-args",
-        "--params-file",
-        str(params_file),
-    ]
-    if name != "openvla_policy":
-        command += ["-r", f"__node:={name}"]
-    if namespace:
-        command += ["-r", f"__ns:={namespace}"]
-    for argument in ros_args:
-        command += ["-p", argument]
-    env = dict(os.environ, RCUTILS_LOGGING_BUFFERED_STREAM="0", PYTHONUNBUFFERED="1")
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return NodeProcess(name, process, log_path)
-
-
-@dataclass
-class Received:
-    """Messages received on one topic, with their arrival times (monotonic)."""
-
-    items: list[tuple[float, Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, message: Any) -> None:
-        with self.lock:
-            self.items.append((time.monotonic(), message))
-
-    def since(self, start: float, end: float = math.inf) -> list[tuple[float, Any]]:
-        with self.lock:
-            return [(t, m) for t, m in self.items if start <= t < end]
-
-
-class Camera:
-    """Publishes a constant test image (30 Hz by default) with fresh stamps; ``mode`` selects what is sent.
-
-    ``stamp_offset_s`` shifts the stamps from the publisher's clock (a camera whose clock is ahead).
-    """
-
-    def __init__(
-        self, node: rclpy.node.Node, topic: str, compressed: bool = False, hz: float = CAMERA_HZ
-    ) -> None:
-        self.node = node
-        self.compressed = compressed
-        self.mode = "stopped"
-        self.stamp_offset_s = 0.0
-        self.stamps: set[tuple[int, int]] = set()
-        self.pixels = np.random.default_rng(1).integers(0, 256, size=IMAGE_SHAPE, dtype=np.uint8)
-        message_type = CompressedImage if compressed else Image
-        self.publisher = node.create_publisher(message_type, topic, SENSOR_QOS)
-        self.timer = node.create_timer(1.0 / hz, self._publish)
-        ok, jpeg = cv2.imencode(".jpg", self.pixels)
-        assert ok
-        self.jpeg = jpeg.tobytes()
-
-    def _publish(self) -> None:
-        if self.mode == "stopped":
-            return
-        now = self.node.get_clock().now()
-        stamp = (now + rclpy.duration.Duration(nanoseconds=int(self.stamp_offset_s * 1e9))).to_msg()
-        if self.compressed:
-            message = CompressedImage(format="jpeg")
-            message.data = self.jpeg if self.mode == "good" else b"\xff\xd8\xff\xe0 this is not a jpeg"
-        else:
-            height, width, _ = IMAGE_SHAPE
-            message = Image(height=height, width=width, encoding="rgb8", step=width * 3)
-            data = self.pixels.tobytes()
-            if self.mode == "bad_encoding":
-                message.encoding = "yuv422"
-            elif self.mode == "bad_length":
-                data = data[: len(data) // 2]
-            message.data = data
-        message.header.stamp = stamp
-        message.header.frame_id = "camera"
-        self.stamps.add((stamp.sec, stamp.nanosec))
-        self.publisher.publish(message)
-
-
-class Driver:
-    """The test side: publishers, subscriptions and service clients for one policy node."""
-
-    def __init__(
-        self,
-        node: rclpy.node.Node,
-        name: str,
-        image_topic: str,
-        instruction_topic: str,
-        compressed: bool,
-        camera_hz: float = CAMERA_HZ,
-    ):
-        self.node = node
-        self.name = name
-        self.camera = Camera(node, image_topic + ("/compressed" if compressed else ""), compressed, camera_hz)
-        self.instruction_pub = node.create_publisher(String, instruction_topic, LATCHED_QOS)
-        self.actions, self.twists, self.grippers = Received(), Received(), Received()
-        node.create_subscription(Float64MultiArray, f"/{name}/action", self.actions.add, 50)
-        node.create_subscription(TwistStamped, f"/{name}/delta_twist", self.twists.add, 50)
-        node.create_subscription(Float64, f"/{name}/gripper", self.grippers.add, 50)
-        self.enable_client = node.create_client(SetBool, f"/{name}/enable")
-        self.state_client = node.create_client(GetState, f"/{name}/get_state")
-        self.change_state_client = node.create_client(ChangeState, f"/{name}/change_state")
-        self.get_params_client = node.create_client(GetParameters, f"/{name}/get_parameters")
-        self.set_params_client = node.create_client(SetParameters, f"/{name}/set_parameters")
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        for client in (self.enable_client, self.state_client, self.get_params_client, self.set_params_client):
-            assert client.wait_for_service(timeout_sec=timeout_s), f"{client.srv_name} never appeared"
-
-    def call(self, client: Any, request: Any, timeout_s: float = 10.0) -> Any:
-        future = client.call_async(request)
-        wait_until(future.done, timeout_s, f"a response from {client.srv_name}")
-        return future.result()
-
-    def enable(self, on: bool) -> SetBool.Response:
-        return self.call(self.enable_client, SetBool.Request(data=on))
-
-    def state(self) -> str:
-        return self.call(self.state_client, GetState.Request()).current_state.label
-
-    def transition(self, transition_id: int, timeout_s: float = 60.0) -> bool:
-        request = ChangeState.Request(transition=Transition(id=transition_id))
-        return self.call(self.change_state_client, request, timeout_s).success
-
-    def get(self, *names: str) -> list[Any]:
-        response = self.call(self.get_params_client, GetParameters.Request(names=list(names)))
-        return [parameter_value_to_python(value) for value in response.values]
-
-    def set(self, **values: Any) -> list[Any]:
-        request = SetParameters.Request(
-            parameters=[Parameter(name, value=value).to_parameter_msg() for name, value in values.items()]
-        )
-        return list(self.call(self.set_params_client, request).results)
-
-    def instruct(self, text: str) -> None:
-        self.instruction_pub.publish(String(data=text))
-
-    def wait_for_actions(self, count: int = 1, timeout_s: float = 10.0) -> float:
-        """Waits until ``count`` new twists arrived; returns the arrival time of the first of them."""
-        start = time.monotonic()
-        wait_until(
-            lambda: len(self.twists.since(start)) >= count, timeout_s, f"{count} actions from {self.name}"
-        )
-        return self.twists.since(start)[0][0]
-
-    def silent_for(self, seconds: float) -> list[tuple[float, Any]]:
-        """Returns the twists received during the next ``seconds``."""
-        start = time.monotonic()
-        time.sleep(seconds)
-        return self.twists.since(start)
-
-
-def is_zero(twist: TwistStamped) -> bool:
-    values = (twist.twist.linear.x, twist.twist.linear.y, twist.twist.linear.z)
-    values += (twist.twist.angular.x, twist.twist.angular.y, twist.twist.angular.z)
-    return all(value == 0.0 for value in values)
-
-
-def rate_over(received: Received, start: float, window_s: float) -> float:
-    times = [t for t, _ in received.since(start, start + window_s)]
-    assert len(times) >= 2, f"only {len(times)} messages in {window_s} s"
-    return (len(times) - 1) / (times[-1] - times[0])
-
-
-# ---------------------------------------------------------------------------------------- fixtures
+MIN_RATE_HZ, MAX_TEST_RATE_HZ = 1.0, 5.0
 
 
 @pytest.fixture(scope="module")
@@ -259,33 +55,14 @@ def nodes(
         .replace('frame_id: "base_link"', 'frame_id: "tool0"')
         .replace("max_rotation: 0.25", "max_rotation: 0.2")
     )
-    # The managed node starts unconfigured (autostart false) from a file that writes floats as integers.
-    managed_params = log_dir / "managed.yaml"
-    managed_params.write_text(
-        PARAMS_FILE.read_text()
-        .replace("/**/openvla_policy:", "/**/policy_managed:")
-        .replace("autostart: true", "autostart: false")
-        .replace("rate_hz: 5.0", "rate_hz: 10")
-        .replace("max_translation: 0.05", "max_translation: 0")
-    )
     started = {
-        "policy_managed": start_node(
-            "policy_managed",
-            log_dir,
-            f"model:={tiny_checkpoint}",
-            "cpu_threads:=1",
-            "image_topic:=/managed_camera/image",
-            "instruction_topic:=/managed_instruction",
-            params_file=managed_params,
-        ),
         "openvla_policy": start_node(
-            "openvla_policy", log_dir, f"model:={tiny_checkpoint}", "cpu_threads:=1"
+            "openvla_policy", log_dir, f"model:={tiny_checkpoint}", "publish_step_timing:=true"
         ),
         "policy_compressed": start_node(
             "policy_compressed",
             log_dir,
             f"model:={tiny_checkpoint}",
-            "cpu_threads:=1",
             "image_transport:=compressed",
             "image_topic:=/compressed_camera/image",
             "instruction_topic:=/compressed_instruction",
@@ -314,37 +91,58 @@ def ros_node() -> Iterator[rclpy.node.Node]:
 
 
 @pytest.fixture(scope="module")
-def main_driver(nodes: dict[str, NodeProcess], ros_node: rclpy.node.Node) -> Driver:
-    driver = Driver(ros_node, "openvla_policy", "/camera/image_raw", "/instruction", compressed=False)
-    driver.wait_ready()
-    wait_until(
-        lambda: driver.camera.publisher.get_subscription_count() > 0, 30, "the node's image subscription"
-    )
-    driver.camera.mode = "good"
-    return driver
+def diagnostics(ros_node: rclpy.node.Node) -> Received:
+    return subscribe_diagnostics(ros_node)
 
 
 @pytest.fixture(scope="module")
-def diagnostics(ros_node: rclpy.node.Node) -> Received:
-    received = Received()
-    ros_node.create_subscription(DiagnosticArray, "/diagnostics", received.add, 50)
-    return received
+def main_driver(nodes: dict[str, NodeProcess], ros_node: rclpy.node.Node) -> Driver:
+    driver = Driver(ros_node, "openvla_policy", "/camera/image_raw", "/instruction", compressed=False)
+    wait_active(driver, nodes["openvla_policy"])
+    wait_until(
+        lambda: driver.camera.publisher.get_subscription_count() > 0, 60, "the node's image subscription"
+    )
+    wait_until(lambda: driver.instruction_pub.get_subscription_count() > 0, 60, "the instruction subscription")
+    return driver
 
 
-def latest_status(diagnostics: Received, node_name: str, timeout_s: float = 5.0) -> DiagnosticStatus:
-    start = time.monotonic()
+DEFAULTS = {"twist_mode": "delta", "gripper_mode": "raw", "max_translation": 0.05}
 
-    def find() -> DiagnosticStatus | None:
-        for _, array in reversed(diagnostics.since(start)):
-            for status in array.status:
-                if status.name == f"{node_name}: policy":
-                    return status
-        return None
 
-    wait_until(lambda: find() is not None, timeout_s, f"diagnostics of {node_name}")
-    status = find()
-    assert status is not None
-    return status
+@pytest.fixture(scope="module")
+def holdable_rate_hz(main_driver: Driver, ros_node: rclpy.node.Node) -> float:
+    """Returns a control rate the tiny model holds here: 1 / (3 x the step's 95th percentile), 1..5 Hz.
+
+    Measured with the node's own per-step timings while it runs on this machine, now.
+    """
+    timings = Received()
+    subscription = ros_node.create_subscription(DiagnosticArray, "/openvla_policy/step_timing", timings.add, 50)
+    assert all(result.successful for result in main_driver.set(rate_hz=MIN_RATE_HZ, **DEFAULTS))
+    main_driver.camera.mode = "good"
+    main_driver.instruct(INSTRUCTION)
+    assert main_driver.enable(True).success
+    try:
+        wait_until(lambda: len(timings.since(0)) >= 8, 120, "8 step timings")
+    finally:
+        ros_node.destroy_subscription(subscription)
+    steps_ms = [
+        float(next(item.value for item in array.status[0].values if item.key == "step_ms"))
+        for _, array in timings.since(0)[2:]  # the first steps after the load run slower
+    ]
+    p95_s = float(np.percentile(steps_ms, 95)) / 1e3
+    return float(np.clip(1.0 / (3.0 * p95_s), MIN_RATE_HZ, MAX_TEST_RATE_HZ))
+
+
+@pytest.fixture()
+def driving(main_driver: Driver, holdable_rate_hz: float) -> Driver:
+    """The main node driving: camera on, instruction, enabled, default settings at the holdable rate."""
+    results = main_driver.set(rate_hz=holdable_rate_hz, **DEFAULTS)
+    assert all(result.successful for result in results), [result.reason for result in results]
+    main_driver.camera.mode = "good"
+    main_driver.instruct(INSTRUCTION)
+    assert main_driver.enable(True).success
+    main_driver.wait_for_actions(1)
+    return main_driver
 
 
 # ---------------------------------------------------------------------------------------- the main node
@@ -354,39 +152,42 @@ def test_node_starts_from_the_parameter_file_and_activates_itself(
     main_driver: Driver, tiny_checkpoint: Path
 ) -> None:
     assert main_driver.state() == "active"
-    model, rate, gripper_mode, start_enabled, frame_id = main_driver.get(
-        "model", "rate_hz", "gripper_mode", "start_enabled", "frame_id"
+    model, gripper_mode, start_enabled, frame_id, decoding = main_driver.get(
+        "model", "gripper_mode", "start_enabled", "frame_id", "decoding"
     )
     assert model == str(tiny_checkpoint), "the -p override must win over the file"
-    assert (rate, gripper_mode, start_enabled, frame_id) == (5.0, "raw", False, "base_link")
+    assert (gripper_mode, start_enabled, frame_id, decoding) == ("raw", False, "base_link", "actions_only")
 
 
 def test_nothing_is_published_without_an_instruction(main_driver: Driver) -> None:
-    response = main_driver.enable(True)
-    assert response.success
-    assert "waiting for an instruction" in response.message
+    main_driver.camera.mode = "good"
+    main_driver.instruct("")  # an invalid instruction clears the current one
+    wait_until(lambda: main_driver.enable(True).message.endswith("(waiting for an instruction)"), 10,
+               "the node to drop its instruction")
     assert main_driver.silent_for(1.5) == []
-    assert main_driver.actions.since(0) == [] and main_driver.grippers.since(0) == []
 
 
 def test_nothing_is_published_before_enable(main_driver: Driver) -> None:
+    main_driver.camera.mode = "good"
     assert main_driver.enable(False).success
     main_driver.instruct(INSTRUCTION)
     assert main_driver.silent_for(1.5) == []
 
 
-def test_actions_arrive_at_5_hz_stamped_with_image_stamps(main_driver: Driver) -> None:
-    assert main_driver.enable(True).success
-    first = main_driver.wait_for_actions(2)
-    time.sleep(3.2)
-    assert rate_over(main_driver.twists, first, 3.0) == pytest.approx(5.0, rel=0.10)
-    twists = [twist for _, twist in main_driver.twists.since(first)]
+def test_actions_follow_the_rate_stamped_with_image_stamps(driving: Driver, holdable_rate_hz: float) -> None:
+    first = driving.wait_for_actions(2)
+    window_s = max(3.0, 6.0 / holdable_rate_hz)
+    time.sleep(window_s + 0.3)
+    achieved = rate_over(driving.twists, first, window_s)
+    assert 0.75 * holdable_rate_hz <= achieved <= 1.1 * holdable_rate_hz, (
+        f"{achieved:.2f} Hz achieved at {holdable_rate_hz:.2f} Hz set (3x headroom over the step's p95)"
+    )
+    twists = [twist for _, twist in driving.twists.since(first)]
     stamps = {(twist.header.stamp.sec, twist.header.stamp.nanosec) for twist in twists}
-    assert stamps <= main_driver.camera.stamps, "every action must carry the stamp of a published image"
-    assert len(stamps) == len(twists), "each step uses a new frame"
+    assert stamps <= driving.camera.stamps, "every action must carry the stamp of a published image"
     assert {twist.header.frame_id for twist in twists} == {"base_link"}
 
-    actions = [action for _, action in main_driver.actions.since(first)]
+    actions = [action for _, action in driving.actions.since(first)]
     assert actions and all(len(action.data) == 7 for action in actions)
     assert actions[0].layout.dim[0].label == "dx,dy,dz,droll,dpitch,dyaw,gripper"
     assert actions[0].layout.dim[0].size == 7
@@ -399,46 +200,45 @@ def test_actions_arrive_at_5_hz_stamped_with_image_stamps(main_driver: Driver) -
         values[-1, :6],
         err_msg="delta mode: the twist is the action's delta",
     )
-    grippers = [message.data for _, message in main_driver.grippers.since(first)]
+    grippers = [message.data for _, message in driving.grippers.since(first)]
     assert grippers and grippers[-1] == pytest.approx(values[-1, 6]), "raw mode passes the gripper through"
 
 
 def test_diagnostics_report_rate_latency_and_dropped_frames(
-    main_driver: Driver, diagnostics: Received
+    driving: Driver, diagnostics: Received, holdable_rate_hz: float
 ) -> None:
+    time.sleep(max(2.0, 4.0 / holdable_rate_hz))
     status = latest_status(diagnostics, "openvla_policy")
-    values = {item.key: item.value for item in status.values}
+    values = status_values(status)
     assert status.level == DiagnosticStatus.OK, status.message
     assert values["state"] == "active" and values["enabled"] == "true"
     assert values["instruction"] == INSTRUCTION
-    assert float(values["rate_hz_achieved"]) == pytest.approx(5.0, rel=0.15)
-    assert 0.0 < float(values["inference_latency_ms_median"]) < 1000.0
+    assert 0.5 * holdable_rate_hz <= float(values["rate_hz_achieved"]) <= 1.2 * holdable_rate_hz
+    assert float(values["rate_hz_target"]) == pytest.approx(holdable_rate_hz, rel=1e-3)
+    assert float(values["inference_latency_ms_median"]) > 0.0
     assert 0.0 <= float(values["image_age_s"]) < 0.5
-    assert int(values["dropped_frames"]) > 0, "a 30 Hz camera and a 5 Hz loop must drop frames"
+    assert int(values["dropped_frames"]) > 0, "a 30 Hz camera and a slower loop must drop frames"
 
 
-def test_rate_gripper_twist_and_limits_change_at_run_time(main_driver: Driver) -> None:
-    results = main_driver.set(
-        rate_hz=10.0, twist_mode="velocity", gripper_mode="signed_binary", max_translation=0.001
-    )
+def test_twist_gripper_and_limits_change_at_run_time(driving: Driver, holdable_rate_hz: float) -> None:
+    results = driving.set(twist_mode="velocity", gripper_mode="signed_binary", max_translation=0.001)
     assert all(result.successful for result in results), [result.reason for result in results]
-    try:
-        first = main_driver.wait_for_actions(2)
-        time.sleep(3.2)
-        assert rate_over(main_driver.twists, first, 3.0) == pytest.approx(10.0, rel=0.10)
-        actions = np.array([action.data for _, action in main_driver.actions.since(first + 0.5)])
-        twists = [twist.twist for _, twist in main_driver.twists.since(first + 0.5)]
-        grippers = [message.data for _, message in main_driver.grippers.since(first + 0.5)]
-        assert np.all(np.abs(actions[:, :3]) <= 0.001 + 1e-12), "max_translation must clip every axis"
-        assert np.abs(actions[:, :3]).max() == pytest.approx(0.001), "the tiny model's deltas exceed the clip"
-        # the tiny model gives the same action for the same image and instruction: compare any pair
-        np.testing.assert_allclose(
-            [twists[-1].linear.x, twists[-1].angular.z], [actions[-1, 0] * 10.0, actions[-1, 5] * 10.0]
-        )
-        assert set(grippers) <= {-1.0, 0.0, 1.0}
-        assert grippers[-1] == np.sign(2.0 * actions[-1, 6] - 1.0)
-    finally:
-        main_driver.set(rate_hz=5.0, twist_mode="delta", gripper_mode="raw", max_translation=0.05)
+    changed = time.monotonic()
+    wait_until(lambda: len(driving.twists.since(changed)) >= 3, 60, "3 actions after the change")
+    settled = driving.twists.since(changed)[1][0]  # a step that started before the change may still arrive
+    actions = np.array([action.data for t, action in driving.actions.items if t >= settled])
+    twists = [twist.twist for _, twist in driving.twists.since(settled)]
+    grippers = [message.data for _, message in driving.grippers.since(settled)]
+    assert np.all(np.abs(actions[:, :3]) <= 0.001 + 1e-12), "max_translation must clip every axis"
+    assert np.abs(actions[:, :3]).max() == pytest.approx(0.001), "the tiny model's deltas exceed the clip"
+    np.testing.assert_allclose(
+        [twists[-1].linear.x, twists[-1].angular.z],
+        [actions[-1, 0] * holdable_rate_hz, actions[-1, 5] * holdable_rate_hz],
+        rtol=1e-6,
+        err_msg="velocity mode: the delta times the rate",
+    )
+    assert set(grippers) <= {-1.0, 0.0, 1.0}
+    assert grippers[-1] == np.sign(2.0 * actions[-1, 6] - 1.0)
 
 
 @pytest.mark.parametrize(
@@ -451,16 +251,16 @@ def test_rate_gripper_twist_and_limits_change_at_run_time(main_driver: Driver) -
         ({"max_rotation": -1.0}, "max_rotation"),
         ({"frame_id": ""}, "frame_id must not be empty"),
         ({"model": "/elsewhere"}, "read-only"),
+        ({"decoding": "official"}, "read-only"),
         ({"rate_hz": "fast"}, "type"),
     ],
 )
-def test_invalid_parameters_are_rejected_with_a_reason(
-    main_driver: Driver, values: dict, reason: str
-) -> None:
+def test_invalid_parameters_are_rejected_with_a_reason(main_driver: Driver, values: dict, reason: str) -> None:
+    before = main_driver.get("rate_hz", "gripper_mode")
     (result,) = main_driver.set(**values)
     assert not result.successful
     assert reason in result.reason
-    assert main_driver.get("rate_hz", "gripper_mode") == [5.0, "raw"], "rejected values must not apply"
+    assert main_driver.get("rate_hz", "gripper_mode") == before, "rejected values must not apply"
 
 
 def test_rejected_parameter_changes_are_logged_with_the_reason(
@@ -470,7 +270,7 @@ def test_rejected_parameter_changes_are_logged_with_the_reason(
     assert not result.successful
     wait_until(
         lambda: "parameter change rejected (max_image_age_s)" in nodes["openvla_policy"].log(),
-        5.0,
+        10.0,
         "the rejection in the node's log",
     )
     line = next(
@@ -482,24 +282,24 @@ def test_rejected_parameter_changes_are_logged_with_the_reason(
 
 
 def test_whole_numbers_set_at_run_time_are_taken_as_floats(main_driver: Driver) -> None:
-    (result,) = main_driver.set(rate_hz=5)
+    (result,) = main_driver.set(rate_hz=2)
     assert result.successful, result.reason
-    assert main_driver.get("rate_hz") == [5.0]
+    assert main_driver.get("rate_hz") == [2.0]
 
 
-def test_watchdog_sends_one_zero_delta_when_the_camera_stops(main_driver: Driver) -> None:
-    main_driver.wait_for_actions(1)
+def test_watchdog_sends_one_zero_delta_when_the_camera_stops(driving: Driver, holdable_rate_hz: float) -> None:
     stopped = time.monotonic()
-    main_driver.camera.mode = "stopped"
-    time.sleep(2.0)  # max_image_age_s is 0.5 in the parameter file
-    after = main_driver.twists.since(stopped)
-    zeros = [twist for _, twist in after if is_zero(twist)]
-    assert len(zeros) == 1, f"expected exactly one zero delta, got {len(zeros)} of {len(after)} messages"
-    assert is_zero(after[-1][1]), "nothing may follow the zero delta"
-    assert after[-1][0] - stopped < 0.5 + 0.2 + 0.3, "the stop must come within max_image_age_s and a tick"
-    assert main_driver.silent_for(1.0) == []
-    main_driver.camera.mode = "good"
-    main_driver.wait_for_actions(2, timeout_s=5.0)
+    driving.camera.mode = "stopped"
+    wait_until(lambda: any(is_zero(t) for _, t in driving.twists.since(stopped)), 10.0, "the zero delta")
+    zero_at = next(t for t, twist in driving.twists.since(stopped) if is_zero(twist))
+    # max_image_age_s is 0.5 in the parameter file; the check runs every tick
+    assert zero_at - stopped < 0.5 + 2.0 / holdable_rate_hz + 0.5, "the stop must come within the age and a tick"
+    time.sleep(1.0)
+    after = driving.twists.since(stopped)
+    assert sum(is_zero(twist) for _, twist in after) == 1 and is_zero(after[-1][1]), "one zero delta, last"
+    assert driving.silent_for(1.0) == []
+    driving.camera.mode = "good"
+    driving.wait_for_actions(2)
 
 
 @pytest.mark.parametrize(
@@ -510,59 +310,49 @@ def test_watchdog_sends_one_zero_delta_when_the_camera_stops(main_driver: Driver
     ],
 )
 def test_bad_images_stop_output_are_logged_once_and_recover(
-    main_driver: Driver, nodes: dict[str, NodeProcess], mode: str, logged: str
+    driving: Driver, nodes: dict[str, NodeProcess], mode: str, logged: str
 ) -> None:
-    main_driver.wait_for_actions(1)
-    main_driver.camera.mode = mode
-    time.sleep(0.5)
-    assert all(is_zero(twist) for twist in [m for _, m in main_driver.silent_for(1.5)]), (
-        "no action from a bad frame"
-    )
-    assert main_driver.silent_for(0.6) == []
-    log = nodes["openvla_policy"].log()
-    assert log.count(logged) == 1, f"expected one log line with {logged!r}:\n{log[-3000:]}"
+    log_before = nodes["openvla_policy"].log().count(logged)
+    changed = time.monotonic()
+    driving.camera.mode = mode
+    wait_until(lambda: nodes["openvla_policy"].log().count(logged) > log_before, 10.0, "the logged rejection")
+    time.sleep(1.0)
+    after = driving.twists.since(changed)
+    assert after and is_zero(after[-1][1]), "the output ends with a zero delta"
+    assert driving.silent_for(1.0) == [], "no action from a bad frame"
+    assert nodes["openvla_policy"].log().count(logged) == log_before + 1, "logged once while it lasts"
     assert nodes["openvla_policy"].process.poll() is None
-    main_driver.camera.mode = "good"
-    main_driver.wait_for_actions(2, timeout_s=5.0)
+    driving.camera.mode = "good"
+    driving.wait_for_actions(2)
     assert "camera images are valid again" in nodes["openvla_policy"].log()
 
 
-@pytest.mark.parametrize(("text", "logged"), [("", "empty"), ("x" * 5000, "1000")])
+@pytest.mark.parametrize(("text", "logged"), [("", "empty"), ("x" * 5000, "1000"), ("pick <s> up", "special-token")])
 def test_bad_instructions_stop_output_and_recover(
-    main_driver: Driver, nodes: dict[str, NodeProcess], text: str, logged: str
+    driving: Driver, nodes: dict[str, NodeProcess], text: str, logged: str
 ) -> None:
-    main_driver.wait_for_actions(1)
-    main_driver.instruct(text)
+    changed = time.monotonic()
+    driving.instruct(text)
+    wait_until(
+        lambda: any(logged in line for line in nodes["openvla_policy"].log().splitlines()
+                    if "instruction rejected" in line),
+        10.0,
+        "the rejected instruction in the log",
+    )
     time.sleep(0.5)
-    assert main_driver.silent_for(1.0) == []
-    last_line = [
-        line for line in nodes["openvla_policy"].log().splitlines() if "instruction rejected" in line
-    ][-1]
-    assert logged in last_line
-    main_driver.instruct(INSTRUCTION)
-    main_driver.wait_for_actions(2, timeout_s=5.0)
+    assert driving.silent_for(1.0) == []
+    assert is_zero(driving.twists.since(changed)[-1][1])
+    driving.instruct(INSTRUCTION)
+    driving.wait_for_actions(2)
 
 
-def test_disable_sends_one_zero_delta_then_silence(main_driver: Driver) -> None:
-    main_driver.wait_for_actions(1)
+def test_disable_sends_one_zero_delta_then_silence(driving: Driver) -> None:
     disabled = time.monotonic()
-    assert main_driver.enable(False).success
+    assert driving.enable(False).success
     time.sleep(1.0)
-    after = [twist for _, twist in main_driver.twists.since(disabled)]
+    after = [twist for _, twist in driving.twists.since(disabled)]
     assert after and is_zero(after[-1]) and sum(is_zero(twist) for twist in after) == 1
-    assert main_driver.silent_for(0.8) == []
-
-
-def test_sigint_while_driving_sends_a_zero_delta_and_exits_cleanly(
-    nodes: dict[str, NodeProcess], main_driver: Driver
-) -> None:
-    assert main_driver.enable(True).success
-    main_driver.wait_for_actions(2)
-    interrupted = time.monotonic()
-    assert nodes["openvla_policy"].stop() == 0, nodes["openvla_policy"].log()[-3000:]
-    time.sleep(0.3)
-    after = [twist for _, twist in main_driver.twists.since(interrupted)]
-    assert after and is_zero(after[-1]), "the last message before exit must be a zero delta"
+    assert driving.silent_for(0.8) == []
 
 
 # ---------------------------------------------------------------------------------------- other nodes
@@ -574,111 +364,31 @@ def test_compressed_transport_survives_corrupt_jpeg_and_recovers(
     driver = Driver(
         ros_node, "policy_compressed", "/compressed_camera/image", "/compressed_instruction", True
     )
-    driver.wait_ready()
+    wait_active(driver, nodes["policy_compressed"])
     wait_until(
-        lambda: driver.camera.publisher.get_subscription_count() > 0, 30, "the compressed subscription"
+        lambda: driver.camera.publisher.get_subscription_count() > 0, 60, "the compressed subscription"
     )
+    assert all(result.successful for result in driver.set(rate_hz=MIN_RATE_HZ))
     driver.instruct(INSTRUCTION)
     driver.camera.mode = "good"
-    driver.wait_for_actions(3, timeout_s=15.0)  # start_enabled: no ~/enable call needed
+    driver.wait_for_actions(2, timeout_s=60.0)  # start_enabled: no ~/enable call needed
+    log_before = nodes["policy_compressed"].log().count("could not decode")
     driver.camera.mode = "corrupt"
-    time.sleep(0.5)
-    assert all(is_zero(twist) for _, twist in driver.silent_for(1.0))
-    assert driver.silent_for(0.6) == []
-    assert nodes["policy_compressed"].log().count("could not decode") == 1
-    driver.camera.mode = "good"
-    driver.wait_for_actions(2, timeout_s=5.0)
-    driver.camera.mode = "stopped"
-
-
-@pytest.fixture(scope="module")
-def managed_driver(nodes: dict[str, NodeProcess], ros_node: rclpy.node.Node) -> Driver:
-    driver = Driver(ros_node, "policy_managed", "/managed_camera/image", "/managed_instruction", False)
-    driver.wait_ready()
-    return driver
-
-
-def _zero_deltas_then_silence(driver: Driver, since: float) -> None:
-    after = driver.twists.since(since)
-    assert after and is_zero(after[-1][1]), "the last message must be a zero delta"
-    assert sum(is_zero(twist) for _, twist in after) == 1, "exactly one zero delta"
-    assert driver.silent_for(0.8) == []
-
-
-def test_managed_node_runs_the_whole_lifecycle_through_its_services(managed_driver: Driver) -> None:
-    driver = managed_driver
-    assert driver.state() == "unconfigured", "autostart: false must leave the node unconfigured"
-    assert driver.get("rate_hz", "max_translation") == [10.0, 0.0], "10 and 0 in YAML are 10.0 and 0.0"
-    assert driver.transition(Transition.TRANSITION_CONFIGURE)
-    assert driver.state() == "inactive"
-    response = driver.enable(True)
-    assert not response.success and "inactive" in response.message
-    assert driver.transition(Transition.TRANSITION_ACTIVATE)
-    assert driver.state() == "active"
-    wait_until(lambda: driver.camera.publisher.get_subscription_count() > 0, 30, "the image subscription")
-    driver.camera.mode = "good"
-    driver.instruct(INSTRUCTION)
-    assert driver.enable(True).success
-    first = driver.wait_for_actions(2)
-    time.sleep(3.2)  # the first steps after a model load run slower: measure the 2 s after a warm-up second
-    assert rate_over(driver.twists, first + 1.0, 2.0) == pytest.approx(10.0, rel=0.10)
-    actions = np.array([action.data for _, action in driver.actions.since(first)])
-    assert np.all(actions[:, :3] == 0.0), "max_translation: 0 must hold every translation at zero"
-    assert np.any(actions[:, 3:6] != 0.0)
-
-    deactivated = time.monotonic()
-    assert driver.transition(Transition.TRANSITION_DEACTIVATE)
-    assert driver.state() == "inactive"
-    _zero_deltas_then_silence(driver, deactivated)
-
-    assert driver.transition(Transition.TRANSITION_CLEANUP)
-    assert driver.state() == "unconfigured"
-    assert driver.transition(Transition.TRANSITION_CONFIGURE), "configure after cleanup reloads the model"
-    assert driver.transition(Transition.TRANSITION_ACTIVATE)
-    assert driver.enable(True).success
-    driver.wait_for_actions(3, timeout_s=15.0)
-
-
-def test_image_stamps_ahead_of_the_clock_stop_output(
-    managed_driver: Driver, nodes: dict[str, NodeProcess]
-) -> None:
-    driver = managed_driver
-    driver.wait_for_actions(1)
-    shifted = time.monotonic()
-    driver.camera.stamp_offset_s = 5.0
+    wait_until(lambda: nodes["policy_compressed"].log().count("could not decode") > log_before, 10.0,
+               "the decode error in the log")
     time.sleep(1.0)
-    _zero_deltas_then_silence(driver, shifted)
-    assert "stamps are ahead of the node's clock" in nodes["policy_managed"].log()
-    driver.camera.stamp_offset_s = 0.0
-    driver.wait_for_actions(2, timeout_s=5.0)
-
-
-def test_a_camera_slower_than_the_rate_keeps_the_rate_and_is_reported(
-    managed_driver: Driver, ros_node: rclpy.node.Node, diagnostics: Received
-) -> None:
-    driver = managed_driver
-    slow = Camera(ros_node, "/managed_camera/image", hz=4.0)
+    assert all(is_zero(twist) for _, twist in driver.silent_for(1.0))
+    assert nodes["policy_compressed"].log().count("could not decode") == log_before + 1
+    driver.camera.mode = "good"
+    driver.wait_for_actions(2, timeout_s=60.0)
     driver.camera.mode = "stopped"
-    slow.mode = "good"
-    try:
-        start = time.monotonic()
-        time.sleep(3.2)
-        assert rate_over(driver.twists, start + 0.2, 3.0) == pytest.approx(10.0, rel=0.15)
-        stamps = {(t.header.stamp.sec, t.header.stamp.nanosec) for _, t in driver.twists.since(start + 0.2)}
-        assert stamps <= slow.stamps | driver.camera.stamps and len(stamps) <= 14, "ticks reuse the newest frame"
-        values = {item.key: item.value for item in latest_status(diagnostics, "policy_managed").values}
-        assert int(values["ticks_reusing_frame"]) >= 10
-    finally:
-        slow.mode = "stopped"
-        ros_node.destroy_timer(slow.timer)
-        driver.camera.mode = "good"
 
 
 def test_a_model_that_fails_to_load_leaves_the_node_running_unconfigured(
     nodes: dict[str, NodeProcess], ros_node: rclpy.node.Node, diagnostics: Received
 ) -> None:
     driver = Driver(ros_node, "lab/policy_broken", "/broken_camera/image", "/broken_instruction", False)
-    driver.wait_ready()
+    driver.wait_ready(120.0)
     status = latest_status(diagnostics, "policy_broken")
     assert status.level == DiagnosticStatus.ERROR
     assert "/nonexistent/openvla-checkpoint" in status.message or "failed" in status.message
