@@ -21,7 +21,7 @@ from openvla_ros.dataset.bag_storage import BagError, Entry, StorageTopic
 from openvla_ros.dataset.mcap_index import MAGIC, MESSAGE, MESSAGE_HEADER, RECORD_HEADER, WAY_OUT, McapIndex
 
 _CACHE_BYTES = 64 << 20  # decompressed chunks kept for frame reads
-_PREFIX_MARGIN = 64 << 10  # decompressed past the last small message a scan needs from a chunk
+_PREFIX_MARGIN = 4 << 10  # decompressed past the start of the last small message a scan needs from a chunk
 
 
 class McapFile:

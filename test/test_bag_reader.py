@@ -1,0 +1,425 @@
+"""The converter's bag reader on bags that real rosbag2 recordings resemble: QoS profiles in metadata.yaml
+that differ from the storage's, topics of unparseable types, no metadata.yaml, compressed mcap chunks,
+truncated files; counts checked against an independent reading of the storage, images against rosbags-image."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from rosbags.typesys import Stores, get_typestore
+from test_bag_to_rlds import CONFIG, expected_steps, frame_index, load_episodes
+
+from openvla_ros.dataset import convert_bags
+from openvla_ros.dataset.bag_reader import DemoBag
+from openvla_ros.dataset.bag_storage import BagError, open_bag
+from openvla_ros.dataset.cdr import CdrError, compressed_rgb, image_array, image_rgb
+from openvla_ros.dataset.cdr_values import DECODERS, decode_value
+from openvla_ros.dataset.synthetic import DemoRecording, write_demo_bag
+from openvla_ros.errors import DatasetError
+
+TYPESTORE = get_typestore(Stores.LATEST)
+TYPES = TYPESTORE.types
+# A QoS profile as `ros2 bag record` writes it; rosbags' writer stores none, so the two disagree.
+RECORDED_QOS = [{
+    "history": "keep_last", "depth": 10, "reliability": "reliable", "durability": "volatile",
+    "deadline": {"sec": 9223372036, "nsec": 854775807}, "lifespan": {"sec": 9223372036, "nsec": 854775807},
+    "liveliness": "automatic", "liveliness_lease_duration": {"sec": 9223372036, "nsec": 854775807},
+    "avoid_ros_namespace_conventions": False,
+}]
+
+
+def rosbags_count(bag: Path) -> int:
+    from rosbags.highlevel import AnyReader
+
+    with AnyReader([bag], default_typestore=TYPESTORE) as reader:
+        return sum(1 for _ in reader.messages())
+
+
+def storage_counts(bag: Path) -> dict[str, int]:
+    """Returns ``{topic: count}`` read without the project's code: sqlite3 COUNT(*) or the mcap library's summary."""
+    counts: dict[str, int] = {}
+    for database in sorted(bag.glob("*.db3")):
+        with sqlite3.connect(database) as connection:
+            for name, count in connection.execute(
+                    "SELECT t.name, COUNT(*) FROM messages m JOIN topics t ON m.topic_id = t.id GROUP BY t.name"):
+                counts[name] = counts.get(name, 0) + count
+    for path in sorted(bag.glob("*.mcap")):
+        from mcap.reader import make_reader
+
+        with path.open("rb") as stream:
+            summary = make_reader(stream).get_summary()
+        for channel_id, count in summary.statistics.channel_message_counts.items():
+            name = summary.channels[channel_id].topic
+            counts[name] = counts.get(name, 0) + count
+    return counts
+
+
+def read_all(bag: Path) -> tuple[dict[str, int], list[tuple[int, str, object]], list[np.ndarray]]:
+    """Returns the counts read, the stream (frames as their time) and every decoded frame."""
+    stream, frames = [], []
+    with DemoBag(bag, CONFIG) as demo:
+        for time_ns, item, value in demo.messages():
+            if item.camera_key:
+                frames.append(demo.decode_frame(value))
+                value = value.time_ns
+            stream.append((time_ns, item.topic, value))
+        counts = {topic: count.count for topic, count in demo.counts.items()}
+    return counts, stream, frames
+
+
+def assert_same_stream(first: list, second: list) -> None:
+    assert len(first) == len(second)
+    for (time_a, topic_a, value_a), (time_b, topic_b, value_b) in zip(first, second, strict=True):
+        assert (time_a, topic_a) == (time_b, topic_b)
+        if isinstance(value_a, np.ndarray):
+            np.testing.assert_array_equal(value_a, value_b)
+        else:
+            assert value_a == value_b
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DemoRecording]:
+    root = tmp_path_factory.mktemp("reader")
+    return {storage: write_demo_bag(root / storage, storage=storage, duration_s=2.0, image_size=(160, 120), seed=21)
+            for storage in ("sqlite3", "mcap")}
+
+
+def copy_bag(recording: DemoRecording, target: Path) -> Path:
+    shutil.copytree(recording.path, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# QoS profiles that differ between metadata.yaml and the storage.
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_qos_in_metadata_differing_from_storage_hides_nothing(tmp_path: Path, bags: dict, storage: str) -> None:
+    bag = copy_bag(bags[storage], tmp_path / "bag")
+    metadata = yaml.safe_load((bag / "metadata.yaml").read_text())
+    for topic in metadata["rosbag2_bagfile_information"]["topics_with_message_count"]:
+        topic["topic_metadata"]["offered_qos_profiles"] = RECORDED_QOS
+    (bag / "metadata.yaml").write_text(yaml.safe_dump(metadata))
+    assert rosbags_count(bag) == 0  # what rosbags makes of such a bag
+
+    counts, stream, _ = read_all(bag)
+    _, original, _ = read_all(bags[storage].path)
+    assert counts == {topic: storage_counts(bag)[topic] for topic in counts}
+    assert counts["/camera/image_raw"] == len(bags[storage].image_times) > 50
+    assert_same_stream(stream, original)
+
+
+def test_qos_in_the_storage_record_differing_from_metadata_hides_nothing(tmp_path: Path, bags: dict) -> None:
+    bag = copy_bag(bags["sqlite3"], tmp_path / "bag")
+    (database,) = bag.glob("*.db3")
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE topics SET offered_qos_profiles = ?", (yaml.safe_dump(RECORDED_QOS),))
+    assert rosbags_count(bag) == 0
+    report = convert_bags([bag], tmp_path / "data", "qos", CONFIG)
+    assert report.steps == len(expected_steps(bags["sqlite3"], CONFIG)["steps"])
+    assert {topic: count.count for topic, count in report.bags[0].topics.items()} == {
+        topic: storage_counts(bag)[topic] for topic in report.bags[0].topics}
+
+
+# --------------------------------------------------------------------------------------------------
+# Topics that are not needed are never parsed; a needed one that fails gives one line.
+
+
+def write_mcap_copy(source: Path, target: Path, *, compression: str = "zstd", chunk_size: int = 786432,
+                    extra_topic: bool = False) -> None:
+    """Rewrites an mcap file with the mcap library (rosbag2's chunking and compression), optionally adding a
+    service-event topic whose schema no ROS parser reads."""
+    from mcap.reader import make_reader
+    from mcap.writer import CompressionType, Writer
+
+    kinds = {"zstd": CompressionType.ZSTD, "lz4": CompressionType.LZ4, "": CompressionType.NONE}
+    with source.open("rb") as stream, target.open("wb") as sink:
+        writer = Writer(sink, chunk_size=chunk_size, compression=kinds[compression])
+        writer.start(profile="ros2", library="test")
+        schemas: dict[int, int] = {}
+        channels: dict[int, int] = {}
+        extra = None
+        if extra_topic:
+            schema = writer.register_schema("example_interfaces/srv/AddTwoInts_Event", "ros2msg",
+                                            b"service_msgs/ServiceEventInfo info\n%%% not a definition {{\n")
+            extra = writer.register_channel("/add_two_ints/_service_event", "cdr", schema,
+                                            {"offered_qos_profiles": ""})
+        for schema, channel, message in make_reader(stream).iter_messages(log_time_order=False):
+            if schema.id not in schemas:
+                schemas[schema.id] = writer.register_schema(schema.name, schema.encoding, schema.data)
+            if channel.id not in channels:
+                channels[channel.id] = writer.register_channel(channel.topic, channel.message_encoding,
+                                                               schemas[schema.id], dict(channel.metadata))
+            writer.add_message(channels[channel.id], message.log_time, message.data, message.publish_time)
+            if extra is not None:
+                writer.add_message(extra, message.log_time + 1, b"\x00\x01\x00\x00garbage", message.log_time + 1)
+        writer.finish()
+
+
+def test_unparseable_schema_of_an_unneeded_mcap_topic_does_not_matter(tmp_path: Path, bags: dict) -> None:
+    bag = tmp_path / "bag"
+    bag.mkdir()
+    (source,) = bags["mcap"].path.glob("*.mcap")
+    write_mcap_copy(source, bag / source.name, extra_topic=True)
+    with pytest.raises(Exception):  # noqa: B017 (rosbags fails on the schema, in its own way)
+        rosbags_count(bag)
+    counts, stream, _ = read_all(bag)
+    _, original, _ = read_all(bags["mcap"].path)
+    assert_same_stream(stream, original)
+    with DemoBag(bag, CONFIG) as demo:
+        assert demo.topic_types()["/add_two_ints/_service_event"] == "example_interfaces/srv/AddTwoInts_Event"
+    assert storage_counts(bag)["/add_two_ints/_service_event"] == sum(counts.values())
+
+
+def test_unknown_type_of_an_unneeded_sqlite3_topic_does_not_matter(tmp_path: Path, bags: dict) -> None:
+    bag = copy_bag(bags["sqlite3"], tmp_path / "bag")
+    (database,) = bag.glob("*.db3")
+    with sqlite3.connect(database) as connection:
+        connection.execute("INSERT INTO topics VALUES (99, '/weird', 'my_pkg/msg/Weird', 'cdr', '', '')")
+        connection.execute("INSERT INTO message_definitions (topic_type, encoding, encoded_message_definition, "
+                           "type_description_hash) VALUES ('my_pkg/msg/Weird', 'ros2msg', '%%% {{', '')")
+        connection.execute("INSERT INTO messages (topic_id, timestamp, data) VALUES (99, 1, x'00010000ff')")
+    report = convert_bags([bag], tmp_path / "data", "weird", CONFIG)
+    assert report.steps == len(expected_steps(bags["sqlite3"], CONFIG)["steps"])
+
+
+def test_a_needed_message_that_does_not_decode_is_one_line_naming_topic_and_type(tmp_path: Path, bags: dict) -> None:
+    bag = copy_bag(bags["sqlite3"], tmp_path / "bag")
+    (database,) = bag.glob("*.db3")
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE messages SET data = x'000100000300' WHERE topic_id = "
+                           "(SELECT id FROM topics WHERE name = '/joint_states')")
+    with pytest.raises(DatasetError) as error:
+        convert_bags([bag], tmp_path / "data", "broken", CONFIG)
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 400
+    assert "sensor_msgs/msg/JointState message on /joint_states" in message and str(bag) in message
+
+
+# --------------------------------------------------------------------------------------------------
+# Bags without metadata.yaml, split bags, compressed chunks, truncated files.
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_bag_without_metadata_reads_from_its_storage(tmp_path: Path, bags: dict, storage: str) -> None:
+    bag = copy_bag(bags[storage], tmp_path / "bag")
+    (bag / "metadata.yaml").unlink()
+    counts, stream, frames = read_all(bag)
+    original_counts, original, original_frames = read_all(bags[storage].path)
+    assert counts == original_counts == {topic: storage_counts(bag)[topic] for topic in counts}
+    assert_same_stream(stream, original)
+    assert all(np.array_equal(a, b) for a, b in zip(frames, original_frames, strict=True))
+    single_file = next(p for p in bag.iterdir() if p.suffix in (".db3", ".mcap"))
+    assert read_all(single_file)[0] == counts  # one storage file given directly
+
+
+def test_split_bag_without_metadata_reads_in_file_number_order(tmp_path: Path) -> None:
+    start = 1_700_000_000_000_000_000
+    parts = [write_demo_bag(tmp_path / f"part{number}", storage="mcap", duration_s=1.0, seed=number,
+                            start_ns=start + number * 1_000_000_000) for number in range(3)]
+    split = tmp_path / "split"
+    split.mkdir()
+    for number, part in enumerate(parts):  # bag_10 must come after bag_2
+        shutil.move(str(next(part.path.glob("*.mcap"))), str(split / f"split_{(0, 2, 10)[number]}.mcap"))
+    with DemoBag(split, CONFIG) as demo:
+        times = [time_ns for time_ns, _, _ in demo.messages()]
+    assert times == sorted(times) and len(times) == sum(storage_counts(split).values())
+    stored = open_bag(split)
+    stored.close()
+    assert [storage.path.name for storage in stored.files] == ["split_0.mcap", "split_2.mcap", "split_10.mcap"]
+
+
+def test_directory_without_metadata_or_storage_says_so(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BagError, match="has no metadata.yaml and no .db3 or .mcap file"):
+        convert_bags([tmp_path / "empty"], tmp_path / "data", "x", CONFIG)
+
+
+@pytest.mark.parametrize(("compression", "chunk_size"), [("zstd", 32768), ("lz4", 32768), ("zstd", 786432),
+                                                          ("lz4", 786432), ("", 32768)])
+def test_compressed_mcap_chunks(tmp_path: Path, bags: dict, compression: str, chunk_size: int) -> None:
+    bag = copy_bag(bags["mcap"], tmp_path / "bag")
+    (source,) = bags["mcap"].path.glob("*.mcap")
+    write_mcap_copy(source, bag / source.name, compression=compression, chunk_size=chunk_size)
+    counts, stream, frames = read_all(bag)
+    original_counts, original, original_frames = read_all(bags["mcap"].path)
+    assert counts == original_counts == {topic: storage_counts(bag)[topic] for topic in counts}
+    assert_same_stream(stream, original)
+    assert all(np.array_equal(a, b) for a, b in zip(frames, original_frames, strict=True))
+
+
+def test_compressed_chunks_convert_to_the_expected_steps(tmp_path: Path, bags: dict) -> None:
+    bag = copy_bag(bags["mcap"], tmp_path / "bag")
+    (source,) = bags["mcap"].path.glob("*.mcap")
+    write_mcap_copy(source, bag / source.name, compression="lz4", chunk_size=32768)
+    convert_bags([bag], tmp_path / "data", "lz4_demo", CONFIG)
+    expected = expected_steps(bags["mcap"], CONFIG)["steps"]
+    episodes = load_episodes(tmp_path / "data", "lz4_demo", "train")
+    steps = [step for episode in episodes for step in episode["steps"]]
+    assert [frame_index(step["observation"]["image"]) for step in steps] == [want["image"] for want in expected]
+
+
+def test_truncated_mcap_without_metadata_reads_what_it_holds(tmp_path: Path, bags: dict) -> None:
+    bag = copy_bag(bags["mcap"], tmp_path / "bag")
+    (data_file,) = bag.glob("*.mcap")
+    (bag / "metadata.yaml").unlink()
+    data = data_file.read_bytes()
+    data_file.write_bytes(data[: int(len(data) * 0.7)])  # the recorder died: no summary, a cut chunk
+    report = convert_bags([bag], tmp_path / "data", "cut", CONFIG.replace(drop_idle=False))
+    assert 0 < report.bags[0].topics["/camera/image_raw"].count < len(bags["mcap"].image_times)
+    assert any("truncated" in warning for warning in report.warnings)
+
+
+def test_only_the_frames_steps_use_are_read(tmp_path: Path, bags: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openvla_ros.dataset.bag_storage import StoredBag
+
+    reads = []
+    original = StoredBag.read
+
+    def counting_read(self, locator, topic=""):
+        reads.append(locator)
+        return original(self, locator, topic)
+
+    monkeypatch.setattr(StoredBag, "read", counting_read)
+    report = convert_bags([bags["mcap"].path], tmp_path / "data", "lazy", CONFIG)
+    frames = report.bags[0].topics["/camera/image_raw"].count
+    assert len(set(reads)) == len(reads) <= report.steps + report.dropped_idle + report.dropped_stale
+    assert len(reads) < frames / 4
+
+
+@pytest.mark.parametrize("mode", ["message", "file"])
+def test_zstd_compressed_bags(tmp_path: Path, bags: dict, mode: str) -> None:
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag2 import CompressionFormat, CompressionMode, Writer
+
+    target = tmp_path / "compressed"
+    writer = Writer(target, version=9)
+    writer.set_compression(CompressionMode[mode.upper()], CompressionFormat.ZSTD)
+    with AnyReader([bags["sqlite3"].path], default_typestore=TYPESTORE) as reader, writer:
+        connections = {conn.topic: writer.add_connection(conn.topic, conn.msgtype, typestore=TYPESTORE)
+                       for conn in reader.connections}
+        for connection, time_ns, data in reader.messages():
+            writer.write(connections[connection.topic], time_ns, data)
+    counts, stream, _ = read_all(target)
+    _, original, _ = read_all(bags["sqlite3"].path)
+    assert_same_stream(stream, original)
+    assert sum(counts.values()) == sum(storage_counts(bags["sqlite3"].path).values())
+    stored = open_bag(target)
+    decompressed = stored._temporary
+    stored.close()
+    assert (decompressed is None) == (mode == "message")
+    assert decompressed is None or not decompressed.exists()  # the decompressed copy is removed
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding straight from CDR bytes equals rosbags' deserialisation and rosbags-image's conversion.
+
+
+def _image(encoding: str, pixels: np.ndarray, big_endian: bool = False) -> bytes:
+    height, width = pixels.shape[:2]
+    data = pixels.astype(pixels.dtype.newbyteorder(">" if big_endian else "<")).tobytes()
+    header = TYPES["std_msgs/msg/Header"](stamp=TYPES["builtin_interfaces/msg/Time"](sec=1, nanosec=2),
+                                          frame_id="camera_optical")
+    message = TYPES["sensor_msgs/msg/Image"](header=header, height=height, width=width, encoding=encoding,
+                                             is_bigendian=int(big_endian), step=len(data) // height,
+                                             data=np.frombuffer(data, np.uint8))
+    return bytes(TYPESTORE.serialize_cdr(message, "sensor_msgs/msg/Image"))
+
+
+@pytest.mark.parametrize(("encoding", "channels", "dtype", "big_endian"), [
+    ("mono16", 1, np.uint16, False), ("mono16", 1, np.uint16, True), ("rgb16", 3, np.uint16, False),
+    ("bgra16", 4, np.uint16, False), ("bgr8", 3, np.uint8, False), ("mono8", 1, np.uint8, False),
+    ("rgba8", 4, np.uint8, False), ("16UC1", 1, np.uint16, False), ("32FC1", 1, np.float32, False),
+])
+def test_raw_images_decode_as_rosbags_image_does(encoding: str, channels: int, dtype: type, big_endian: bool) -> None:
+    from rosbags.image import message_to_cvimage
+
+    rng = np.random.default_rng(3)
+    shape = (37, 53) if channels == 1 else (37, 53, channels)
+    if np.issubdtype(dtype, np.integer):
+        pixels = rng.integers(0, np.iinfo(dtype).max, size=shape, endpoint=True).astype(dtype)
+    else:
+        pixels = rng.normal(size=shape).astype(dtype)
+    data = _image(encoding, pixels, big_endian)
+    message = TYPESTORE.deserialize_cdr(data, "sensor_msgs/msg/Image")
+    native = image_array(data)
+    np.testing.assert_array_equal(native, message_to_cvimage(message))
+    assert native.dtype == message_to_cvimage(message).dtype and native.dtype.isnative
+    if not encoding[0].isdigit():
+        np.testing.assert_array_equal(image_rgb(data), message_to_cvimage(message, "rgb8"))
+
+
+@pytest.mark.parametrize("extension", [".jpg", ".png"])
+def test_compressed_images_decode_as_rosbags_image_does(extension: str) -> None:
+    import cv2
+    from rosbags.image import message_to_cvimage
+
+    from openvla_ros.dataset.synthetic import make_frame
+
+    ok, encoded = cv2.imencode(extension, make_frame(5, 96, 64)[..., ::-1])
+    header = TYPES["std_msgs/msg/Header"](stamp=TYPES["builtin_interfaces/msg/Time"](sec=1, nanosec=2), frame_id="c")
+    message = TYPES["sensor_msgs/msg/CompressedImage"](header=header, format=extension[1:], data=encoded.reshape(-1))
+    data = bytes(TYPESTORE.serialize_cdr(message, "sensor_msgs/msg/CompressedImage"))
+    np.testing.assert_array_equal(compressed_rgb(data), message_to_cvimage(message, "rgb8"))
+
+
+def test_bad_image_bytes_are_errors_saying_what_is_wrong() -> None:
+    data = _image("rgb8", np.zeros((4, 5, 3), np.uint8))
+    with pytest.raises(CdrError, match="ends after"):
+        image_rgb(data[:-7])
+    with pytest.raises(CdrError, match="unsupported image encoding 'yuv422'"):
+        image_rgb(_image("yuv422", np.zeros((4, 5, 2), np.uint8)))
+    with pytest.raises(CdrError, match="encapsulation"):
+        image_rgb(b"\x00\x03\x00\x00" + data[4:])
+
+
+def _small_messages(big_endian: bool) -> list[tuple[str, object]]:
+    header = TYPES["std_msgs/msg/Header"](stamp=TYPES["builtin_interfaces/msg/Time"](sec=3, nanosec=4), frame_id="ee")
+    vector = TYPES["geometry_msgs/msg/Vector3"]
+    twist = TYPES["geometry_msgs/msg/Twist"](linear=vector(0.1, -0.2, 0.3), angular=vector(1.5, -2.5, 3.5))
+    pose = TYPES["geometry_msgs/msg/Pose"](position=TYPES["geometry_msgs/msg/Point"](1.0, 2.0, 3.0),
+                                           orientation=TYPES["geometry_msgs/msg/Quaternion"](0.1, 0.2, 0.3, 0.9))
+    dims = [TYPES["std_msgs/msg/MultiArrayDimension"](label="xyz", size=7, stride=7)]
+    return [
+        ("std_msgs/msg/String", TYPES["std_msgs/msg/String"](data="stack the cups")),
+        ("std_msgs/msg/Float64", TYPES["std_msgs/msg/Float64"](data=0.25)),
+        ("std_msgs/msg/Float32", TYPES["std_msgs/msg/Float32"](data=0.5)),
+        ("std_msgs/msg/Float64MultiArray", TYPES["std_msgs/msg/Float64MultiArray"](
+            layout=TYPES["std_msgs/msg/MultiArrayLayout"](dim=dims, data_offset=3), data=np.arange(7.0) / 3)),
+        ("geometry_msgs/msg/Twist", twist),
+        ("geometry_msgs/msg/TwistStamped", TYPES["geometry_msgs/msg/TwistStamped"](header=header, twist=twist)),
+        ("geometry_msgs/msg/PoseStamped", TYPES["geometry_msgs/msg/PoseStamped"](header=header, pose=pose)),
+        ("sensor_msgs/msg/JointState", TYPES["sensor_msgs/msg/JointState"](
+            header=header, name=["a", "bb", "ccc"], position=np.array([0.5, -1.0, 2.0]),
+            velocity=np.zeros(3), effort=np.zeros(0))),
+    ]
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_small_messages_decode_as_rosbags_deserialises_them(big_endian: bool) -> None:
+    messages = _small_messages(big_endian)
+    assert {msgtype for msgtype, _ in messages} == set(DECODERS)
+    for msgtype, message in messages:
+        data = bytes(TYPESTORE.serialize_cdr(message, msgtype, little_endian=not big_endian))
+        back = TYPESTORE.deserialize_cdr(data, msgtype)
+        value = decode_value(msgtype, data)
+        if msgtype.endswith("JointState"):
+            assert value[0] == tuple(back.name)
+            np.testing.assert_array_equal(value[1], back.position)
+        elif msgtype.endswith("Twist") or msgtype.endswith("TwistStamped"):
+            twist = back.twist if msgtype.endswith("Stamped") else back
+            np.testing.assert_array_equal(value, [twist.linear.x, twist.linear.y, twist.linear.z,
+                                                  twist.angular.x, twist.angular.y, twist.angular.z])
+        elif msgtype.endswith("PoseStamped"):
+            position, orientation = back.pose.position, back.pose.orientation
+            np.testing.assert_array_equal(value, [position.x, position.y, position.z, orientation.x,
+                                                  orientation.y, orientation.z, orientation.w])
+        elif msgtype.endswith("MultiArray"):
+            np.testing.assert_array_equal(value, back.data)
+        else:
+            assert value == back.data, msgtype
