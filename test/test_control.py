@@ -207,3 +207,9 @@ def test_problem_tracker_logs_once_then_throttles_and_reports_recovery() -> None
     assert tracker.resolve("image")
     assert not tracker.resolve("image")
     assert tracker.report("image", "bad encoding mono16"), "a problem that comes back is logged again"
+
+
+def test_auto_cpu_threads_leaves_one_core_to_ros() -> None:
+    from openvla_ros.policy_node import auto_cpu_threads
+
+    assert [auto_cpu_threads(cores) for cores in (1, 2, 4, 16)] == [1, 1, 3, 15]

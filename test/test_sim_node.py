@@ -107,6 +107,20 @@ class Driver:
     def act(self, *action: float) -> None:
         self.action_pub.publish(Float64MultiArray(data=[float(v) for v in action]))
 
+    def pose_stamped_after(self, stamp_ns: int, timeout_s: float = 10.0) -> np.ndarray:
+        """Returns the newest pose whose header stamp is at or after ``stamp_ns`` (the sim's clock).
+
+        A pose received after a call may have been published before it; its stamp tells.
+        """
+
+        def fresh() -> list[PoseStamped]:
+            with self.poses.lock:
+                messages = [m for _, m in self.poses.items]
+            return [m for m in messages if m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec >= stamp_ns]
+
+        wait_until(lambda: fresh(), timeout_s, "an end-effector pose stamped after the reset")
+        return self_pose(fresh()[-1])
+
     def newest_pose_after(self, start: float, timeout_s: float = 5.0) -> np.ndarray:
         wait_until(lambda: self.poses.since(start), timeout_s, "an end-effector pose")
         position = self.poses.since(start)[-1].pose.position
@@ -162,8 +176,8 @@ def test_reset_publishes_a_new_latched_instruction(driver: Driver) -> None:
 
 def test_actions_move_the_end_effector_and_the_gripper(driver: Driver) -> None:
     driver.reset()
-    start = time.monotonic()
-    before = driver.newest_pose_after(start)
+    reset_done_ns = driver.node.get_clock().now().nanoseconds  # the reply comes after the reset took effect
+    before = driver.pose_stamped_after(reset_done_ns)
     start = time.monotonic()
     driver.act(0.01, -0.02, 0.015, 0.0, 0.0, 0.05, 0.0)  # move and close
     wait_until(
