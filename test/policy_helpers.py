@@ -101,7 +101,7 @@ def wait_active(driver: Driver, node_process: NodeProcess, timeout_s: float = 12
         driver.wait_ready(timeout_s)
         while True:
             future = driver.state_client.call_async(GetState.Request())
-            wait_until(lambda: future.done() or time.monotonic() > deadline, timeout_s, "get_state")
+            wait_until(lambda f=future: f.done() or time.monotonic() > deadline, timeout_s, "get_state")
             if future.done() and future.result().current_state.label == "active":
                 return
             assert node_process.process.poll() is None, "the node process exited"
