@@ -21,6 +21,7 @@ from openvla_ros.dataset.bag_storage import BagError, Entry, StorageTopic
 from openvla_ros.dataset.mcap_index import MAGIC, MESSAGE, MESSAGE_HEADER, RECORD_HEADER, WAY_OUT, McapIndex
 
 _CACHE_BYTES = 64 << 20  # decompressed chunks kept for frame reads
+_SMALL_READ = 2 << 10  # one read fetches a message of up to this size with its header
 _PREFIX_MARGIN = 4 << 10  # decompressed past the start of the last small message a scan needs from a chunk
 
 
@@ -35,6 +36,8 @@ class McapFile:
         self.path = path
         self._where = f"bag {bag}: {path.name}" if bag is not None and bag != path else f"bag {path}"
         self._lock = threading.Lock()
+        self._readers = 0
+        self._closing: int | None = None
         try:
             self._fd: int | None = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -53,20 +56,37 @@ class McapFile:
 
     # ------------------------------------------------------------------------------------------ file access
 
-    def _pread(self, size: int, offset: int) -> bytes:
+    def _pread(self, size: int, offset: int, *, exact: bool = True) -> bytes:
+        """Returns ``size`` bytes at ``offset`` (fewer at the end of the file when not ``exact``).
+
+        Reads run without holding the lock (threads read side by side); a close that comes meanwhile
+        leaves the descriptor to the last reader to close.
+        """
         with self._lock:
             if self._fd is None:
                 raise BagError(f"{self._where} is closed")
-            data = os.pread(self._fd, size, offset)
-        if len(data) != size:
+            fd = self._fd
+            self._readers += 1
+        try:
+            data = os.pread(fd, size, offset)
+        finally:
+            with self._lock:
+                self._readers -= 1
+                close_now = self._fd is None and self._readers == 0 and self._closing == fd
+            if close_now:
+                self._closing = None
+                os.close(fd)
+        if exact and len(data) != size:
             raise BagError(f"{self._where} ends at byte {self._size}, inside a record at byte {offset}; {WAY_OUT}")
         return data
 
     def close(self) -> None:
-        """Closes the file; later reads raise BagError."""
+        """Closes the file (once reads in progress end); later reads raise BagError."""
         with self._lock:
             fd, self._fd = self._fd, None
             self._cache.clear()
+            if fd is not None and self._readers:
+                self._closing, fd = fd, None
         if fd is not None:
             os.close(fd)
 
@@ -125,11 +145,18 @@ class McapFile:
                     self._cache.popitem(last=False)
         return self._message_in(records, chunk, offset, None)
 
-    def _read_uncompressed(self, chunk: int, offset: int, channel_id: int | None) -> bytes:
+    def _read_uncompressed(self, chunk: int, offset: int, channel_id: int | None) -> bytes | memoryview:
+        """Reads a message in one go when it is small (one guess of its size), else header then data."""
         at = self._chunks[chunk].data_offset + offset
-        opcode, length, found, _, _, _ = MESSAGE_HEADER.unpack(self._pread(MESSAGE_HEADER.size, at))
+        head = self._pread(_SMALL_READ, at, exact=False)
+        if len(head) < MESSAGE_HEADER.size:
+            raise BagError(f"{self._where} ends at byte {self._size}, inside a record at byte {at}; {WAY_OUT}")
+        opcode, length, found, _, _, _ = MESSAGE_HEADER.unpack_from(head)
         self._check_message(opcode, found, channel_id, chunk, offset)
-        return self._pread(length - (MESSAGE_HEADER.size - RECORD_HEADER.size), at + MESSAGE_HEADER.size)
+        end = RECORD_HEADER.size + length
+        if end <= len(head):
+            return memoryview(head)[MESSAGE_HEADER.size : end]
+        return self._pread(end - MESSAGE_HEADER.size, at + MESSAGE_HEADER.size)
 
     def _message_in(self, records: bytes | memoryview, chunk: int, offset: int,
                     channel_id: int | None) -> memoryview:

@@ -153,6 +153,10 @@ class DemoBag:
         """Returns ``{topic: message type}`` of every topic in the bag's storage."""
         return {name: topic.msgtype for name, topic in self._bag.topics.items()}
 
+    def _stored_types(self, topic: str) -> tuple[str, ...]:
+        """Returns every message type the storage records for ``topic``."""
+        return self._bag.topics[topic].types
+
     def _storage_count(self, topic: str) -> int | None:
         stored = self._bag.topics.get(topic)
         return None if stored is None else stored.count
@@ -188,7 +192,7 @@ class DemoBag:
             wanted.append((topics.gripper, Role.GRIPPER, ""))
         self.streams = []
         for topic, role, key in wanted:
-            types = self._bag.topics[topic].types
+            types = self._stored_types(topic)
             if len(types) > 1:
                 raise DatasetError(
                     f"topic {topic} in bag {self.path} holds messages of several types ({', '.join(types)}); "
