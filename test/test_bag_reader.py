@@ -131,7 +131,7 @@ def test_qos_in_the_storage_record_differing_from_metadata_hides_nothing(tmp_pat
 
 
 def write_mcap_copy(source: Path, target: Path, *, compression: str = "zstd", chunk_size: int = 786432,
-                    extra_topic: bool = False) -> None:
+                    extra_topic: bool = False, **options: object) -> None:
     """Rewrites an mcap file with the mcap library (rosbag2's chunking and compression), optionally adding a
     service-event topic whose schema no ROS parser reads."""
     from mcap.reader import make_reader
@@ -139,7 +139,7 @@ def write_mcap_copy(source: Path, target: Path, *, compression: str = "zstd", ch
 
     kinds = {"zstd": CompressionType.ZSTD, "lz4": CompressionType.LZ4, "": CompressionType.NONE}
     with source.open("rb") as stream, target.open("wb") as sink:
-        writer = Writer(sink, chunk_size=chunk_size, compression=kinds[compression])
+        writer = Writer(sink, chunk_size=chunk_size, compression=kinds[compression], **options)
         writer.start(profile="ros2", library="test")
         schemas: dict[int, int] = {}
         channels: dict[int, int] = {}
@@ -249,6 +249,23 @@ def test_compressed_mcap_chunks(tmp_path: Path, bags: dict, compression: str, ch
     counts, stream, frames = read_all(bag)
     original_counts, original, original_frames = read_all(bags["mcap"].path)
     assert counts == original_counts == {topic: storage_counts(bag)[topic] for topic in counts}
+    assert_same_stream(stream, original)
+    assert all(np.array_equal(a, b) for a, b in zip(frames, original_frames, strict=True))
+
+
+@pytest.mark.parametrize("layout", ["chunks without message indexes", "no chunks", "no index or statistics"])
+def test_mcap_layouts_other_writers_produce(tmp_path: Path, bags: dict, layout: str) -> None:
+    from mcap.writer import IndexType
+
+    options = {"chunks without message indexes": {"index_types": IndexType.CHUNK},
+               "no chunks": {"use_chunking": False},
+               "no index or statistics": {"index_types": IndexType.NONE, "use_statistics": False}}[layout]
+    bag = copy_bag(bags["mcap"], tmp_path / "bag")
+    (source,) = bags["mcap"].path.glob("*.mcap")
+    write_mcap_copy(source, bag / source.name, chunk_size=32768, **options)
+    counts, stream, frames = read_all(bag)
+    original_counts, original, original_frames = read_all(bags["mcap"].path)
+    assert counts == original_counts
     assert_same_stream(stream, original)
     assert all(np.array_equal(a, b) for a, b in zip(frames, original_frames, strict=True))
 

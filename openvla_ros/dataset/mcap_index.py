@@ -193,19 +193,27 @@ class McapIndex:
         _check_compression(self._where, compression)
         number = len(self.chunks)
         self.chunks.append(chunk)
-        records = self.chunk_records(number, size)
+        for channel_id, found in self._chunk_messages(number).items():
+            self._scanned.setdefault(channel_id, []).extend(found)
+
+    def _chunk_messages(self, number: int) -> dict[int, list[tuple[int, int, int]]]:
+        """Returns ``{channel: [(log time, chunk, offset)]}`` found by reading a chunk's records (and
+        registers the schemas and channels it holds)."""
+        records = self.chunk_records(number)
+        found: dict[int, list[tuple[int, int, int]]] = {}
         position = 0
         while position + RECORD_HEADER.size <= len(records):
             opcode, record_length = RECORD_HEADER.unpack_from(records, position)
             body = _Body(records, position + RECORD_HEADER.size)
             if opcode == MESSAGE:
                 channel_id, _, log_time = struct.unpack_from("<HIQ", records, body.position)
-                self._scanned.setdefault(channel_id, []).append((log_time, number, position))
+                found.setdefault(channel_id, []).append((log_time, number, position))
             elif opcode == SCHEMA:
                 self._add_schema(body)
             elif opcode == CHANNEL:
                 self._add_channel(body)
             position += RECORD_HEADER.size + record_length
+        return found
 
     def topics(self) -> dict[str, StorageTopic]:
         """Returns ``{topic: StorageTopic}``; counts from the summary's statistics (None without them)."""
@@ -230,6 +238,12 @@ class McapIndex:
                 parts.append(np.column_stack([rows, np.full(len(rows), channel_id, np.int64)]))
         else:
             for number, (start, length, offsets) in enumerate(self._chunk_indexes):
+                if not offsets:  # a chunk written without message indexes: read its records
+                    found = self._chunk_messages(number)
+                    for channel_id in channel_ids & set(found):
+                        rows = np.asarray(found[channel_id], dtype=np.int64)
+                        parts.append(np.column_stack([rows, np.full(len(rows), channel_id, np.int64)]))
+                    continue
                 present = [channel_id for channel_id in channel_ids if channel_id in offsets]
                 if present:
                     parts.extend(self._chunk_message_index(number, start, length, offsets, present))
