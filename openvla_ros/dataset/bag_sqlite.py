@@ -4,7 +4,7 @@ rosbag2's sqlite3 layout: ``topics(id, name, type, serialization_format, ...)`` 
 ``messages(id, topic_id, timestamp, data)``. Topics are matched to messages by ``topic_id`` alone
 (QoS profiles are ignored). The time-ordered scan selects the ``data`` column only for the topics
 that need it, so SQLite never reads the overflow pages of the camera frames it skips; a frame is
-later read by its row id on a second connection that worker threads share under a lock.
+later read as a blob by its rowid on a second connection that worker threads share under a lock.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ class SqliteFile:
         self.warnings: list[str] = []
         self._lock = threading.Lock()
         self._scan = self._connect()
-        self._reader: sqlite3.Connection | None = self._connect()
+        self._reader: sqlite3.Connection | None = None
+        try:
+            self._reader = self._connect()
+        except BagError:
+            self._scan.close()
+            raise
         try:
             tables = {row[0] for row in self._scan.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.Error as exc:
@@ -77,7 +82,7 @@ class SqliteFile:
         return self._topics
 
     def entries(self, topics: Collection[str], payload: Collection[str]) -> Iterator[Entry]:
-        """Yields ``(timestamp, topic, row id, data or None)`` of ``topics`` ordered by timestamp, then row id.
+        """Yields ``(timestamp, topic, rowid, data or None)`` of ``topics`` ordered by timestamp, then rowid.
 
         Raises:
             BagError: when SQLite reports the file damaged while reading.
@@ -87,8 +92,8 @@ class SqliteFile:
         if not wanted:
             return
         query = (
-            f"SELECT id, topic_id, timestamp, CASE WHEN topic_id IN ({','.join('?' * len(with_data)) or 'NULL'}) "
-            f"THEN data END FROM messages WHERE topic_id IN ({','.join('?' * len(wanted))}) ORDER BY timestamp, id"
+            f"SELECT rowid, topic_id, timestamp, CASE WHEN topic_id IN ({','.join('?' * len(with_data)) or 'NULL'}) "
+            f"THEN data END FROM messages WHERE topic_id IN ({','.join('?' * len(wanted))}) ORDER BY timestamp, rowid"
         )
         names = self._names
         try:
@@ -100,7 +105,7 @@ class SqliteFile:
             raise BagError(f"{self._where}: reading messages failed ({exc}); {_WAY_OUT}") from exc
 
     def read(self, locator: int) -> bytes:
-        """Returns the ``data`` of message row ``locator``.
+        """Returns the ``data`` of the message at rowid ``locator`` (read as a blob, without a query).
 
         Raises:
             BagError: when the file is closed, the row is gone or SQLite reports damage.
@@ -109,12 +114,10 @@ class SqliteFile:
             if self._reader is None:
                 raise BagError(f"{self._where} is closed")
             try:
-                row = self._reader.execute("SELECT data FROM messages WHERE id = ?", (locator,)).fetchone()
+                with self._reader.blobopen("messages", "data", locator, readonly=True) as blob:
+                    return blob.read()
             except sqlite3.Error as exc:
                 raise BagError(f"{self._where}: reading message {locator} failed ({exc}); {_WAY_OUT}") from exc
-        if row is None:
-            raise BagError(f"{self._where}: message row {locator} disappeared while reading")
-        return row[0]
 
     def close(self) -> None:
         """Closes both connections."""
