@@ -36,6 +36,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -292,6 +293,10 @@ def load_policy(values: dict[str, Any]) -> Any:
     )
 
 
+def _ignore_event(event: Any) -> None:
+    """An event callback that does nothing (replaces rclpy's default warning)."""
+
+
 def auto_cpu_threads(cpu_count: int | None = None) -> int:
     """Returns the torch thread count for ``cpu_threads: 0``: every core but one, at least one.
 
@@ -478,9 +483,17 @@ class PolicyNode(LifecycleNode):
             image_sub = self.create_subscription(CompressedImage, topic, self._on_image, SENSOR_QOS)
         else:
             image_sub = self.create_subscription(Image, values["image_topic"], self._on_image, SENSOR_QOS)
+        # The latched subscription cannot match a volatile publisher: that is expected (the volatile
+        # one takes its messages), so rclpy's "incompatible QoS" warning is silenced for it.
         instruction_subs = [
-            self.create_subscription(String, values["instruction_topic"], self._on_instruction, qos)
-            for qos in (INSTRUCTION_VOLATILE_QOS, LATCHED_QOS)
+            self.create_subscription(String, values["instruction_topic"], self._on_instruction, INSTRUCTION_VOLATILE_QOS),
+            self.create_subscription(
+                String,
+                values["instruction_topic"],
+                self._on_instruction,
+                LATCHED_QOS,
+                event_callbacks=SubscriptionEventCallbacks(incompatible_qos=_ignore_event),
+            ),
         ]
         self._subscriptions_in_use = [image_sub, *instruction_subs]
         self._state_label = "inactive"
@@ -945,14 +958,10 @@ class ShutdownSignals:
         self.closing = False  # clean-up has begun: every signal is ignored
         self.requested = threading.Event()
         self.ignored = 0
-        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -966,6 +975,18 @@ class ShutdownSignals:
         self.requested.set()
         self.node.get_logger().info(f"{name}: stopping")
         self.node.stop_now(f"shutdown on {name}")
+
+
+def _finish_callbacks(executor: MultiThreadedExecutor) -> None:
+    """Lets the callbacks already handed to the executor's threads finish before it shuts down.
+
+    ``MultiThreadedExecutor.shutdown`` destroys its guard condition before its thread pool has run the
+    callbacks already queued there; each of those then fails on the destroyed guard and rclpy prints
+    "The following exception was never retrieved" at exit. Emptying the pool first avoids that.
+    """
+    pool = getattr(executor, "_executor", None)  # the executor's ThreadPoolExecutor
+    if pool is not None:
+        pool.shutdown(wait=True)
 
 
 def main(args: list[str] | None = None, policy_loader: PolicyLoader | None = None) -> None:
@@ -997,12 +1018,16 @@ def main(args: list[str] | None = None, policy_loader: PolicyLoader | None = Non
             signals.node = node
             node.stop_now("shutdown")
         if executor is not None:
+            _finish_callbacks(executor)
             executor.shutdown(timeout_sec=10.0)
         if node is not None:
             node.close()
             node.destroy_node()
         rclpy.try_shutdown()
-        signals.restore()
+        # The process ends now: a signal that comes late (ros2 launch forwards the terminal's Ctrl-C a
+        # moment after the terminal delivered it) must not turn a clean exit into death by signal.
+        for signum in ShutdownSignals.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -100,10 +100,14 @@ def wait_active(driver: Driver, node_process: NodeProcess, timeout_s: float = 12
     try:
         driver.wait_ready(timeout_s)
         while True:
+            # a request sent just after discovery can lose its response: ask again after 5 s
             future = driver.state_client.call_async(GetState.Request())
-            wait_until(lambda f=future: f.done() or time.monotonic() > deadline, timeout_s, "get_state")
+            give_up = min(deadline, time.monotonic() + 5.0)
+            wait_until(lambda f=future, t=give_up: f.done() or time.monotonic() > t, timeout_s, "get_state")
             if future.done() and future.result().current_state.label == "active":
                 return
+            if not future.done():
+                driver.state_client.remove_pending_request(future)
             assert node_process.process.poll() is None, "the node process exited"
             assert time.monotonic() < deadline, f"not active after {timeout_s} s"
             time.sleep(0.2)
@@ -203,10 +207,20 @@ class Driver:
         for client in (self.enable_client, self.state_client, self.get_params_client, self.set_params_client):
             assert client.wait_for_service(timeout_sec=timeout_s), f"{client.srv_name} never appeared"
 
-    def call(self, client: Any, request: Any, timeout_s: float = 10.0) -> Any:
-        future = client.call_async(request)
-        wait_until(future.done, timeout_s, f"a response from {client.srv_name}")
-        return future.result()
+    def call(self, client: Any, request: Any, timeout_s: float = 10.0, attempts: int = 3) -> Any:
+        """Calls a service; an unanswered request is sent again (a response sent right after discovery
+        can be lost), so use ``attempts=1`` for requests that must not be repeated."""
+        for attempt in range(attempts):
+            future = client.call_async(request)
+            try:
+                wait_until(future.done, timeout_s, f"a response from {client.srv_name}")
+            except AssertionError:
+                client.remove_pending_request(future)
+                if attempt + 1 == attempts:
+                    raise
+                continue
+            return future.result()
+        raise AssertionError("unreachable")
 
     def enable(self, on: bool) -> SetBool.Response:
         return self.call(self.enable_client, SetBool.Request(data=on))
@@ -216,7 +230,7 @@ class Driver:
 
     def transition(self, transition_id: int, timeout_s: float = 60.0) -> bool:
         request = ChangeState.Request(transition=Transition(id=transition_id))
-        return self.call(self.change_state_client, request, timeout_s).success
+        return self.call(self.change_state_client, request, timeout_s, attempts=1).success
 
     def get(self, *names: str) -> list[Any]:
         response = self.call(self.get_params_client, GetParameters.Request(names=list(names)))

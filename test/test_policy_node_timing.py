@@ -250,7 +250,8 @@ def test_image_stamps_ahead_of_the_clock_stop_output(
 
 
 def test_instructions_from_an_ordinary_volatile_publisher_reach_the_node(
-    drivers: dict[str, Driver], ros_node: rclpy.node.Node, diagnostics: Received
+    drivers: dict[str, Driver], ros_node: rclpy.node.Node, diagnostics: Received,
+    standin_nodes: dict[str, NodeProcess],
 ) -> None:
     driver = drivers["standin_fast"]
     _drive(driver)
@@ -263,6 +264,7 @@ def test_instructions_from_an_ordinary_volatile_publisher_reach_the_node(
             15.0,
             "the volatile publisher's instruction in the diagnostics",
         )
+        assert "incompatible QoS" not in standin_nodes["standin_fast"].log(), "no warning for a working publisher"
     finally:
         ros_node.destroy_publisher(volatile)
 
@@ -294,8 +296,14 @@ def test_a_latched_instruction_published_before_the_node_starts_reaches_it(
 
 @pytest.mark.parametrize(
     ("signals", "gap_s"),
-    [((signal.SIGINT, signal.SIGINT), 0.05), ((signal.SIGTERM,), 0.0), ((signal.SIGINT, signal.SIGTERM), 0.05)],
-    ids=["two-sigints-50ms-apart", "sigterm", "sigint-then-sigterm"],
+    [
+        ((signal.SIGINT, signal.SIGINT), 0.05),
+        ((signal.SIGINT, signal.SIGINT), 0.3),
+        ((signal.SIGINT, signal.SIGINT, signal.SIGINT), 0.15),
+        ((signal.SIGTERM,), 0.0),
+        ((signal.SIGINT, signal.SIGTERM), 0.05),
+    ],
+    ids=["two-sigints-50ms-apart", "two-sigints-300ms-apart", "three-sigints", "sigterm", "sigint-then-sigterm"],
 )
 def test_signals_while_driving_send_one_zero_delta_and_exit_cleanly(
     ros_node: rclpy.node.Node, tmp_path: Path, signals: tuple[int, ...], gap_s: float
@@ -326,6 +334,5 @@ def test_signals_while_driving_send_one_zero_delta_and_exit_cleanly(
     after = driver.twists.since(interrupted)
     assert is_zero(after[-1][1]) and sum(is_zero(t) for _, t in after) == 1, "one zero delta, last"
     assert len(after) <= 2, "at most a step that was already publishing, then the zero delta"
-    assert "Traceback" not in log and "terminate called" not in log, log[-3000:]
-    if len(signals) > 1:
-        assert "already shutting down" in log
+    for noise in ("Traceback", "terminate called", "never retrieved"):
+        assert noise not in log, log[-3000:]
