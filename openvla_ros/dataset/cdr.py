@@ -244,10 +244,12 @@ def compressed_rgb(data: bytes | memoryview) -> np.ndarray:
     image_format, payload = compressed_payload(data)
     if len(payload) == 0:
         raise CdrError(f"compressed image (format {image_format!r}) has no data")
-    decoded = cv2.imdecode(np.frombuffer(payload, dtype=np.uint8), cv2.IMREAD_COLOR)
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes to RGB directly (same pixels)
+    buffer = np.frombuffer(payload, dtype=np.uint8)
+    decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR if rgb_flag is None else rgb_flag)
     if decoded is None:
         raise CdrError(
             f"could not decode {len(payload)}-byte compressed image (format {image_format!r}); the data is corrupt "
             "or not an image OpenCV can read"
         )
-    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB) if rgb_flag is None else decoded
