@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import pickle
 import re
 import shutil
@@ -29,7 +28,6 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -52,11 +50,10 @@ from openvla_ros.prismatic_config import (
     read_statistics,
     tokenizer_source,
 )
-from openvla_ros.processor import DINOV2_MEAN, DINOV2_STD, SIGLIP_MEAN, SIGLIP_STD
+from openvla_ros.processor import DINOV2_MEAN, DINOV2_STD, SIGLIP_MEAN, SIGLIP_STD, ImageSettings
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODULE_GROUPS = ("vision_backbone", "projector", "llm_backbone")
-PREPROCESSOR_NAME = "preprocessor_config.json"
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 SELF_CHECK_INSTRUCTION = "pick up the red block"
 _UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)  # the refused global
@@ -202,8 +199,8 @@ def map_weights(
     return mapped
 
 
-def preprocessor_config(config: OpenVLAConfig) -> dict[str, Any]:
-    """Returns the official ``preprocessor_config.json`` content: one entry per vision tower.
+def image_settings(config: OpenVLAConfig) -> ImageSettings:
+    """Returns the image processor settings of the run's towers (what the official converter writes).
 
     Raises:
         CheckpointError: for a tower that is neither DINOv2 nor SigLIP.
@@ -215,17 +212,12 @@ def preprocessor_config(config: OpenVLAConfig) -> dict[str, Any]:
         if family is None:
             raise CheckpointError(f"no image normalisation is known for vision tower {timm_id!r}")
         constants.append(families[family])
-    towers = len(constants)
-    return {
-        "image_processor_type": "PrismaticImageProcessor",
-        "processor_class": "PrismaticProcessor",
-        "use_fused_vision_backbone": config.use_fused_vision_backbone,
-        "image_resize_strategy": config.image_resize_strategy,
-        "input_sizes": [[3, config.image_size, config.image_size]] * towers,
-        "interpolations": ["bicubic"] * towers,
-        "means": [list(mean) for mean, _ in constants],
-        "stds": [list(std) for _, std in constants],
-    }
+    return ImageSettings(
+        image_size=config.image_size,
+        resize_strategy=config.image_resize_strategy,
+        means=tuple(mean for mean, _ in constants),
+        stds=tuple(std for _, std in constants),
+    )
 
 
 def load_base_tokenizer(source: str, config: OpenVLAConfig):
@@ -323,10 +315,11 @@ def convert_prismatic_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.convert-", dir=out_dir.parent))
     try:
-        written = save_checkpoint(model, staging / "checkpoint", tokenizer=tokenizer, dtype=DTYPES[dtype])
+        written = save_checkpoint(
+            model, staging / "checkpoint", tokenizer=tokenizer, dtype=DTYPES[dtype], image_settings=image_settings(config)
+        )
         del model
         gc.collect()
-        (written / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_config(config), indent=2))
         action = self_check(written, dtype_name, unnorm_key) if check else None
         if out_dir.exists():
             out_dir.rmdir()

@@ -95,7 +95,7 @@ class OpenVLAPolicy:
         adapter: str | None = None,
         merge_adapter: bool = True,
         unnorm_key: str | None = None,
-        center_crop: bool = False,
+        center_crop: bool | None = None,
         rotate_180: bool = False,
         decoding: str = "actions_only",
     ) -> OpenVLAPolicy:
@@ -110,7 +110,9 @@ class OpenVLAPolicy:
             merge_adapter: merge the adapter into the weights (not possible on a quantised base, where
                 it stays a separate branch).
             unnorm_key: which dataset's statistics un-normalise actions (may be None with one key).
-            center_crop: take the centre 90%-area crop (models trained with crop augmentation).
+            center_crop: take the centre 90%-area crop (models trained with crop augmentation); None
+                (the default) turns it on exactly when the checkpoint records that it was fine-tuned
+                with image augmentation (``training/finetune.py --image-aug``), and logs it.
             rotate_180: rotate camera images by 180 degrees first.
             decoding: ``actions_only`` (choose among the 256 action ids; the default) or ``official``
                 (argmax over the whole vocabulary, as the official code: reproduces its outputs exactly).
@@ -128,6 +130,14 @@ class OpenVLAPolicy:
         config = read_config(checkpoint_dir)
         select_unnorm_key(config.norm_stats, unnorm_key or default_unnorm_key(config))  # fail before the weight load
         image_settings = read_image_settings(checkpoint_dir, config)
+        if center_crop is None:
+            center_crop = trained_with_image_aug(config)
+            if center_crop:
+                logger.info(
+                    "center_crop on: %s was fine-tuned with image augmentation (random 90%%-area crops); "
+                    "pass center_crop=False to turn it off",
+                    model,
+                )
         tokenizer = load_tokenizer(checkpoint_dir)
         network = load_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization, config=config)
         if adapter:
@@ -228,6 +238,11 @@ def default_unnorm_key(config: OpenVLAConfig) -> str | None:
     """
     trained_on = (config.extra.get("openvla_ros") or {}).get("dataset_name")
     return trained_on if trained_on in config.norm_stats else None
+
+
+def trained_with_image_aug(config: OpenVLAConfig) -> bool:
+    """Returns True when ``training/finetune.py --image-aug`` produced this checkpoint (recorded in its config)."""
+    return bool((config.extra.get("openvla_ros") or {}).get("trained_with_image_aug"))
 
 
 def attach_adapter(model: OpenVLAForActionPrediction, adapter_dir: Path, merge: bool) -> OpenVLAForActionPrediction:

@@ -154,6 +154,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         read_only=True,
     ),
     ParameterSpec(
+        "center_crop_auto",
+        True,
+        "Turn center_crop on by itself (logged) for a model fine-tuned with image augmentation, as its "
+        "config records; false keeps center_crop as given.",
+        read_only=True,
+    ),
+    ParameterSpec(
         "rotate_180", False, "Rotate camera images by 180 degrees before inference.", read_only=True
     ),
     ParameterSpec(
@@ -287,7 +294,7 @@ def load_policy(values: dict[str, Any]) -> Any:
         device=values["device"],
         adapter=values["adapter"] or None,
         unnorm_key=values["unnorm_key"] or None,
-        center_crop=values["center_crop"],
+        center_crop=True if values["center_crop"] else (None if values["center_crop_auto"] else False),
         rotate_180=values["rotate_180"],
         decoding=values["decoding"],
     )
@@ -476,6 +483,12 @@ class PolicyNode(LifecycleNode):
         )
         self._problems.resolve("model")
         self.get_logger().info(f"model {values['model']!r} {self._model_status}")
+        transform = getattr(policy, "image_transform", None)
+        if transform is not None and transform.center_crop and not values["center_crop"]:
+            self.get_logger().info(
+                "center_crop turned on: the model was fine-tuned with image augmentation (random 90%-area "
+                "crops); set center_crop_auto: false to keep it off"
+            )
 
         self._worker = SingleJobWorker(self._run_step, self._on_worker_error)
         if values["image_transport"] == "compressed":

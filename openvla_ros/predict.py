@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--adapter", default=None, help="optional LoRA adapter directory")
-    parser.add_argument("--center-crop", action="store_true", help="centre 90%%-area crop (crop-augmented models)")
+    parser.add_argument(
+        "--center-crop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="centre 90%%-area crop (crop-augmented models); default: on exactly for models fine-tuned with "
+        "image augmentation",
+    )
     parser.add_argument("--rotate-180", action="store_true", help="rotate the image by 180 degrees first")
     parser.add_argument(
         "--decoding",

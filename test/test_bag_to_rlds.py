@@ -626,7 +626,7 @@ def test_cli_bad_input_exits_1_with_a_message(tmp_path: Path) -> None:
 
 def test_ctrl_c_leaves_nothing_half_written(tmp_path: Path, small_bag: DemoRecording) -> None:
     data_dir = tmp_path / "data"
-    bags = [str(small_bag.path)] * 200
+    bags = [str(small_bag.path)] * 2000  # far more work than the time between the poll and the signal
     process = subprocess.Popen([sys.executable, str(CLI), *bags, "--out", str(data_dir), "--name", "interrupted",
                                 "--quiet", "--instruction", "go"], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -634,9 +634,18 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path: Path, small_bag: DemoRecor
     while time.monotonic() < deadline and not any(p.name.startswith(".interrupted") for p in
                                                   (data_dir.iterdir() if data_dir.exists() else [])):
         time.sleep(0.02)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    process.send_signal(signal.SIGINT)  # the conversion is under way: its staging directory exists
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr
     assert leftovers(data_dir) == []
+
+
+def test_constant_action_dimensions_are_warned_about() -> None:
+    from openvla_ros.dataset.converter import constant_dimension_warnings
+
+    stats = {"min": [-0.1, -0.1, 0.0, 0.0, 0.0, -0.2, 1.0], "max": [0.1, 0.1, 0.05, 0.0, 0.0, 0.2, 1.0]}
+    warnings = constant_dimension_warnings(stats)
+    assert [w.split(" is constant")[0] for w in warnings] == ["action droll", "action dpitch", "action gripper"]
+    assert "reads as closed" in warnings[-1] and "(1)" in warnings[-1]
+    assert constant_dimension_warnings({"min": [0.0, 1.0], "max": [1.0, 2.0]}) == []

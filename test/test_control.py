@@ -213,3 +213,22 @@ def test_auto_cpu_threads_leaves_one_core_to_ros() -> None:
     from openvla_ros.policy_node import auto_cpu_threads
 
     assert [auto_cpu_threads(cores) for cores in (1, 2, 4, 16)] == [1, 1, 3, 15]
+
+
+def test_the_nodes_center_crop_auto_follows_the_models_training(tiny_checkpoint, tmp_path) -> None:
+    import json
+    import shutil
+
+    from openvla_ros.policy_node import PARAMETERS, load_policy
+
+    augmented = tmp_path / "augmented"
+    shutil.copytree(tiny_checkpoint, augmented)
+    config = json.loads((augmented / "config.json").read_text())
+    config["openvla_ros"] = {"trained_with_image_aug": True}
+    (augmented / "config.json").write_text(json.dumps(config))
+    values = {spec.name: spec.default for spec in PARAMETERS} | {"model": str(augmented), "device": "cpu"}
+    assert load_policy(values).image_transform.center_crop, "center_crop_auto (default) turns it on"
+    assert not load_policy(values | {"center_crop_auto": False}).image_transform.center_crop
+    plain = values | {"model": str(tiny_checkpoint)}
+    assert not load_policy(plain).image_transform.center_crop
+    assert load_policy(plain | {"center_crop": True, "center_crop_auto": False}).image_transform.center_crop

@@ -224,3 +224,17 @@ def test_unknown_decoding_is_refused(tiny_checkpoint: Path) -> None:
 def test_instructions_with_special_token_text_are_refused(text: str) -> None:
     with pytest.raises(InstructionError, match="special-token text"):
         validate_instruction(text)
+
+
+def test_center_crop_turns_on_for_models_fine_tuned_with_image_augmentation(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    assert not OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), device="cpu").image_transform.center_crop
+    augmented = tmp_path / "augmented"
+    shutil.copytree(tiny_checkpoint, augmented)
+    config = json.loads((augmented / "config.json").read_text())
+    config["openvla_ros"] = {"dataset_name": "tiny_demo", "trained_with_image_aug": True}
+    (augmented / "config.json").write_text(json.dumps(config))
+    assert OpenVLAPolicy.from_pretrained(str(augmented), device="cpu").image_transform.center_crop
+    kept_off = OpenVLAPolicy.from_pretrained(str(augmented), device="cpu", center_crop=False)
+    assert not kept_off.image_transform.center_crop

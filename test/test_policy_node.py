@@ -176,10 +176,10 @@ def test_nothing_is_published_before_enable(main_driver: Driver) -> None:
 
 def test_actions_follow_the_rate_stamped_with_image_stamps(driving: Driver, holdable_rate_hz: float) -> None:
     first = driving.wait_for_actions(2)
-    window_s = max(3.0, 6.0 / holdable_rate_hz)
+    window_s = max(4.0, 12.0 / holdable_rate_hz)  # at least 12 periods: arrival jitter averages out
     time.sleep(window_s + 0.3)
     achieved = rate_over(driving.twists, first, window_s)
-    assert 0.75 * holdable_rate_hz <= achieved <= 1.1 * holdable_rate_hz, (
+    assert 0.75 * holdable_rate_hz <= achieved <= 1.25 * holdable_rate_hz, (
         f"{achieved:.2f} Hz achieved at {holdable_rate_hz:.2f} Hz set (3x headroom over the step's p95)"
     )
     twists = [twist for _, twist in driving.twists.since(first)]

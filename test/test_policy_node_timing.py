@@ -155,7 +155,7 @@ def test_a_step_longer_than_the_period_starts_the_next_step_when_it_ends(
     time.sleep(4.5)
     achieved = rate_over(driver.twists, first + 1.0, 3.0)
     back_to_back = 1.0 / SLOW_STEP_S
-    assert 0.8 * back_to_back <= achieved <= 1.02 * back_to_back, f"{achieved:.2f} Hz, steps back to back"
+    assert 0.8 * back_to_back <= achieved <= 1.06 * back_to_back, f"{achieved:.2f} Hz, steps back to back"
     values = status_values(latest_status(diagnostics, "standin_slow"))
     assert int(values["skipped_ticks"]) > 0, "ticks that found a step running and a late tick waiting"
 

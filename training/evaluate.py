@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", default=None, help="optional LoRA adapter directory")
     parser.add_argument("--quantization", default="none", choices=("none", "8bit", "4bit"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--center-crop", action="store_true", help="centre crop (models trained with image aug)")
+    parser.add_argument(
+        "--center-crop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="centre crop; default: on exactly for models fine-tuned with image augmentation",
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="evaluate at most this many steps")
     parser.add_argument("--episode", type=int, default=0, help="episode index to plot")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: evaluate_<split>.png beside --model)")

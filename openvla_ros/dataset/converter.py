@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from openvla_ros.action_codec import ACTION_NAMES
 from openvla_ros.dataset.alignment import AlignedStep, StepAligner
 from openvla_ros.dataset.bag_reader import DemoBag, RawFrame, TopicCount
 from openvla_ros.dataset.config import ConversionConfig, validate_dataset_name
@@ -167,9 +168,29 @@ def convert_bags(
             summaries.append(_convert_bag(Path(path), config, encoder, writer, progress))
         result = writer.finish(val_fraction=config.val_fraction, seed=config.split_seed)
     warnings = [warning for summary in summaries for warning in summary.warnings]
+    warnings += constant_dimension_warnings(result["statistics"]["action"])
     if writer.num_episodes == 1:
         warnings.append("only one episode: it is used as both the train and the val split; record more episodes")
     return ConversionReport(result["path"], name, summaries, result["splits"], result["statistics"], warnings)
+
+
+def constant_dimension_warnings(action_statistics: dict[str, Any]) -> list[str]:
+    """Returns one warning per action dimension that never changes over the dataset (min == max).
+
+    OpenVLA's own RLDS loader sets such a dimension to 0.0, the gripper included (a gripper that never
+    moves then reads as closed); this package's fine-tuning keeps the recorded value.
+    """
+    names = ACTION_NAMES if len(action_statistics["min"]) == len(ACTION_NAMES) else None
+    warnings = []
+    for index, (low, high) in enumerate(zip(action_statistics["min"], action_statistics["max"], strict=True)):
+        if low == high:
+            name = names[index] if names else f"dimension {index}"
+            warnings.append(
+                f"action {name} is constant ({low:g}) over the whole dataset: OpenVLA's own RLDS loader sets "
+                "such a dimension to 0.0 (a gripper that never moves reads as closed); record demonstrations "
+                "that use it, or expect that when training with OpenVLA's scripts"
+            )
+    return warnings
 
 
 def _convert_bag(path: Path, config: ConversionConfig, encoder: FrameEncoder, writer: RldsWriter,
