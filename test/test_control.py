@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -181,14 +180,18 @@ def test_worker_refuses_jobs_while_busy_and_survives_errors() -> None:
 
 def test_worker_runs_off_the_calling_thread() -> None:
     threads: list[str] = []
-    worker: SingleJobWorker[int] = SingleJobWorker(
-        lambda job: threads.append(threading.current_thread().name), print
-    )
+    release = threading.Event()
+
+    def job(_: int) -> None:
+        release.wait(10.0)  # a worker that ran jobs on the caller's thread would block submit() here
+        threads.append(threading.current_thread().name)
+
+    worker: SingleJobWorker[int] = SingleJobWorker(job, print)
     try:
-        started = time.perf_counter()
         worker.submit(0)
-        assert time.perf_counter() - started < 0.05
-        worker.wait_idle(5.0)
+        assert threads == [], "submit() returned before the job ran: it runs elsewhere"
+        release.set()
+        worker.wait_idle(10.0)
     finally:
         worker.stop(5.0)
     assert threads and threads[0] != threading.current_thread().name
