@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Gives SIGINT its default behaviour back when the test run was started with it ignored.
+
+    A shell ignores SIGINT in background jobs (``make test &``, CI runners), and child processes inherit
+    an ignored signal: the tests that Ctrl-C a converter, recorder or node would then see it ignored.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
