@@ -110,26 +110,34 @@ DEFAULTS = {"twist_mode": "delta", "gripper_mode": "raw", "max_translation": 0.0
 
 
 @pytest.fixture(scope="module")
-def holdable_rate_hz(main_driver: Driver, ros_node: rclpy.node.Node) -> float:
+def step_timings(main_driver: Driver, ros_node: rclpy.node.Node) -> Received:
+    """The main node's per-step timings (``~/step_timing``), received for the whole module."""
+    timings = Received()
+    ros_node.create_subscription(DiagnosticArray, "/openvla_policy/step_timing", timings.add, 50)
+    return timings
+
+
+def step_ms(timings: Received, start: float, end: float = float("inf")) -> list[float]:
+    """Returns the ``step_ms`` of the steps whose timing arrived in [start, end)."""
+    return [
+        float(next(item.value for item in array.status[0].values if item.key == "step_ms"))
+        for _, array in timings.since(start, end)
+    ]
+
+
+@pytest.fixture(scope="module")
+def holdable_rate_hz(main_driver: Driver, step_timings: Received) -> float:
     """Returns a control rate the tiny model holds here: 1 / (3 x the step's 95th percentile), 1..5 Hz.
 
     Measured with the node's own per-step timings while it runs on this machine, now.
     """
-    timings = Received()
-    subscription = ros_node.create_subscription(DiagnosticArray, "/openvla_policy/step_timing", timings.add, 50)
     assert all(result.successful for result in main_driver.set(rate_hz=MIN_RATE_HZ, **DEFAULTS))
     main_driver.camera.mode = "good"
     main_driver.instruct(INSTRUCTION)
     assert main_driver.enable(True).success
-    try:
-        wait_until(lambda: len(timings.since(0)) >= 8, 120, "8 step timings")
-    finally:
-        ros_node.destroy_subscription(subscription)
-    steps_ms = [
-        float(next(item.value for item in array.status[0].values if item.key == "step_ms"))
-        for _, array in timings.since(0)[2:]  # the first steps after the load run slower
-    ]
-    p95_s = float(np.percentile(steps_ms, 95)) / 1e3
+    start = time.monotonic()
+    wait_until(lambda: len(step_ms(step_timings, start)) >= 8, 120, "8 step timings")
+    p95_s = float(np.percentile(step_ms(step_timings, start)[2:], 95)) / 1e3  # the first steps run slower
     return float(np.clip(1.0 / (3.0 * p95_s), MIN_RATE_HZ, MAX_TEST_RATE_HZ))
 
 
@@ -174,13 +182,19 @@ def test_nothing_is_published_before_enable(main_driver: Driver) -> None:
     assert main_driver.silent_for(1.5) == []
 
 
-def test_actions_follow_the_rate_stamped_with_image_stamps(driving: Driver, holdable_rate_hz: float) -> None:
+def test_actions_follow_the_rate_stamped_with_image_stamps(
+    driving: Driver, holdable_rate_hz: float, step_timings: Received
+) -> None:
     first = driving.wait_for_actions(2)
     window_s = max(4.0, 12.0 / holdable_rate_hz)  # at least 12 periods: arrival jitter averages out
     time.sleep(window_s + 0.3)
     achieved = rate_over(driving.twists, first, window_s)
-    assert 0.75 * holdable_rate_hz <= achieved <= 1.25 * holdable_rate_hz, (
-        f"{achieved:.2f} Hz achieved at {holdable_rate_hz:.2f} Hz set (3x headroom over the step's p95)"
+    # What the model allowed in this same window: a load that slows the steps down lowers it.
+    steps = step_ms(step_timings, first, first + window_s)
+    allowed = min(holdable_rate_hz, 1e3 / float(np.mean(steps)))
+    assert 0.75 * allowed <= achieved <= 1.25 * holdable_rate_hz, (
+        f"{achieved:.2f} Hz achieved at {holdable_rate_hz:.2f} Hz set; the steps took {np.mean(steps):.0f} ms "
+        f"on average in that window, allowing {allowed:.2f} Hz"
     )
     twists = [twist for _, twist in driving.twists.since(first)]
     stamps = {(twist.header.stamp.sec, twist.header.stamp.nanosec) for twist in twists}
@@ -213,7 +227,8 @@ def test_diagnostics_report_rate_latency_and_dropped_frames(
     assert status.level == DiagnosticStatus.OK, status.message
     assert values["state"] == "active" and values["enabled"] == "true"
     assert values["instruction"] == INSTRUCTION
-    assert 0.5 * holdable_rate_hz <= float(values["rate_hz_achieved"]) <= 1.2 * holdable_rate_hz
+    allowed = min(holdable_rate_hz, 1e3 / float(values["inference_latency_ms_median"]))
+    assert 0.5 * allowed <= float(values["rate_hz_achieved"]) <= 1.25 * holdable_rate_hz, values
     assert float(values["rate_hz_target"]) == pytest.approx(holdable_rate_hz, rel=1e-3)
     assert float(values["inference_latency_ms_median"]) > 0.0
     assert 0.0 <= float(values["image_age_s"]) < 0.5
