@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from openvla_ros.dataset.bag_storage import BagError, Entry, StorageTopic
-from openvla_ros.dataset.mcap_index import MAGIC, MESSAGE, MESSAGE_HEADER, RECORD_HEADER, WAY_OUT, McapIndex
+from openvla_ros.dataset.mcap_index import (
+    MAGIC,
+    MESSAGE,
+    MESSAGE_HEADER,
+    RECORD_HEADER,
+    WAY_OUT,
+    McapIndex,
+    group_max,
+)
 
 _CACHE_BYTES = 64 << 20  # decompressed chunks kept for frame reads
 _SMALL_READ = 2 << 10  # one read fetches a message of up to this size with its header
@@ -105,7 +113,7 @@ class McapFile:
         with_data = {channel_id for channel_id, (name, _) in channels.items() if name in payload}
         rows = self._index.rows(wanted)
         needs = rows[np.isin(rows[:, 3], list(with_data))]
-        prefix = {int(chunk): int(end) for chunk, end in zip(*_group_max(needs[:, 1], needs[:, 2]), strict=True)}
+        prefix = {int(chunk): int(end) for chunk, end in zip(*group_max(needs[:, 1], needs[:, 2]), strict=True)}
         recent: OrderedDict[int, bytes | memoryview] = OrderedDict()
         names = {channel_id: name for channel_id, (name, _) in channels.items()}
         for time_ns, chunk, offset, channel_id in rows.tolist():
@@ -177,12 +185,3 @@ class McapFile:
                 f"{self._where}: no message record at offset {offset} of chunk {chunk}, where the index "
                 f"points; {WAY_OUT}"
             )
-
-def _group_max(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Returns the distinct ``keys`` and the largest value of each."""
-    if len(keys) == 0:
-        return keys, values
-    unique, inverse = np.unique(keys, return_inverse=True)
-    largest = np.full(len(unique), np.iinfo(np.int64).min)
-    np.maximum.at(largest, inverse, values)
-    return unique, largest

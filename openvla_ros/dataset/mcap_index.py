@@ -315,7 +315,7 @@ def _decompress_prefix(compression: str, stored: bytes, size: int) -> bytes:
     return decompressor.decompress(stored, max_length=size)
 
 
-def _group_max(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def group_max(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns the distinct ``keys`` and the largest value of each."""
     if len(keys) == 0:
         return keys, values
