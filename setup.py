@@ -23,8 +23,8 @@ setup(
     python_requires=">=3.10",
     entry_points={
         "console_scripts": [
-            "policy_node = openvla_ros.policy_node:main",
-            "sim_scene = openvla_ros.sim_scene_node:main",
+            "policy_node = openvla_ros.ros.policy_node:main",
+            "sim_scene = openvla_ros.ros.sim_scene_node:main",
         ],
     },
 )

@@ -30,7 +30,7 @@ WORKER = r"""
 import json, resource, sys, time
 import openvla_ros.dataset.converter as converter
 from openvla_ros.dataset import ConversionConfig, TopicConfig, convert_bags
-import openvla_ros.processor, tensorflow_datasets  # import cost is not conversion cost
+import openvla_ros.model.processor, tensorflow_datasets  # import cost is not conversion cost
 bag, out, reader = sys.argv[1], sys.argv[2], sys.argv[3]
 if reader == "rosbags":
     from benchmarks.rosbags_reader import RosbagsDemoBag

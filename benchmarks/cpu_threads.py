@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openvla_ros.policy import OpenVLAPolicy
-from openvla_ros.tiny import make_tiny_checkpoint
+from openvla_ros.model.policy import OpenVLAPolicy
+from openvla_ros.model.tiny import make_tiny_checkpoint
 
 
 def _hog(stop: multiprocessing.Event) -> None:

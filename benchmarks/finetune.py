@@ -35,8 +35,8 @@ def measure(size: str, mode: str, steps: int, batch_size: int, scratch: Path) ->
     from openvla_ros.finetune.config import FinetuneConfig
     from openvla_ros.finetune.data import Frame, SampleBuilder, collate, sample_rng
     from openvla_ros.finetune.trainer import build_trainable_model
-    from openvla_ros.loading import load_tokenizer
-    from openvla_ros.tiny import tiny_norm_stats
+    from openvla_ros.model.loading import load_tokenizer
+    from openvla_ros.model.tiny import tiny_norm_stats
 
     checkpoint = scratch / size
     config = FinetuneConfig(vla_path=str(checkpoint), data_dir="-", dataset_name="bench", out=str(scratch / "out"),
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
           f"steps {args.steps} (after 1 warm-up)")
     print(f"{'size':<6} {'mode':<11} {'samples/s':>10} {'s/step':>8} {'LoRA params':>12} {'peak memory':>12}")
     with tempfile.TemporaryDirectory() as scratch:
-        from openvla_ros.tiny import make_tiny_checkpoint
+        from openvla_ros.model.tiny import make_tiny_checkpoint
 
         for size in args.sizes.split(","):
             make_tiny_checkpoint(Path(scratch) / size, size=size)  # built here: not part of the measured peak

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from openvla_ros.errors import OpenVLAError
-from openvla_ros.policy import OpenVLAPolicy
-from openvla_ros.tiny import make_tiny_checkpoint
+from openvla_ros.model.policy import OpenVLAPolicy
+from openvla_ros.model.tiny import make_tiny_checkpoint
 
 MODES = {
     "fp32": {"dtype": "float32", "quantization": "none"},

@@ -66,7 +66,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="node_latency_") as temporary:
         model = args.model
         if model is None:
-            from openvla_ros.tiny import make_tiny_checkpoint
+            from openvla_ros.model.tiny import make_tiny_checkpoint
 
             started = time.perf_counter()
             model = str(make_tiny_checkpoint(Path(temporary) / "tiny-openvla", seed=0))

@@ -68,7 +68,7 @@ class RosbagsDemoBag(DemoBag):
             raise DatasetError(f"bag {self.path} does not match its metadata")
 
     def decode_frame(self, frame: RawFrame) -> np.ndarray:
-        from openvla_ros.ros_conversions import message_to_rgb
+        from openvla_ros.ros.ros_conversions import message_to_rgb
 
         return message_to_rgb(self._reader.deserialize(frame.data, frame.msgtype))
 

@@ -282,7 +282,7 @@ def save_episode_png(path: Path, readings: Readings, instruction: str, start: fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from openvla_ros.ros_conversions import message_to_rgb
+    from openvla_ros.ros.ros_conversions import message_to_rgb
     from openvla_ros.sim.render import CameraModel
 
     with readings.lock:
@@ -420,7 +420,7 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
     children = processes.children
     choice = resolve_model(args.model)
     if choice.needs_build:
-        from openvla_ros.tiny import make_tiny_checkpoint
+        from openvla_ros.model.tiny import make_tiny_checkpoint
 
         print(f"building the tiny random checkpoint in {choice.model} (first run only) ...", flush=True)
         make_tiny_checkpoint(choice.model, seed=0)

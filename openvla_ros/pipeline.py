@@ -4,7 +4,7 @@
 
 1. record: starts the ``sim_scene`` node (child process, JPEG camera stream, scripted expert at
    ``--expert-rate`` Hz) and records each expert episode into its own rosbag2 bag with
-   :class:`~openvla_ros.record.BagRecorder`, over DDS, exactly as ``python -m openvla_ros.record``
+   :class:`~openvla_ros.ros.record.BagRecorder`, over DDS, exactly as ``python -m openvla_ros.ros.record``
    would (topics of ``config/pipeline.yaml``);
 2. convert: the bags -> the RLDS dataset ``sim_<task>`` with :func:`~openvla_ros.dataset.convert_bags`;
 3. fine-tune: LoRA on the tiny checkpoint with :class:`~openvla_ros.finetune.trainer.Trainer` (the
@@ -283,7 +283,7 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
     """
     from std_srvs.srv import SetBool, Trigger
 
-    from openvla_ros.record import BagRecorder, load_record_settings
+    from openvla_ros.ros.record import BagRecorder, load_record_settings
 
     record_settings = load_record_settings(settings.config)
     topics = list(record_settings.topics)
@@ -489,7 +489,7 @@ def closed_loop(settings: PipelineSettings, merged: Path) -> dict[str, Any]:
     The untrained model un-normalises with the dataset's statistics too, so both act in the same
     physical units.
     """
-    from openvla_ros.policy import OpenVLAPolicy
+    from openvla_ros.model.policy import OpenVLAPolicy
 
     tuned = OpenVLAPolicy.from_pretrained(str(merged), unnorm_key=settings.dataset_name, device="cpu",
                                           center_crop=settings.image_aug)
@@ -758,7 +758,7 @@ def run(settings: PipelineSettings) -> Report:
 
     if not (settings.base / "config.json").is_file():
         with stage(report, "build_tiny", f"building the tiny checkpoint in {settings.base}"):
-            from openvla_ros.tiny import make_tiny_checkpoint
+            from openvla_ros.model.tiny import make_tiny_checkpoint
 
             make_tiny_checkpoint(settings.base, seed=0)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from openvla_ros.action_codec import ACTION_NAMES
 from openvla_ros.errors import ImageError, OpenVLAError
-from openvla_ros.loading import QUANTIZATIONS
+from openvla_ros.model.action_codec import ACTION_NAMES
+from openvla_ros.model.loading import QUANTIZATIONS
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from openvla_ros.policy import OpenVLAPolicy
+    from openvla_ros.model.policy import OpenVLAPolicy
 
     try:
         image = read_image(args.image)

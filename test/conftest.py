@@ -21,6 +21,6 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Returns the directory of a tiny random OpenVLA checkpoint (seed 0), built once per session."""
-    from openvla_ros.tiny import make_tiny_checkpoint
+    from openvla_ros.model.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-openvla", seed=0)

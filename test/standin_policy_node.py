@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from openvla_ros import policy_node
-from openvla_ros.processor import validate_image, validate_instruction
+from openvla_ros.model.processor import validate_image, validate_instruction
+from openvla_ros.ros import policy_node
 
 # Translations and rotations inside the shipped limits, a gripper value in [0, 1].
 STANDIN_ACTION = (0.01, -0.02, 0.03, 0.1, -0.2, 0.15, 0.7)

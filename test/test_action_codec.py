@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from openvla_ros.action_codec import (
+from openvla_ros.errors import UnnormKeyError
+from openvla_ros.model.action_codec import (
     ActionNormalizer,
     ActionTokenizer,
     compute_action_statistics,
     select_unnorm_key,
 )
-from openvla_ros.errors import UnnormKeyError
 
 
 def test_token_layout_matches_official_reversed_last_256_ids() -> None:

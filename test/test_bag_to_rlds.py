@@ -19,7 +19,7 @@ from openvla_ros.dataset import ConversionConfig, TopicConfig, convert_bags, loa
 from openvla_ros.dataset.alignment import pose_delta
 from openvla_ros.dataset.synthetic import DemoRecording, decode_frame_code, make_frame, write_demo_bag
 from openvla_ros.errors import DatasetError
-from openvla_ros.processor import ImageTransform
+from openvla_ros.model.processor import ImageTransform
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "training" / "bag_to_rlds.py"

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from openvla_ros.control import (
+from openvla_ros.ros.control import (
     ControlSettings,
     LatencyStats,
     LatestSlot,
@@ -213,7 +213,7 @@ def test_problem_tracker_logs_once_then_throttles_and_reports_recovery() -> None
 
 
 def test_auto_cpu_threads_leaves_one_core_to_ros() -> None:
-    from openvla_ros.policy_node import auto_cpu_threads
+    from openvla_ros.ros.policy_node import auto_cpu_threads
 
     assert [auto_cpu_threads(cores) for cores in (1, 2, 4, 16)] == [1, 1, 3, 15]
 
@@ -222,7 +222,7 @@ def test_the_nodes_center_crop_auto_follows_the_models_training(tiny_checkpoint,
     import json
     import shutil
 
-    from openvla_ros.policy_node import PARAMETERS, load_policy
+    from openvla_ros.ros.policy_node import PARAMETERS, load_policy
 
     augmented = tmp_path / "augmented"
     shutil.copytree(tiny_checkpoint, augmented)

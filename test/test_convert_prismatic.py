@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from openvla_ros import convert_prismatic
-from openvla_ros.convert_prismatic import ConversionResult, convert_prismatic_checkpoint, main
 from openvla_ros.errors import CheckpointError
-from openvla_ros.loading import weight_files
-from openvla_ros.policy import OpenVLAPolicy
-from openvla_ros.prismatic_config import build_config, model_settings, read_run_config
-from openvla_ros.tiny import make_tiny_prismatic_run
+from openvla_ros.model import convert_prismatic
+from openvla_ros.model.convert_prismatic import ConversionResult, convert_prismatic_checkpoint, main
+from openvla_ros.model.loading import weight_files
+from openvla_ros.model.policy import OpenVLAPolicy
+from openvla_ros.model.prismatic_config import build_config, model_settings, read_run_config
+from openvla_ros.model.tiny import make_tiny_prismatic_run
 
 INSTRUCTION = "pick up the red block"
 TINY_SETTINGS = {

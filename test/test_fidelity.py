@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from openvla_ros.action_codec import ActionNormalizer
 from openvla_ros.errors import CheckpointError, InstructionError
-from openvla_ros.loading import PREPROCESSOR_NAME, read_config, read_image_settings, save_checkpoint
-from openvla_ros.policy import OpenVLAPolicy
-from openvla_ros.processor import ImageSettings, ImageTransform, validate_instruction
+from openvla_ros.model.action_codec import ActionNormalizer
+from openvla_ros.model.loading import PREPROCESSOR_NAME, read_config, read_image_settings, save_checkpoint
+from openvla_ros.model.policy import OpenVLAPolicy
+from openvla_ros.model.processor import ImageSettings, ImageTransform, validate_instruction
 
 INSTRUCTION = "pick up the red block"
 # openvla-7b's preprocessor_config.json: the DINOv2 constants rounded to bfloat16.

@@ -22,9 +22,9 @@ from openvla_ros.finetune.config import FinetuneConfig, load_config
 from openvla_ros.finetune.data import SampleBuilder, collate, load_frames, open_rlds
 from openvla_ros.finetune.evaluation import action_metrics, predict_frames
 from openvla_ros.finetune.trainer import build_trainable_model, run_finetune
-from openvla_ros.loading import load_tokenizer
-from openvla_ros.policy import OpenVLAPolicy
-from openvla_ros.processor import ImageSettings
+from openvla_ros.model.loading import load_tokenizer
+from openvla_ros.model.policy import OpenVLAPolicy
+from openvla_ros.model.processor import ImageSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "toy_reach"

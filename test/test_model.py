@@ -18,9 +18,9 @@ from openvla_ros.errors import (
     QuantizationError,
     UnnormKeyError,
 )
-from openvla_ros.loading import load_model, save_checkpoint, weight_files
-from openvla_ros.policy import OpenVLAPolicy
-from openvla_ros.tiny import make_tiny_checkpoint
+from openvla_ros.model.loading import load_model, save_checkpoint, weight_files
+from openvla_ros.model.policy import OpenVLAPolicy
+from openvla_ros.model.tiny import make_tiny_checkpoint
 
 INSTRUCTION = "pick up the red block"
 
@@ -246,7 +246,7 @@ def test_config_without_llama_defaults_gets_the_official_values(tiny_checkpoint:
     text = model.config.text_config
     assert text.rms_norm_eps == 1e-6, "OpenVLA's Llama relies on the 1e-6 default that config.json omits"
     assert model.language_model.model.norm.variance_epsilon == 1e-6
-    from openvla_ros.configuration_openvla import rope_theta
+    from openvla_ros.model.configuration_openvla import rope_theta
 
     assert rope_theta(text) == 10000.0
 

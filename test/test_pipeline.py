@@ -66,7 +66,7 @@ def test_rlds_dataset_opens_with_tfds_builder(quick_run: tuple[Path, str]) -> No
 def test_merged_model_loads_in_the_policy(quick_run: tuple[Path, str]) -> None:
     import numpy as np
 
-    from openvla_ros.policy import OpenVLAPolicy
+    from openvla_ros.model.policy import OpenVLAPolicy
     from openvla_ros.sim import TabletopRenderer, TabletopScene
 
     out, _ = quick_run

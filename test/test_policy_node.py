@@ -456,7 +456,7 @@ def test_launch_file_compiles_and_declares_every_argument() -> None:
 def test_parameter_file_lists_every_declared_parameter() -> None:
     import yaml
 
-    from openvla_ros.policy_node import PARAMETERS
+    from openvla_ros.ros.policy_node import PARAMETERS
 
     parameters = yaml.safe_load(PARAMS_FILE.read_text())["/**/openvla_policy"]["ros__parameters"]
     assert parameters == {spec.name: spec.default for spec in PARAMETERS}

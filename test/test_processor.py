@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from openvla_ros.errors import ImageError, InstructionError
-from openvla_ros.processor import (
+from openvla_ros.model.processor import (
     ImageTransform,
     build_prompt,
     center_crop_and_resize,

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from openvla_ros.errors import CheckpointError, QuantizationError
-from openvla_ros.loading import load_model
-from openvla_ros.policy import OpenVLAPolicy
+from openvla_ros.model.loading import load_model
+from openvla_ros.model.policy import OpenVLAPolicy
 
 INSTRUCTION = "put the green block on the blue block"
 

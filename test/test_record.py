@@ -24,7 +24,7 @@ from rosbags.highlevel import AnyReader  # noqa: E402
 from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
 
-from openvla_ros.record import (  # noqa: E402
+from openvla_ros.ros.record import (  # noqa: E402
     BagRecorder,
     RecordError,
     load_record_settings,

@@ -15,7 +15,7 @@ from rosbags.image import message_to_cvimage
 from sensor_msgs.msg import CompressedImage, Image
 
 from openvla_ros.errors import ImageError, OpenVLAError
-from openvla_ros.ros_conversions import (
+from openvla_ros.ros.ros_conversions import (
     SUPPORTED_ENCODINGS,
     ImageConversionError,
     compressed_image_to_rgb,
@@ -189,7 +189,7 @@ def test_a_cv_bridge_that_converts_wrongly_is_not_used(rgb: np.ndarray, monkeypa
     """PyPI's ROS 1 cv_bridge port imports but fails with numpy 2: the numpy path must take over."""
     import types
 
-    from openvla_ros import ros_conversions
+    from openvla_ros.ros import ros_conversions
 
     class SwappedChannelsBridge:  # what a broken port does: hands back the raw channel order
         def imgmsg_to_cv2(self, msg, desired_encoding="passthrough"):

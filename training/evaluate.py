@@ -18,7 +18,7 @@ from pathlib import Path
 from openvla_ros.errors import DatasetError, OpenVLAError
 from openvla_ros.finetune.data import load_frames, open_rlds
 from openvla_ros.finetune.evaluation import action_metrics, plot_episode, predict_frames
-from openvla_ros.policy import OpenVLAPolicy
+from openvla_ros.model.policy import OpenVLAPolicy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         frames = load_frames(open_rlds(args.data_dir, args.dataset_name), args.split)
         if args.max_steps is not None:
             frames = frames[: max(1, args.max_steps)]
-        from openvla_ros.loading import read_config, resolve_checkpoint_dir
+        from openvla_ros.model.loading import read_config, resolve_checkpoint_dir
 
         unnorm_key = args.unnorm_key
         if unnorm_key is None and args.dataset_name in read_config(resolve_checkpoint_dir(args.model)).norm_stats:

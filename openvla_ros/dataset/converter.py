@@ -3,7 +3,7 @@
 Each bag gives one episode, or several when ``split_on_instruction`` / ``split_on_gap`` cut it. Steps
 are resampled by :class:`~openvla_ros.dataset.alignment.StepAligner`; stale steps (an image or the
 state older than the allowed age) and idle steps are dropped and counted. Images go through the
-policy's own :class:`~openvla_ros.processor.ImageTransform` and are stored as JPEG, so a stored frame
+policy's own :class:`~openvla_ros.model.processor.ImageTransform` and are stored as JPEG, so a stored frame
 differs from what the policy node feeds the model only by JPEG loss.
 """
 
@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from openvla_ros.action_codec import ACTION_NAMES
 from openvla_ros.dataset.alignment import AlignedStep, StepAligner
 from openvla_ros.dataset.bag_reader import DemoBag, RawFrame, TopicCount
 from openvla_ros.dataset.config import ConversionConfig, validate_dataset_name
 from openvla_ros.dataset.rlds_writer import EpisodeStep, RldsWriter
 from openvla_ros.errors import DatasetError
+from openvla_ros.model.action_codec import ACTION_NAMES
 
 
 @dataclass
@@ -77,7 +77,7 @@ class FrameEncoder:
     """
 
     def __init__(self, config: ConversionConfig, workers: int | None = None, max_pending: int = 32) -> None:
-        from openvla_ros.processor import ImageTransform
+        from openvla_ros.model.processor import ImageTransform
 
         self._transform = ImageTransform(image_size=config.image_size)
         self._quality = config.jpeg_quality

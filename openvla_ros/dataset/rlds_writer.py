@@ -26,9 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from openvla_ros.action_codec import ACTION_DIM, ACTION_NAMES, array_statistics, compute_action_statistics
 from openvla_ros.dataset.config import validate_dataset_name
 from openvla_ros.errors import DatasetError
+from openvla_ros.model.action_codec import (
+    ACTION_DIM,
+    ACTION_NAMES,
+    array_statistics,
+    compute_action_statistics,
+)
 
 VERSION = "1.0.0"
 RELEASE_NOTES = {

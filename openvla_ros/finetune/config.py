@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from openvla_ros.loading import QUANTIZATIONS
+from openvla_ros.model.loading import QUANTIZATIONS
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 

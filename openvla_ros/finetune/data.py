@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from openvla_ros.action_codec import ACTION_DIM, ActionNormalizer, ActionTokenizer
 from openvla_ros.errors import DatasetError
-from openvla_ros.modeling_openvla import IGNORE_INDEX
-from openvla_ros.processor import ImageSettings, ImageTransform, crop_and_resize, prompt_token_ids
+from openvla_ros.model.action_codec import ACTION_DIM, ActionNormalizer, ActionTokenizer
+from openvla_ros.model.modeling_openvla import IGNORE_INDEX
+from openvla_ros.model.processor import ImageSettings, ImageTransform, crop_and_resize, prompt_token_ids
 
 EOS_TOKEN_ID = 2
 CROP_AREA = 0.9

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from openvla_ros.action_codec import ACTION_NAMES
 from openvla_ros.finetune.data import Frame, decode_image
-from openvla_ros.policy import OpenVLAPolicy
+from openvla_ros.model.action_codec import ACTION_NAMES
+from openvla_ros.model.policy import OpenVLAPolicy
 
 
 def predict_frames(policy: OpenVLAPolicy, frames: Sequence[Frame]) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,6 @@ import torch
 import yaml
 from torch import nn
 
-from openvla_ros.action_codec import ACTION_DIM
 from openvla_ros.errors import TrainingError
 from openvla_ros.finetune.config import FinetuneConfig
 from openvla_ros.finetune.data import (
@@ -42,7 +41,8 @@ from openvla_ros.finetune.data import (
     open_rlds,
     sample_rng,
 )
-from openvla_ros.loading import (
+from openvla_ros.model.action_codec import ACTION_DIM
+from openvla_ros.model.loading import (
     load_model,
     load_tokenizer,
     read_config,
@@ -50,8 +50,8 @@ from openvla_ros.loading import (
     resolve_checkpoint_dir,
     save_checkpoint,
 )
-from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
-from openvla_ros.policy import attach_adapter
+from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
+from openvla_ros.model.policy import attach_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Trainer:
         self.config = config
         self.out = config.out_dir
         self.checkpoint_dir = resolve_checkpoint_dir(config.vla_path)
-        from openvla_ros.loading import resolve_device
+        from openvla_ros.model.loading import resolve_device
 
         device = resolve_device(config.device)
         self.dist = init_distributed(device)

@@ -1,6 +1,6 @@
 """A simulated tabletop for trying the policy without a robot: scene physics, camera, scripted expert.
 
-Pure Python (numpy + OpenCV); :mod:`openvla_ros.sim_scene_node` puts it on ROS topics.
+Pure Python (numpy + OpenCV); :mod:`openvla_ros.ros.sim_scene_node` puts it on ROS topics.
 """
 
 from openvla_ros.sim.expert import ExpertConfig, ScriptedExpert

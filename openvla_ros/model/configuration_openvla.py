@@ -19,13 +19,18 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from openvla_ros.processor import RESIZE_STRATEGIES
+from openvla_ros.model.processor import RESIZE_STRATEGIES
 
 MODEL_TYPE = "openvla"
 DEFAULT_TIMM_IDS = ("vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224")
 LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0}
 # Keys of config.json that describe the HF wrapper, not the model; kept on save only if present.
-_PASSTHROUGH_KEYS = ("architectures", "auto_map", "torch_dtype", "transformers_version", "hf_llm_id", "openvla_ros")
+_PASSTHROUGH_KEYS = (
+    "architectures", "auto_map", "torch_dtype", "transformers_version", "hf_llm_id", "openvla_ros",
+    # OpenVLA-OFT: the chunk layout (our saved models: "oft"; official-layout directories may state the
+    # counts their training code took from the command line).
+    "oft", "num_actions_chunk", "num_images_in_input", "action_normalization",
+)
 
 
 @dataclass

@@ -13,18 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openvla_ros.action_codec import ACTION_DIM, ActionNormalizer, ActionTokenizer, select_unnorm_key
-from openvla_ros.configuration_openvla import OpenVLAConfig
 from openvla_ros.errors import CheckpointError, InstructionError, OpenVLAError, QuantizationError
-from openvla_ros.loading import (
+from openvla_ros.model.action_codec import ACTION_DIM, ActionNormalizer, ActionTokenizer, select_unnorm_key
+from openvla_ros.model.configuration_openvla import OpenVLAConfig
+from openvla_ros.model.loading import (
     load_model,
     load_tokenizer,
     read_config,
     read_image_settings,
     resolve_checkpoint_dir,
 )
-from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
-from openvla_ros.processor import ImageSettings, ImageTransform, prompt_token_ids
+from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
+from openvla_ros.model.processor import ImageSettings, ImageTransform, prompt_token_ids
 
 logger = logging.getLogger(__name__)
 

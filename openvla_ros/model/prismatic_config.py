@@ -8,7 +8,7 @@ section often names only ``base_vlm``, an id of Prismatic's model registry (the 
 are known here) or the path of the base VLM's own run directory.
 
 A run may also carry :data:`OVERRIDE_KEY`, this project's extension (absent from real Prismatic runs):
-fields of :class:`~openvla_ros.configuration_openvla.OpenVLAConfig` that the backbone ids cannot
+fields of :class:`~openvla_ros.model.configuration_openvla.OpenVLAConfig` that the backbone ids cannot
 express, such as the tiny model's narrowed towers, and the directory of its tokenizer.
 """
 
@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from openvla_ros.configuration_openvla import OpenVLAConfig, make_text_config
 from openvla_ros.errors import CheckpointError
+from openvla_ros.model.configuration_openvla import OpenVLAConfig, make_text_config
 
 CHECKPOINT_NAME = "latest-checkpoint.pt"
 STATISTICS_NAME = "dataset_statistics.json"

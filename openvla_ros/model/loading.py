@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from openvla_ros.configuration_openvla import OpenVLAConfig
 from openvla_ros.errors import CheckpointError, QuantizationError
-from openvla_ros.modeling_openvla import OpenVLAForActionPrediction
-from openvla_ros.processor import ImageSettings, default_image_settings
+from openvla_ros.model.configuration_openvla import OpenVLAConfig
+from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
+from openvla_ros.model.processor import ImageSettings, default_image_settings
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,13 @@ STATISTICS_NAME = "dataset_statistics.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+HUB_FILE_PATTERNS = [
+    "*.json", "*.safetensors", "tokenizer.model",
+    # OpenVLA-OFT heads (read with torch.load(weights_only=True)) and the LoRA settings FiLM needs.
+    "action_head--*checkpoint.pt", "proprio_projector--*checkpoint.pt", "vision_backbone--*checkpoint.pt",
+]
+# The merged weights already hold the LoRA update; the adapter itself is not needed.
+HUB_IGNORE_PATTERNS = ["lora_adapter/*.safetensors"]
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # DINOv2 LayerScale weights are saved as `scale_factor` by the official code and named `gamma` in timm.
@@ -74,7 +80,9 @@ def resolve_checkpoint_dir(model: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=model, allow_patterns=HUB_FILE_PATTERNS))
+        return Path(snapshot_download(
+            repo_id=model, allow_patterns=HUB_FILE_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS
+        ))
     except Exception as exc:  # the hub client raises many unrelated types for one cause
         raise CheckpointError(
             f"{model!r} is not a local directory (relative to {Path.cwd()}), and as a hub id it cannot be "
@@ -393,13 +401,15 @@ def save_checkpoint(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
     image_settings: ImageSettings | None = None,
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Writes ``model`` in the official layout (official weight names) and returns ``out_dir``.
 
     The directory is written beside ``out_dir`` and renamed into place, so an interrupted save never
     leaves a half-written checkpoint. ``dataset_statistics.json`` mirrors ``config.norm_stats``;
     ``preprocessor_config.json`` holds ``image_settings`` (pass the base checkpoint's, from
-    :func:`read_image_settings`; the textbook settings when None).
+    :func:`read_image_settings`; the textbook settings when None). ``extra_weights`` maps file names
+    to state dicts written beside the model as safetensors (the OFT heads).
 
     Raises:
         CheckpointError: when ``out_dir`` exists and is not empty.
@@ -437,6 +447,12 @@ def save_checkpoint(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        for name, extra in (extra_weights or {}).items():
+            tensors = {
+                key: (t.to(dtype) if dtype and t.is_floating_point() else t).detach().cpu().contiguous()
+                for key, t in extra.items()
+            }
+            save_file(tensors, str(staging / name), metadata={"format": "pt"})
         config_dict = model.config.to_dict()
         config_dict["torch_dtype"] = str(dtype or next(iter(state.values())).dtype).replace("torch.", "")
         (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2))

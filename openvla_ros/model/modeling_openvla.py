@@ -8,7 +8,7 @@ MLP into the Llama embedding space and placed after BOS:
 
 Weight names match the official checkpoints (``vision_backbone.featurizer.*``,
 ``vision_backbone.fused_featurizer.*``, ``projector.fc1/fc2/fc3``, ``language_model.*``), so a state
-dict loads with only the LayerScale rename (see :mod:`openvla_ros.loading`).
+dict loads with only the LayerScale rename (see :mod:`openvla_ros.model.loading`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from openvla_ros.configuration_openvla import OpenVLAConfig
+from openvla_ros.model.configuration_openvla import OpenVLAConfig
 
 IGNORE_INDEX = -100
 

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from openvla_ros.action_codec import ACTION_NAMES
+from openvla_ros.model.action_codec import ACTION_NAMES
 
 TWIST_MODES = ("delta", "velocity")
 GRIPPER_MODES = ("raw", "binary", "signed_binary")

@@ -1,0 +1,1047 @@
+"""ROS 2 lifecycle node running an OpenVLA policy: camera image + instruction -> 7-DoF deltas.
+
+Lifecycle: ``configure`` loads the model once and subscribes to the camera and instruction topics,
+``activate`` starts the control timer, ``deactivate`` stops it (publishing one zero delta if the robot
+was being driven), ``cleanup`` frees the model. With ``autostart`` (default) the node configures and
+activates itself; it still publishes nothing until ``~/enable`` is called with ``true`` (unless
+``start_enabled``) and an instruction has arrived.
+
+Topics:
+    in  ``image_topic`` (sensor_msgs/Image, or ``<image_topic>/compressed`` CompressedImage with
+        ``image_transport: compressed``), depth-1 keep-last best-effort QoS
+    in  ``instruction_topic`` (std_msgs/String), reliable; two subscriptions, volatile (matches every
+        publisher, e.g. ``ros2 topic pub``) and transient-local (a latched publisher's last message
+        reaches a node started after it)
+    out ``~/action`` (std_msgs/Float64MultiArray) [dx, dy, dz, droll, dpitch, dyaw, gripper]
+    out ``~/delta_twist`` (geometry_msgs/TwistStamped), stamped with the image's stamp
+    out ``~/gripper`` (std_msgs/Float64), mapped by ``gripper_mode``
+    out ``~/step_timing`` (diagnostic_msgs/DiagnosticArray, only with ``publish_step_timing``)
+    out ``/diagnostics`` (diagnostic_msgs/DiagnosticArray), once per second
+Services: ``~/enable`` (std_srvs/SetBool) and the standard lifecycle services.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import TwistStamped
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Float64, Float64MultiArray, MultiArrayDimension, String
+from std_srvs.srv import SetBool
+
+from openvla_ros.errors import OpenVLAError
+from openvla_ros.model.action_codec import ACTION_NAMES
+from openvla_ros.model.processor import validate_instruction
+from openvla_ros.ros.control import (
+    GRIPPER_INDEX,
+    GRIPPER_MODES,
+    MAX_RATE_HZ,
+    MIN_RATE_HZ,
+    TWIST_MODES,
+    ControlSettings,
+    LatencyStats,
+    LatestSlot,
+    ProblemTracker,
+    RateMeter,
+    SingleJobWorker,
+    limit_action,
+    map_gripper,
+    twist_components,
+)
+from openvla_ros.ros.ros_conversions import message_to_rgb
+
+NODE_NAME = "openvla_policy"
+IMAGE_TRANSPORTS = ("raw", "compressed")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DECODINGS = ("actions_only", "official")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DIAGNOSTICS_PERIOD_S = 1.0
+ACTION_LAYOUT_LABEL = ",".join(ACTION_NAMES)
+
+SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+LATCHED_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+# A transient-local subscription does not match a volatile publisher (DDS QoS rules) and a volatile one
+# gets no history: the node subscribes with both, so every kind of publisher reaches it.
+INSTRUCTION_VOLATILE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE)
+OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One node parameter: default, description, and the constraints rclpy or the node enforce."""
+
+    name: str
+    default: Any
+    description: str
+    read_only: bool = False
+    choices: tuple[str, ...] = ()
+    float_range: tuple[float, float] | None = None
+    integer_range: tuple[int, int] | None = None
+
+    def descriptor(self) -> ParameterDescriptor:
+        descriptor = ParameterDescriptor(
+            name=self.name, description=self.description, read_only=self.read_only
+        )
+        if self.choices:
+            descriptor.additional_constraints = f"one of: {', '.join(self.choices)}"
+        if self.float_range is not None:
+            descriptor.floating_point_range = [
+                FloatingPointRange(from_value=self.float_range[0], to_value=self.float_range[1], step=0.0)
+            ]
+        if self.integer_range is not None:
+            descriptor.integer_range = [
+                IntegerRange(from_value=self.integer_range[0], to_value=self.integer_range[1], step=1)
+            ]
+        return descriptor
+
+
+_CONTROL_DEFAULTS = ControlSettings()
+
+PARAMETERS: tuple[ParameterSpec, ...] = (
+    # Model (read-only: changing any of these needs a cleanup + configure with a new node).
+    ParameterSpec(
+        "model", "openvla/openvla-7b", "Checkpoint directory or hub id of the OpenVLA model.", read_only=True
+    ),
+    ParameterSpec(
+        "quantization",
+        "none",
+        "Weight quantisation of the LLM layers (bitsandbytes).",
+        read_only=True,
+        choices=QUANTIZATIONS,
+    ),
+    ParameterSpec(
+        "dtype",
+        "auto",
+        "Compute dtype; auto = bfloat16 on CUDA, float32 on CPU.",
+        read_only=True,
+        choices=DTYPES,
+    ),
+    ParameterSpec("device", "auto", "Torch device: auto, cpu, cuda or cuda:N.", read_only=True),
+    ParameterSpec("adapter", "", "Optional LoRA adapter directory; empty for none.", read_only=True),
+    ParameterSpec(
+        "unnorm_key",
+        "",
+        "Dataset key of the action statistics; empty when the checkpoint has only one.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "center_crop",
+        False,
+        "Take the centre 90%-area crop (models trained with crop augmentation).",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "center_crop_auto",
+        True,
+        "Turn center_crop on by itself (logged) for a model fine-tuned with image augmentation, as its "
+        "config records; false keeps center_crop as given.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "rotate_180", False, "Rotate camera images by 180 degrees before inference.", read_only=True
+    ),
+    ParameterSpec(
+        "cpu_threads",
+        0,
+        "Torch CPU threads for inference; 0 = auto: all cores but one, leaving one to the executor, DDS "
+        "and the camera driver (one thread on a 2-core machine).",
+        read_only=True,
+        integer_range=(0, 256),
+    ),
+    ParameterSpec(
+        "decoding",
+        "actions_only",
+        "actions_only: each action token is chosen among the 256 action ids; official: argmax over the "
+        "whole vocabulary as the official code (a non-action id decodes to an edge bin).",
+        read_only=True,
+        choices=DECODINGS,
+    ),
+    # Inputs.
+    ParameterSpec(
+        "image_topic",
+        "camera/image_raw",
+        "Camera topic (base topic for compressed transport); relative names resolve in the node's namespace.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "instruction_topic",
+        "instruction",
+        "Language instruction topic (std_msgs/String); relative names resolve in the node's namespace.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "image_transport",
+        "raw",
+        "raw: sensor_msgs/Image on image_topic; compressed: CompressedImage on <image_topic>/compressed.",
+        read_only=True,
+        choices=IMAGE_TRANSPORTS,
+    ),
+    # Start-up behaviour.
+    ParameterSpec("autostart", True, "Configure and activate on start-up.", read_only=True),
+    ParameterSpec(
+        "start_enabled", False, "Publish actions on activation without waiting for ~/enable.", read_only=True
+    ),
+    ParameterSpec(
+        "publish_step_timing",
+        False,
+        "Publish per-step timings on ~/step_timing (for profiling).",
+        read_only=True,
+    ),
+    # Control loop (changeable at run time).
+    ParameterSpec(
+        "rate_hz",
+        _CONTROL_DEFAULTS.rate_hz,
+        "Control rate: inferences started per second.",
+        float_range=(MIN_RATE_HZ, MAX_RATE_HZ),
+    ),
+    ParameterSpec(
+        "twist_mode",
+        _CONTROL_DEFAULTS.twist_mode,
+        "delta: ~/delta_twist carries the per-step delta; velocity: delta x rate_hz (for MoveIt Servo).",
+        choices=TWIST_MODES,
+    ),
+    ParameterSpec("frame_id", _CONTROL_DEFAULTS.frame_id, "frame_id of ~/delta_twist (the actions' frame)."),
+    ParameterSpec(
+        "gripper_mode",
+        _CONTROL_DEFAULTS.gripper_mode,
+        "raw: model value; binary: 0/1 at 0.5; signed_binary: LIBERO's [0,1] -> [-1,1] then sign.",
+        choices=GRIPPER_MODES,
+    ),
+    ParameterSpec(
+        "gripper_flip", _CONTROL_DEFAULTS.gripper_flip, "Invert the open/closed sense of ~/gripper."
+    ),
+    ParameterSpec(
+        "max_image_age_s",
+        _CONTROL_DEFAULTS.max_image_age_s,
+        "Older images (by header stamp) stop the output: one zero delta, then silence until fresh images.",
+        float_range=(0.01, 10.0),
+    ),
+    ParameterSpec(
+        "max_translation",
+        _CONTROL_DEFAULTS.max_translation,
+        "Per-axis clip of |dx|, |dy|, |dz| per step, in the dataset's units (usually metres).",
+        float_range=(0.0, 1.0),
+    ),
+    ParameterSpec(
+        "max_rotation",
+        _CONTROL_DEFAULTS.max_rotation,
+        "Per-axis clip of |droll|, |dpitch|, |dyaw| per step, in radians.",
+        float_range=(0.0, math.pi),
+    ),
+)
+_SPECS = {spec.name: spec for spec in PARAMETERS}
+_CONTROL_FIELDS = tuple(field.name for field in fields(ControlSettings))
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A received camera message, kept undecoded until a control step uses it."""
+
+    message: Image | CompressedImage
+    stamp_ns: int
+    received_ns: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of work for the inference worker."""
+
+    frame: Frame
+    instruction: str
+    tick_ns: int
+    settings: ControlSettings
+    stop_count: int  # the node's stop count when the step started: a stop since then voids it
+
+
+PolicyLoader = Callable[[dict[str, Any]], Any]
+
+
+def load_policy(values: dict[str, Any]) -> Any:
+    """Returns the :class:`~openvla_ros.model.policy.OpenVLAPolicy` that the node's parameter values describe.
+
+    Raises:
+        OpenVLAError: when the model cannot be loaded (the node reports it and stays unconfigured).
+    """
+    from openvla_ros.model.policy import OpenVLAPolicy
+
+    return OpenVLAPolicy.from_pretrained(
+        values["model"],
+        quantization=values["quantization"],
+        dtype=values["dtype"],
+        device=values["device"],
+        adapter=values["adapter"] or None,
+        unnorm_key=values["unnorm_key"] or None,
+        center_crop=True if values["center_crop"] else (None if values["center_crop_auto"] else False),
+        rotate_180=values["rotate_180"],
+        decoding=values["decoding"],
+    )
+
+
+def _ignore_event(event: Any) -> None:
+    """An event callback that does nothing (replaces rclpy's default warning)."""
+
+
+def auto_cpu_threads(cpu_count: int | None = None) -> int:
+    """Returns the torch thread count for ``cpu_threads: 0``: every core but one, at least one.
+
+    On a 2-core machine two inference threads made the step's tail ten times longer whenever anything
+    else ran (the camera driver, DDS, the executor): one core is left to them.
+    """
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
+class PolicyNode(LifecycleNode):
+    """The OpenVLA policy as a managed (lifecycle) node; see the module docstring for its interface.
+
+    ``policy_loader`` builds the policy from the parameter values on configure (default
+    :func:`load_policy`); anything with ``predict_action(rgb, instruction)``, ``unnorm_key`` and
+    ``release()`` will do.
+    """
+
+    def __init__(self, node_name: str = NODE_NAME, policy_loader: PolicyLoader | None = None, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self._policy_loader = policy_loader or load_policy
+        self._lock = threading.RLock()
+        self._problems = ProblemTracker()
+        self._values: dict[str, Any] = {spec.name: spec.default for spec in PARAMETERS}
+        self._settings = ControlSettings()
+        self._state_label = "unconfigured"
+        self._model_status = "not loaded"
+        self._policy: Any = None
+        self._worker: SingleJobWorker[Step] | None = None
+        self._frames: LatestSlot[Frame] = LatestSlot()
+        self._instruction: str | None = None
+        self._enabled = False
+        self._output_live = False
+        self._stop_count = 0
+        self._last_gripper = math.nan
+        self._control_timer = None
+        self._subscriptions_in_use: list[Any] = []
+        self._action_rate = RateMeter(window_s=5.0)
+        self._latency_ms = LatencyStats()
+        self._model_ms = LatencyStats()
+        self._skipped_ticks = 0
+        self._ticks_reusing_frame = 0
+        self._late_tick_ns: int | None = None  # a tick that came while a step ran (see _late_step)
+        self._steps = 0
+
+        self.add_pre_set_parameters_callback(self._whole_numbers_as_floats)
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        for spec in PARAMETERS:
+            self._declare(spec)
+
+        self._control_group = MutuallyExclusiveCallbackGroup()
+        self._action_pub = self.create_lifecycle_publisher(Float64MultiArray, "~/action", OUTPUT_QOS)
+        self._twist_pub = self.create_lifecycle_publisher(TwistStamped, "~/delta_twist", OUTPUT_QOS)
+        self._gripper_pub = self.create_lifecycle_publisher(Float64, "~/gripper", OUTPUT_QOS)
+        self._timing_pub = self.create_lifecycle_publisher(DiagnosticArray, "~/step_timing", OUTPUT_QOS)
+        self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._enable_srv = self.create_service(SetBool, "~/enable", self._on_enable)
+        self._diagnostics_timer = self.create_timer(DIAGNOSTICS_PERIOD_S, self._publish_diagnostics)
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def autostart(self) -> bool:
+        return bool(self._values["autostart"])
+
+    def _declare(self, spec: ParameterSpec) -> None:
+        """Declares one parameter; an invalid start-up value is logged and replaced by the default.
+
+        A whole number given for a floating-point parameter (``rate_hz: 10`` in YAML, ``-p
+        max_translation:=0``) is taken as that float rather than rejected for its type.
+        """
+        # rclpy keeps the start-up overrides here and types ``10`` as an integer.
+        override = self._parameter_overrides.get(spec.name)
+        if override is not None:
+            (self._parameter_overrides[spec.name],) = self._whole_numbers_as_floats([override])
+        try:
+            self.declare_parameter(spec.name, spec.default, spec.descriptor())
+        except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
+            self.get_logger().error(
+                f"parameter {spec.name!r} rejected at start-up ({exc}); using the default {spec.default!r}"
+            )
+            self._problems.report(f"parameter:{spec.name}", f"start-up value rejected: {exc}")
+            self.declare_parameter(spec.name, spec.default, spec.descriptor(), ignore_override=True)
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        """Sets parameters at run time (the parameter services call this); logs a rejection with its reason."""
+        result = super().set_parameters_atomically(parameter_list)
+        if not result.successful:
+            names = ", ".join(parameter.name for parameter in parameter_list)
+            self.get_logger().error(f"parameter change rejected ({names}): {result.reason}")
+        return result
+
+    @staticmethod
+    def _whole_numbers_as_floats(parameters: list[Parameter]) -> list[Parameter]:
+        """Takes ``ros2 param set ... rate_hz 10`` (an integer) as 10.0 for floating-point parameters."""
+        converted = []
+        for parameter in parameters:
+            spec = _SPECS.get(parameter.name)
+            if spec is not None and isinstance(spec.default, float) and parameter.type_ == Parameter.Type.INTEGER:
+                parameter = Parameter(parameter.name, value=float(parameter.value))
+            converted.append(parameter)
+        return converted
+
+    def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+        """Rejects enum values outside their choices and control settings that do not validate."""
+        candidate = dict(self._values)
+        for parameter in parameters:
+            spec = _SPECS.get(parameter.name)
+            if spec is None:
+                continue
+            if spec.choices and parameter.value not in spec.choices:
+                return SetParametersResult(
+                    successful=False,
+                    reason=f"{parameter.name} must be one of {', '.join(spec.choices)}; got {parameter.value!r}",
+                )
+            if spec.name in ("image_topic", "instruction_topic") and not str(parameter.value).strip():
+                return SetParametersResult(successful=False, reason=f"{parameter.name} must not be empty")
+            candidate[parameter.name] = parameter.value
+        if any(parameter.name in _CONTROL_FIELDS for parameter in parameters):
+            try:
+                self._settings_from(candidate)
+            except ValueError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+        if candidate["image_topic"] == candidate["instruction_topic"]:
+            return SetParametersResult(
+                successful=False, reason="image_topic and instruction_topic must differ"
+            )
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, parameters: list[Parameter]) -> None:
+        with self._lock:
+            for parameter in parameters:
+                if parameter.name in _SPECS:
+                    self._values[parameter.name] = parameter.value
+            previous_rate = self._settings.rate_hz
+            self._settings = self._settings_from(self._values)
+            if self._control_timer is not None and self._settings.rate_hz != previous_rate:
+                self._control_timer.timer_period_ns = int(1e9 / self._settings.rate_hz)
+                self._control_timer.reset()
+                self._action_rate.reset()
+                self.get_logger().info(f"control rate changed to {self._settings.rate_hz:g} Hz")
+
+    @staticmethod
+    def _settings_from(values: dict[str, Any]) -> ControlSettings:
+        return ControlSettings(**{name: values[name] for name in _CONTROL_FIELDS})
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> bool:
+        """Configures and activates the node; returns True when it ends up active."""
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            return False
+        return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        values = dict(self._values)
+        self._model_status = "loading"
+        self.get_logger().info(
+            f"loading model {values['model']!r} (quantization {values['quantization']}, dtype {values['dtype']}, "
+            f"device {values['device']})"
+        )
+        started = time.perf_counter()
+        try:
+            import torch
+
+            threads = int(values["cpu_threads"]) or auto_cpu_threads()
+            torch.set_num_threads(threads)
+            policy = self._policy_loader(values)
+        except OpenVLAError as exc:
+            return self._fail_configure(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a model that fails to load must not take the node down
+            return self._fail_configure(f"unexpected {type(exc).__name__} while loading: {exc}")
+        self._policy = policy
+        self._model_status = (
+            f"loaded in {time.perf_counter() - started:.1f} s (unnorm_key {policy.unnorm_key})"
+        )
+        self._problems.resolve("model")
+        self.get_logger().info(f"model {values['model']!r} {self._model_status}")
+        transform = getattr(policy, "image_transform", None)
+        if transform is not None and transform.center_crop and not values["center_crop"]:
+            self.get_logger().info(
+                "center_crop turned on: the model was fine-tuned with image augmentation (random 90%-area "
+                "crops); set center_crop_auto: false to keep it off"
+            )
+
+        self._worker = SingleJobWorker(self._run_step, self._on_worker_error)
+        if values["image_transport"] == "compressed":
+            topic = values["image_topic"].rstrip("/") + "/compressed"
+            image_sub = self.create_subscription(CompressedImage, topic, self._on_image, SENSOR_QOS)
+        else:
+            image_sub = self.create_subscription(Image, values["image_topic"], self._on_image, SENSOR_QOS)
+        # The latched subscription cannot match a volatile publisher: that is expected (the volatile
+        # one takes its messages), so rclpy's "incompatible QoS" warning is silenced for it.
+        instruction_subs = [
+            self.create_subscription(String, values["instruction_topic"], self._on_instruction, INSTRUCTION_VOLATILE_QOS),
+            self.create_subscription(
+                String,
+                values["instruction_topic"],
+                self._on_instruction,
+                LATCHED_QOS,
+                event_callbacks=SubscriptionEventCallbacks(incompatible_qos=_ignore_event),
+            ),
+        ]
+        self._subscriptions_in_use = [image_sub, *instruction_subs]
+        self._state_label = "inactive"
+        self.get_logger().info(
+            f"subscribed to {image_sub.topic_name} ({values['image_transport']}) and "
+            f"{instruction_subs[0].topic_name} (volatile and latched publishers); torch threads {threads}"
+        )
+        return TransitionCallbackReturn.SUCCESS
+
+    def _fail_configure(self, reason: str) -> TransitionCallbackReturn:
+        self._model_status = f"failed: {reason}"
+        self._problems.report("model", reason)
+        self.get_logger().error(f"could not load the model; the node stays unconfigured. {reason}")
+        return TransitionCallbackReturn.FAILURE
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            self._enabled = bool(self._values["start_enabled"])
+            self._action_rate.reset()
+            self._control_timer = self.create_timer(
+                1.0 / self._settings.rate_hz, self._on_control_tick, callback_group=self._control_group
+            )
+            self._state_label = "active"
+        self.get_logger().info(
+            f"active at {self._settings.rate_hz:g} Hz; output "
+            + ("enabled" if self._enabled else "disabled until ~/enable is called with true")
+        )
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_control()
+        self._state_label = "inactive"
+        self.get_logger().info("deactivated; output stopped")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self._state_label = "unconfigured"
+        self.get_logger().info("cleaned up; model released")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._control_timer is not None:
+            self._stop_control()
+        self._release()
+        self._state_label = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f"error during a transition from {state.label}; releasing everything")
+        self._stop_control()
+        self._release()
+        self._state_label = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_control(self) -> None:
+        """Stops the timer, waits for the running step, disables output and sends one zero delta."""
+        with self._lock:
+            timer, self._control_timer = self._control_timer, None
+            self._enabled = False
+        if timer is not None:
+            self.destroy_timer(timer)
+        if self._worker is not None:
+            self._worker.wait_idle(timeout_s=30.0)
+        self._stop_output("control stopped")
+
+    def stop_now(self, reason: str) -> None:
+        """Stops the output at once: no new step starts, a running step is voided, one zero delta goes out.
+
+        Fast and safe from a signal handler (takes no slow path: the model, worker and timer are left to
+        :meth:`close`).
+        """
+        with self._lock:
+            self._enabled = False
+            timer = self._control_timer
+            if timer is not None:
+                timer.cancel()
+        self._stop_output(reason)
+
+    def close(self) -> None:
+        """Stops control and frees the model outside the lifecycle (process exit); safe to call twice."""
+        if self._control_timer is not None:
+            try:
+                self._stop_control()
+            except Exception as exc:  # the context may already be shut down: nothing can be published
+                self.get_logger().warning(f"could not publish the final zero delta: {exc}")
+        self._release()
+
+    def _release(self) -> None:
+        for subscription in self._subscriptions_in_use:
+            self.destroy_subscription(subscription)
+        self._subscriptions_in_use = []
+        if self._worker is not None:
+            self._worker.stop(timeout_s=30.0)
+            self._worker = None
+        if self._policy is not None:
+            self._policy.release()
+            self._policy = None
+            self._model_status = "released"
+        self._frames.clear()
+        with self._lock:
+            self._instruction = None
+
+    # ------------------------------------------------------------------ inputs
+
+    def _on_image(self, message: Image | CompressedImage) -> None:
+        stamp = message.header.stamp
+        received_ns = self.get_clock().now().nanoseconds
+        self._frames.put(Frame(message, stamp.sec * 1_000_000_000 + stamp.nanosec, received_ns))
+
+    def _on_instruction(self, message: String) -> None:
+        try:
+            instruction = validate_instruction(message.data)
+        except OpenVLAError as exc:
+            self.get_logger().error(f"instruction rejected, output stopped until a valid one arrives: {exc}")
+            self._problems.report("instruction", str(exc))
+            with self._lock:
+                self._instruction = None
+            self._stop_output("invalid instruction")
+            return
+        with self._lock:
+            changed = instruction != self._instruction
+            self._instruction = instruction
+        self._problems.resolve("instruction")
+        if changed:
+            self.get_logger().info(f"instruction: {instruction!r}")
+
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        with self._lock:
+            if request.data and self._control_timer is None:
+                response.success = False
+                response.message = f"node is {self._state_label}; activate it before enabling output"
+                return response
+            was_enabled, self._enabled = self._enabled, bool(request.data)
+        if not request.data:
+            self._stop_output("disabled")
+        if was_enabled != self._enabled:
+            self.get_logger().info("output enabled" if self._enabled else "output disabled")
+        response.success = True
+        waiting = "" if self._instruction is not None else " (waiting for an instruction)"
+        response.message = ("enabled" + waiting) if self._enabled else "disabled"
+        return response
+
+    # ------------------------------------------------------------------ control loop
+
+    def _on_control_tick(self) -> None:
+        now_ns = self.get_clock().now().nanoseconds
+        inputs = self._checked_inputs(now_ns)
+        if inputs is None:
+            return
+        worker = self._worker
+        if worker is None:
+            return
+        if worker.busy:
+            # The previous step overran: this tick's step starts as soon as it ends, unless the next
+            # tick comes first (then this one is skipped). One late tick at most: never a queue.
+            with self._lock:
+                if self._late_tick_ns is not None:
+                    self._skipped_ticks += 1
+                self._late_tick_ns = now_ns
+            return
+        if not worker.submit(self._make_step(*inputs, now_ns)):
+            self._skipped_ticks += 1
+
+    def _checked_inputs(self, now_ns: int) -> tuple[Frame, str, ControlSettings] | None:
+        """Returns (newest frame, instruction, settings) when a step may run now, else None.
+
+        Applies the safety checks of a control tick: enabled, an instruction, a frame, its stamp not
+        ahead of the clock and not older than ``max_image_age_s`` (those two stop the output).
+        """
+        with self._lock:
+            enabled, instruction, settings, worker = (
+                self._enabled,
+                self._instruction,
+                self._settings,
+                self._worker,
+            )
+        if not enabled or worker is None:
+            return None
+        if instruction is None:
+            self._report(
+                "no_instruction", "enabled but no instruction received yet; publishing nothing", warn=False
+            )
+            return None
+        self._resolve("no_instruction")
+        frame = self._frames.peek()
+        if frame is None:
+            self._report(
+                "no_image", "enabled but no camera image received yet; publishing nothing", warn=False
+            )
+            return None
+        self._resolve("no_image")
+        age_s = (now_ns - frame.stamp_ns) / 1e9
+        if age_s < -settings.max_image_age_s:
+            # A stamp from the future cannot be judged fresh: the camera's clock and the node's disagree
+            # (or use_sim_time is set and /clock is not running yet).
+            message = (
+                "camera image stamps are ahead of the node's clock by more than max_image_age_s; output "
+                "stopped (synchronise the clocks, or check use_sim_time and /clock)"
+            )
+            return self._stop_for("clock_mismatch", message, f"newest image is {-age_s:.2f} s in the future")
+        if self._resolve("clock_mismatch"):
+            self.get_logger().info("image stamps agree with the node's clock again")
+        if age_s > settings.max_image_age_s:
+            message = (
+                f"camera images are older than max_image_age_s ({settings.max_image_age_s:g} s); "
+                "output stopped until fresh images arrive"
+            )
+            return self._stop_for("stale_image", message, f"newest image is {age_s:.2f} s old")
+        if self._resolve("stale_image"):
+            self.get_logger().info("fresh images again; output resumes")
+        return frame, instruction, settings
+
+    def _stop_for(self, key: str, message: str, detail: str) -> None:
+        """Reports problem ``key`` (logged once) and stops the output with one zero delta; returns None."""
+        self._report(key, message, detail=detail)
+        self._stop_output(key.replace("_", " "))
+
+    def _make_step(self, frame: Frame, instruction: str, settings: ControlSettings, tick_ns: int) -> Step:
+        """Returns the step of a tick, on a frame newer than the last step's when there is one."""
+        with self._lock:
+            stop_count = self._stop_count
+        newest = self._frames.take_new()
+        if newest is None:
+            # No frame since the last step (camera jitter, or a camera slower than rate_hz): the rate is
+            # kept with the newest frame, whose age the checks bound; counted in diagnostics.
+            self._ticks_reusing_frame += 1
+            newest = frame
+        return Step(newest, instruction, tick_ns, settings, stop_count)
+
+    def _late_step(self) -> Step | None:
+        """Worker thread, after a step: the step of a tick that came while it ran, if still due."""
+        with self._lock:
+            late_ns, self._late_tick_ns = self._late_tick_ns, None
+            period_ns = 1e9 / self._settings.rate_hz
+        if late_ns is None:
+            return None
+        now_ns = self.get_clock().now().nanoseconds
+        if now_ns - late_ns >= period_ns:  # the next tick is due already: this one is skipped
+            with self._lock:
+                self._skipped_ticks += 1
+            return None
+        inputs = self._checked_inputs(now_ns)
+        return None if inputs is None else self._make_step(*inputs, now_ns)
+
+    def _run_step(self, step: Step) -> None:
+        """Worker thread: runs ``step``, then the step of a tick that came while it ran (if still due)."""
+        current: Step | None = step
+        while current is not None:
+            self._run_one_step(current)
+            current = self._late_step()
+
+    def _run_one_step(self, step: Step) -> None:
+        """Worker thread: decode, infer, limit and publish one action."""
+        started = time.perf_counter()
+        try:
+            rgb = message_to_rgb(step.frame.message)
+        except OpenVLAError as exc:
+            self._report("image", f"camera image rejected: {exc}")
+            self._stop_output("camera image rejected")
+            return
+        self._resolve("image", "camera images are valid again")
+        decoded = time.perf_counter()
+        policy = self._policy
+        if policy is None:
+            return
+        try:
+            action = policy.predict_action(rgb, step.instruction)
+        except OpenVLAError as exc:
+            self._report("inference", f"inference failed: {type(exc).__name__}: {exc}")
+            self._stop_output("inference failed")
+            return
+        inferred = time.perf_counter()
+        settings = step.settings
+        try:
+            limited = limit_action(action, settings.max_translation, settings.max_rotation)
+            gripper = map_gripper(limited[GRIPPER_INDEX], settings.gripper_mode, settings.gripper_flip)
+        except ValueError as exc:
+            self._report("non_finite", f"action not published: {exc}")
+            self._stop_output("invalid action")
+            return
+        self._resolve("inference", "inference works again")
+        self._resolve("non_finite")
+        with self._lock:
+            if (
+                not self._enabled
+                or self._control_timer is None
+                or self._instruction != step.instruction
+                or self._stop_count != step.stop_count
+            ):
+                return  # disabled, deactivated, re-instructed or stopped (stale camera...) while the model ran
+            self._publish_action(limited, gripper, step)
+            self._output_live = True
+            self._last_gripper = float(limited[GRIPPER_INDEX])
+        published = time.perf_counter()
+        self._steps += 1
+        self._action_rate.tick()
+        self._model_ms.add((inferred - decoded) * 1e3)
+        self._latency_ms.add((self.get_clock().now().nanoseconds - step.frame.stamp_ns) / 1e6)
+        if self._values["publish_step_timing"]:
+            self._publish_step_timing(step, started, decoded, inferred, published)
+
+    def _publish_action(self, action: Any, gripper: float, step: Step) -> None:
+        settings = step.settings
+        header_stamp = step.frame.message.header.stamp
+        array = Float64MultiArray()
+        array.layout.dim = [
+            MultiArrayDimension(label=ACTION_LAYOUT_LABEL, size=len(ACTION_NAMES), stride=len(ACTION_NAMES))
+        ]
+        array.data = [float(value) for value in action]
+        twist = TwistStamped()
+        twist.header.stamp = header_stamp
+        twist.header.frame_id = settings.frame_id
+        linear, angular = twist_components(action, settings.twist_mode, settings.rate_hz)
+        twist.twist.linear.x, twist.twist.linear.y, twist.twist.linear.z = (float(v) for v in linear)
+        twist.twist.angular.x, twist.twist.angular.y, twist.twist.angular.z = (float(v) for v in angular)
+        self._action_pub.publish(array)
+        self._twist_pub.publish(twist)
+        self._gripper_pub.publish(Float64(data=float(gripper)))
+
+    def _stop_output(self, reason: str) -> None:
+        """Publishes one zero delta (gripper held) if actions were being published, then stays silent.
+
+        Also voids any step still running, so nothing it computed is published after the zero delta.
+        """
+        with self._lock:
+            self._stop_count += 1
+            self._late_tick_ns = None
+            if not self._output_live:
+                return
+            self._output_live = False
+            array = Float64MultiArray()
+            array.layout.dim = [
+                MultiArrayDimension(
+                    label=ACTION_LAYOUT_LABEL, size=len(ACTION_NAMES), stride=len(ACTION_NAMES)
+                )
+            ]
+            array.data = [0.0] * (len(ACTION_NAMES) - 1) + [self._last_gripper]
+            twist = TwistStamped()
+            twist.header.stamp = self.get_clock().now().to_msg()
+            twist.header.frame_id = self._settings.frame_id
+            self._action_pub.publish(array)
+            self._twist_pub.publish(twist)
+        self.get_logger().info(f"published a zero delta ({reason})")
+
+    def _publish_step_timing(
+        self, step: Step, started: float, decoded: float, inferred: float, published: float
+    ) -> None:
+        timing = DiagnosticArray()
+        timing.header.stamp = step.frame.message.header.stamp
+        wait_ms = (step.tick_ns - step.frame.stamp_ns) / 1e6
+        values = {
+            "image_age_at_tick_ms": wait_ms,
+            "image_delivery_ms": (step.frame.received_ns - step.frame.stamp_ns) / 1e6,
+            "decode_ms": (decoded - started) * 1e3,
+            "model_ms": (inferred - decoded) * 1e3,
+            "publish_ms": (published - inferred) * 1e3,
+            "step_ms": (published - started) * 1e3,
+        }
+        timing.status = [
+            DiagnosticStatus(
+                name=f"{self.get_name()}: step",
+                values=[KeyValue(key=key, value=f"{value:.3f}") for key, value in values.items()],
+            )
+        ]
+        self._timing_pub.publish(timing)
+
+    def _on_worker_error(self, exc: Exception) -> None:
+        self._report("worker", f"unexpected {type(exc).__name__} in a control step: {exc}")
+        try:
+            self._stop_output("control step failed")
+        except Exception as publish_error:  # nothing more can be done from the worker thread
+            self.get_logger().error(f"could not publish the zero delta: {publish_error}")
+
+    # ------------------------------------------------------------------ reporting
+
+    def _report(self, key: str, message: str, warn: bool = True, detail: str = "") -> None:
+        """Logs a recurring problem once (again only when it changes or every 10 s while it lasts)."""
+        if not self._problems.report(key, message):
+            return
+        if detail:
+            message = f"{message} ({detail})"
+        if not warn:
+            self.get_logger().info(message)
+        elif key == "stale_image":
+            self.get_logger().warning(message)
+        else:
+            self.get_logger().error(message)
+
+    def _resolve(self, key: str, recovery_message: str | None = None) -> bool:
+        resolved = self._problems.resolve(key)
+        if resolved and recovery_message:
+            self.get_logger().info(recovery_message)
+        return resolved
+
+    def _publish_diagnostics(self) -> None:
+        problems = self._problems.active()
+        errors = {
+            key: message for key, message in problems.items() if key not in ("no_instruction", "no_image")
+        }
+        if self._policy is None and self._model_status.startswith("failed"):
+            level, summary = DiagnosticStatus.ERROR, f"model {self._model_status}"
+        elif errors:
+            level, summary = DiagnosticStatus.WARN, "; ".join(errors.values())
+        elif self._state_label != "active":
+            level, summary = DiagnosticStatus.OK, f"{self._state_label}"
+        elif not self._enabled:
+            level, summary = DiagnosticStatus.OK, "active, output disabled"
+        elif problems:
+            level, summary = DiagnosticStatus.OK, "; ".join(problems.values())
+        else:
+            level, summary = DiagnosticStatus.OK, "running"
+        values = {
+            "state": self._state_label,
+            "enabled": str(self._enabled).lower(),
+            "instruction": self._instruction or "",
+            "model": str(self._values["model"]),
+            "model_status": self._model_status,
+            "rate_hz_target": f"{self._settings.rate_hz:g}",
+            "rate_hz_achieved": f"{self._action_rate.rate_hz():.2f}",
+            "inference_latency_ms_last": f"{self._model_ms.last:.1f}",
+            "inference_latency_ms_median": f"{self._model_ms.percentile(50):.1f}",
+            "image_to_action_latency_ms_median": f"{self._latency_ms.percentile(50):.1f}",
+            "dropped_frames": str(self._frames.dropped),
+            "skipped_ticks": str(self._skipped_ticks),
+            "ticks_reusing_frame": str(self._ticks_reusing_frame),
+            "steps": str(self._steps),
+            "image_errors": str(self._problems.count("image")),
+            "inference_errors": str(self._problems.count("inference")),
+        }
+        array = DiagnosticArray()
+        now = self.get_clock().now()
+        newest = self._frames.peek()
+        image_age_s = (now.nanoseconds - newest.stamp_ns) / 1e9 if newest is not None else math.nan
+        values["image_age_s"] = f"{image_age_s:.3f}"
+        array.header.stamp = now.to_msg()
+        array.status = [
+            DiagnosticStatus(
+                level=level,
+                name=f"{self.get_name()}: policy",
+                message=summary,
+                hardware_id=str(self._values["model"]),
+                values=[KeyValue(key=key, value=value) for key, value in values.items()],
+            )
+        ]
+        self._diagnostics_pub.publish(array)
+
+
+class ShutdownSignals:
+    """SIGINT/SIGTERM handling that holds under repeated signals.
+
+    Before the node spins (model loading) the first signal aborts start-up as a KeyboardInterrupt:
+    nothing has been published. Once it spins, the first signal stops the output at once (the zero
+    delta goes out from the handler, before anything slow) and ends the spin loop; every later signal
+    is logged and ignored, so clean-up always runs to the end and the process exits with status 0.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.node: PolicyNode | None = None
+        self.closing = False  # clean-up has begun: every signal is ignored
+        self.requested = threading.Event()
+        self.ignored = 0
+
+    def install(self) -> None:
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.closing or self.requested.is_set():
+            self.ignored += 1
+            if self.node is not None:
+                self.node.get_logger().warning(f"{name} again: already shutting down, output is stopped")
+            return
+        if self.node is None:
+            raise KeyboardInterrupt
+        self.requested.set()
+        self.node.get_logger().info(f"{name}: stopping")
+        self.node.stop_now(f"shutdown on {name}")
+
+
+def _finish_callbacks(executor: MultiThreadedExecutor) -> None:
+    """Lets the callbacks already handed to the executor's threads finish before it shuts down.
+
+    ``MultiThreadedExecutor.shutdown`` destroys its guard condition before its thread pool has run the
+    callbacks already queued there; each of those then fails on the destroyed guard and rclpy prints
+    "The following exception was never retrieved" at exit. Emptying the pool first avoids that.
+    """
+    pool = getattr(executor, "_executor", None)  # the executor's ThreadPoolExecutor
+    if pool is not None:
+        pool.shutdown(wait=True)
+
+
+def main(args: list[str] | None = None, policy_loader: PolicyLoader | None = None) -> None:
+    """Runs the policy node until shutdown (SIGINT, SIGTERM or an external shutdown).
+
+    ``policy_loader`` replaces the model loading (see :class:`PolicyNode`).
+    """
+    # rclpy's own SIGINT handler would shut the context down before the final zero delta could be
+    # published: the node's handlers stop the output first (see ShutdownSignals).
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signals = ShutdownSignals()
+    signals.install()
+    node: PolicyNode | None = None
+    executor: MultiThreadedExecutor | None = None
+    try:
+        node = PolicyNode(policy_loader=policy_loader)
+        if node.autostart and not node.start():
+            node.get_logger().error("autostart did not reach the active state; see the errors above")
+        executor = MultiThreadedExecutor(num_threads=2)
+        executor.add_node(node)
+        signals.node = node
+        while not signals.requested.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        signals.closing = True
+        if node is not None:
+            signals.node = node
+            node.stop_now("shutdown")
+        if executor is not None:
+            _finish_callbacks(executor)
+            executor.shutdown(timeout_sec=10.0)
+        if node is not None:
+            node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+        # The process ends now: a signal that comes late (ros2 launch forwards the terminal's Ctrl-C a
+        # moment after the terminal delivered it) must not turn a clean exit into death by signal.
+        for signum in ShutdownSignals.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+if __name__ == "__main__":
+    main()
