@@ -1,0 +1,362 @@
+"""Loading and saving OpenVLA-OFT checkpoints.
+
+Two layouts load through the same code:
+
+- **Official** (``moojink/openvla-7b-oft-finetuned-libero-*`` and what its training code writes): the
+  merged VLA in safetensors + ``config.json`` + ``dataset_statistics.json`` (action and proprio
+  statistics) + ``action_head--N_checkpoint.pt``, ``proprio_projector--N_checkpoint.pt`` and, with
+  FiLM, ``vision_backbone--N_checkpoint.pt``. The ``.pt`` files are read with
+  ``torch.load(weights_only=True)`` only; their DDP ``module.`` prefix is stripped. The FiLM file holds
+  the whole wrapped vision backbone, LoRA sublayers included: the LoRA update is merged here
+  (``W = base + alpha / r * B @ A``, alpha from ``lora_adapter/adapter_config.json``, else the
+  official ``min(r, 16)``).
+- **Ours** (``training/finetune.py --action-head l1`` and ``python -m openvla_ros.tiny --oft`` without
+  ``--official``): ``action_head.safetensors``, ``proprio_projector.safetensors``,
+  ``film.safetensors``, with the layout in ``config.json["oft"]``.
+
+The action and proprio widths come from the head weights' shapes. The chunk size and the image count
+are not in any weight: they come from ``config.json`` (``oft.chunk`` / ``num_actions_chunk``,
+``oft.num_images`` / ``num_images_in_input``), else from the published platforms' constants matched
+by action and proprio width (LIBERO: 7-D actions, 8-D proprio, K=8, 2 images; ALOHA: 14/14, K=25,
+3 images; BRIDGE: 7/7, K=5, 1 image), logged; never from the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from openvla_ros.errors import CheckpointError
+from openvla_ros.model.configuration_openvla import OpenVLAConfig
+from openvla_ros.model.loading import load_model, official_to_internal_key, read_config
+from openvla_ros.model.oft import OFTSpec, OpenVLAOFT
+
+logger = logging.getLogger(__name__)
+
+HEAD_NAME = "action_head.safetensors"
+PROPRIO_NAME = "proprio_projector.safetensors"
+FILM_NAME = "film.safetensors"
+# Official run files: "<component>--<step>_checkpoint.pt" (or "...--latest_checkpoint.pt").
+OFFICIAL_COMPONENTS = ("action_head", "proprio_projector", "vision_backbone", "noisy_action_projector")
+# The published OFT repositories and the training step of their head files.
+KNOWN_HUB_REPOS = {
+    "moojink/openvla-7b-oft-finetuned-libero-spatial": 150000,
+    "moojink/openvla-7b-oft-finetuned-libero-object": 150000,
+    "moojink/openvla-7b-oft-finetuned-libero-10": 150000,
+    "moojink/openvla-7b-oft-finetuned-libero-goal": 50000,
+    "moojink/openvla-7b-oft-finetuned-libero-spatial-object-goal-10": 300000,
+}
+# (action_dim, proprio_dim) -> (chunk, images, normalisation) of the official platforms.
+PLATFORMS = {
+    (7, 8): ("LIBERO", 8, 2, "bounds_q99"),
+    (7, 0): ("LIBERO", 8, 1, "bounds_q99"),
+    (14, 14): ("ALOHA", 25, 3, "bounds"),
+    (14, 0): ("ALOHA", 25, 3, "bounds"),
+    (7, 7): ("BRIDGE", 5, 1, "bounds_q99"),
+}
+_LORA_PART = re.compile(r"^(.*)\.(base_layer|lora_A\.default|lora_B\.default)\.(weight|bias)$")
+_FILM_BLOCK = re.compile(r"^(featurizer|fused_featurizer)\.blocks\.(\d+)\.(scale|shift)\.(weight|bias)$")
+
+
+def official_component_file(checkpoint_dir: Path, component: str) -> Path | None:
+    """Returns the directory's single ``<component>--*checkpoint.pt`` file, None when there is none.
+
+    Raises:
+        CheckpointError: when several match (the official loader requires exactly one).
+    """
+    found = sorted(p for p in checkpoint_dir.glob(f"{component}--*checkpoint.pt") if p.is_file())
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{checkpoint_dir} holds {len(found)} {component} files ({', '.join(p.name for p in found)}); "
+            "keep the one of the step you want to run"
+        )
+    return found[0] if found else None
+
+
+def is_oft_checkpoint(checkpoint_dir: Path, config: OpenVLAConfig | None = None) -> bool:
+    """Returns True when the directory holds an OFT model (either layout)."""
+    if config is not None and "oft" in config.extra:
+        return True
+    if (checkpoint_dir / HEAD_NAME).is_file():
+        return True
+    return any(checkpoint_dir.glob(f"{c}--*checkpoint.pt") for c in ("action_head", "noisy_action_projector"))
+
+
+def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """Returns the tensors of an official ``.pt`` state dict (weights only; ``module.`` stripped).
+
+    Raises:
+        CheckpointError: when the file is not a plain state dict of tensors.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refusals and corrupt files raise many types
+        raise CheckpointError(
+            f"{path} cannot be read as a weights-only state dict ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); only tensors are loaded from .pt files"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+
+
+def _head_state(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
+    ours = checkpoint_dir / HEAD_NAME
+    if ours.is_file():
+        return _read_safetensors(ours), ours.name
+    official = official_component_file(checkpoint_dir, "action_head")
+    if official is None:
+        return None, ""
+    return read_torch_state(official), official.name
+
+
+def _proprio_state(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
+    ours = checkpoint_dir / PROPRIO_NAME
+    if ours.is_file():
+        return _read_safetensors(ours), ours.name
+    official = official_component_file(checkpoint_dir, "proprio_projector")
+    if official is None:
+        return None, ""
+    return read_torch_state(official), official.name
+
+
+def _shape(state: dict[str, torch.Tensor], key: str, source: str) -> tuple[int, ...]:
+    if key not in state:
+        raise CheckpointError(
+            f"{source} has no {key!r} (keys: {', '.join(sorted(state)[:6])}...); it is not an OFT L1 action "
+            "head / proprio projector of the official structure"
+        )
+    return tuple(state[key].shape)
+
+
+def read_oft_spec(checkpoint_dir: Path, config: OpenVLAConfig) -> OFTSpec:
+    """Returns the chunk layout of an OFT checkpoint, from its head weights and config.
+
+    Raises:
+        CheckpointError: missing/mismatched head files, an unsupported (diffusion) head, or a chunk
+            size that neither the config nor a known platform gives.
+    """
+    if official_component_file(checkpoint_dir, "noisy_action_projector") is not None:
+        raise CheckpointError(
+            f"{checkpoint_dir} is an OpenVLA-OFT model with the diffusion action head "
+            "(noisy_action_projector file), which this package does not run; use an L1-regression OFT "
+            "checkpoint (e.g. moojink/openvla-7b-oft-finetuned-libero-spatial)"
+        )
+    head, head_source = _head_state(checkpoint_dir)
+    if head is None:
+        raise CheckpointError(
+            f"{checkpoint_dir} is an OFT model without its action head: expected {HEAD_NAME} or "
+            "action_head--<step>_checkpoint.pt beside the weights; copy it from the training run"
+        )
+    if any(k.startswith("noise_predictor.") for k in head):
+        raise CheckpointError(
+            f"{head_source} is a diffusion action head (noise_predictor.*), which this package does not "
+            "run; use an L1-regression OFT checkpoint"
+        )
+    llm_dim = config.text_config.hidden_size
+    action_dim = _shape(head, "model.fc2.weight", head_source)[0]
+    width = _shape(head, "model.layer_norm1.weight", head_source)[0]
+    fc1 = _shape(head, "model.fc1.weight", head_source)
+    if width != action_dim * llm_dim or fc1[1] != width:
+        raise CheckpointError(
+            f"{head_source} takes inputs {width} wide, but this model's {action_dim}-D actions x hidden size "
+            f"{llm_dim} = {action_dim * llm_dim}; the head belongs to another base model"
+        )
+    proprio, proprio_source = _proprio_state(checkpoint_dir)
+    proprio_dim = 0
+    if proprio is not None:
+        proprio_dim = _shape(proprio, "fc1.weight", proprio_source)[1]
+        if _shape(proprio, "fc2.weight", proprio_source)[0] != llm_dim:
+            raise CheckpointError(
+                f"{proprio_source} projects to {_shape(proprio, 'fc2.weight', proprio_source)[0]} features, "
+                f"but this model's hidden size is {llm_dim}; it belongs to another base model"
+            )
+    film = (checkpoint_dir / FILM_NAME).is_file() or official_component_file(
+        checkpoint_dir, "vision_backbone") is not None
+    stated = dict(config.extra.get("oft") or {})
+    platform = PLATFORMS.get((action_dim, proprio_dim))
+    chunk = stated.get("chunk", config.extra.get("num_actions_chunk"))
+    images = stated.get("num_images", config.extra.get("num_images_in_input"))
+    normalization = stated.get("normalization", config.extra.get("action_normalization"))
+    if chunk is None or images is None or normalization is None:
+        if platform is None:
+            raise CheckpointError(
+                f"{checkpoint_dir}: the chunk size and image count are not in any weight, config.json does not "
+                f"state them and {action_dim}-D actions with {proprio_dim}-D proprio match no published platform; "
+                'add "num_actions_chunk": K and "num_images_in_input": N to config.json'
+            )
+        name, default_chunk, default_images, default_norm = platform
+        logger.info(
+            "%s: %d-D actions with %d-D proprio: the %s layout (chunk %s, %s image(s), %s); state "
+            "num_actions_chunk / num_images_in_input in config.json to override",
+            checkpoint_dir, action_dim, proprio_dim, name, chunk or default_chunk, images or default_images,
+            normalization or default_norm,
+        )
+        chunk = chunk or default_chunk
+        images = images or default_images
+        normalization = normalization or default_norm
+    try:
+        return OFTSpec(
+            chunk=int(chunk), action_dim=action_dim, proprio_dim=proprio_dim, num_images=int(images),
+            film=film, normalization=str(normalization), head_hidden_dim=fc1[0],
+        )
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint_dir}/config.json: {exc}") from exc
+
+
+def _lora_alpha(checkpoint_dir: Path, rank: int) -> float:
+    path = checkpoint_dir / "lora_adapter" / "adapter_config.json"
+    if path.is_file():
+        try:
+            settings = json.loads(path.read_text())
+            return float(settings.get("lora_alpha", min(rank, 16)))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is unreadable: {exc}") from exc
+    return float(min(rank, 16))
+
+
+def merge_film_backbone(state: dict[str, torch.Tensor], checkpoint_dir: Path, source: str
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Splits an official FiLM ``vision_backbone`` state into (vision weights, FiLM weights).
+
+    Vision keys come back as the model's ``vision_backbone.*`` names with every LoRA layer merged;
+    FiLM keys as ``featurizer.N.scale.weight`` etc. (the :class:`~openvla_ros.model.oft.VisionFiLM`
+    names).
+    """
+    vision: dict[str, torch.Tensor] = {}
+    film: dict[str, torch.Tensor] = {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name = key[len("vision_backbone."):] if key.startswith("vision_backbone.") else key
+        name = re.sub(r"\.blocks\.(\d+)\.block\.", r".blocks.\1.", name)
+        film_match = _FILM_BLOCK.match(name)
+        if film_match:
+            tower, block, kind, param = film_match.groups()
+            film[f"{tower}.{block}.{kind}.{param}"] = tensor
+            continue
+        lora_match = _LORA_PART.match(name)
+        if lora_match:
+            layer, part, param = lora_match.groups()
+            lora.setdefault(layer, {})[f"{part}.{param}"] = tensor
+            continue
+        vision[official_to_internal_key(f"vision_backbone.{name}")] = tensor
+    for layer, parts in lora.items():
+        try:
+            base, down, up = parts["base_layer.weight"], parts["lora_A.default.weight"], parts["lora_B.default.weight"]
+        except KeyError as exc:
+            raise CheckpointError(f"{source}: LoRA layer {layer} lacks {exc.args[0]}") from exc
+        rank = down.shape[0]
+        scale = _lora_alpha(checkpoint_dir, rank) / rank
+        delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(base.shape) * scale
+        vision[official_to_internal_key(f"vision_backbone.{layer}.weight")] = (base.float() + delta).to(base.dtype)
+        if "base_layer.bias" in parts:
+            vision[official_to_internal_key(f"vision_backbone.{layer}.bias")] = parts["base_layer.bias"]
+    return vision, film
+
+
+def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; it belongs to another model "
+            "or layout"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source} does not fit the model: {exc}") from exc
+
+
+def load_oft_model(
+    checkpoint_dir: Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    quantization: str = "none",
+    config: OpenVLAConfig | None = None,
+) -> OpenVLAOFT:
+    """Returns the OFT model of a checkpoint directory (either layout), in eval mode.
+
+    The VLA loads (and quantises) exactly as a token-head OpenVLA; the heads run in its compute dtype.
+
+    Raises:
+        CheckpointError, QuantizationError: with the problem and the way out.
+    """
+    config = config or read_config(checkpoint_dir)
+    spec = read_oft_spec(checkpoint_dir, config)
+    vla = load_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization, config=config)
+    compute_dtype = vla.language_model.get_input_embeddings().weight.dtype
+    model = OpenVLAOFT(vla, spec)
+    head, head_source = _head_state(checkpoint_dir)
+    _load_strict(model.action_head, head, head_source)
+    if spec.proprio_dim:
+        proprio, proprio_source = _proprio_state(checkpoint_dir)
+        _load_strict(model.proprio_projector, proprio, proprio_source)
+    if spec.film:
+        _load_film(model, checkpoint_dir)
+    model.action_head.to(device=vla.device, dtype=compute_dtype)
+    if model.proprio_projector is not None:
+        model.proprio_projector.to(device=vla.device, dtype=compute_dtype)
+    if model.film is not None:
+        model.film.to(device=vla.device, dtype=vla.vision_backbone.featurizer.patch_embed.proj.weight.dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _load_film(model: OpenVLAOFT, checkpoint_dir: Path) -> None:
+    ours = checkpoint_dir / FILM_NAME
+    if ours.is_file():
+        _load_strict(model.film, _read_safetensors(ours), ours.name)
+        return
+    path = official_component_file(checkpoint_dir, "vision_backbone")
+    vision, film = merge_film_backbone(read_torch_state(path), checkpoint_dir, path.name)
+    _load_strict(model.film, film, path.name)
+    backbone_state = {k: v for k, v in model.vla.state_dict().items() if k.startswith("vision_backbone.")}
+    missing = sorted(set(backbone_state) - set(vision))
+    unexpected = sorted(set(vision) - set(backbone_state))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path.name} does not fit the vision backbone: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            "it belongs to another model"
+        )
+    dtype = model.vla.vision_backbone.featurizer.patch_embed.proj.weight.dtype
+    model.vla.load_state_dict({k: v.to(dtype) for k, v in vision.items()}, strict=False)
+
+
+def oft_state_files(model: OpenVLAOFT) -> dict[str, dict[str, torch.Tensor]]:
+    """Returns our layout's head files ({file name: state dict}) for :func:`~openvla_ros.model.loading.save_checkpoint`."""
+    files = {HEAD_NAME: model.action_head.state_dict()}
+    if model.proprio_projector is not None:
+        files[PROPRIO_NAME] = model.proprio_projector.state_dict()
+    if model.film is not None:
+        files[FILM_NAME] = model.film.state_dict()
+    return files
+
+
+def save_oft_checkpoint(model: OpenVLAOFT, out_dir: Path, **kwargs: Any) -> Path:
+    """Writes an OFT model in our layout (heads as safetensors, the layout in ``config.json["oft"]``).
+
+    Keyword arguments go to :func:`~openvla_ros.model.loading.save_checkpoint`.
+    """
+    from openvla_ros.model.loading import save_checkpoint
+
+    model.vla.config.extra["oft"] = model.spec.to_dict()
+    return save_checkpoint(model.vla, Path(out_dir), extra_weights=oft_state_files(model), **kwargs)

@@ -1,0 +1,150 @@
+"""Tiny OpenVLA-OFT checkpoints, built offline, in the official OFT layout (or ours).
+
+    python -m openvla_ros.tiny OUT_DIR --oft [--chunk K] [--proprio-dim N] [--images N] [--film]
+
+The official layout is what the OFT training code writes after merging its LoRA: the merged VLA in
+safetensors, ``config.json``, ``dataset_statistics.json`` (action and proprio statistics),
+``action_head--100_checkpoint.pt`` (bf16, DDP ``module.`` prefix), ``proprio_projector--100_checkpoint.pt``
+(fp32, ``module.``) and, with FiLM, ``vision_backbone--100_checkpoint.pt``: the whole FiLM-wrapped vision
+backbone with LoRA sublayers (``base_layer``, ``lora_A.default``, ``lora_B.default``) on the ViT blocks'
+linear layers, whose merged value equals the weights in the safetensors. ``config.json`` states
+``num_actions_chunk`` and ``num_images_in_input``, which no weight shape carries.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from openvla_ros.errors import CheckpointError
+from openvla_ros.model.loading import internal_to_official_key, save_checkpoint
+from openvla_ros.model.oft import OFTSpec, OpenVLAOFT
+from openvla_ros.model.oft_loading import save_oft_checkpoint
+from openvla_ros.model.tiny import TINY_UNNORM_KEY, _tiny_model, make_tiny_tokenizer
+
+STEP = 100
+FILM_LORA_RANK = 4
+FILM_LORA_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def tiny_proprio_stats(proprio_dim: int) -> dict[str, list[float]]:
+    """Returns OpenVLA-format proprio statistics for a tiny model: joint-like ranges of +-1.5."""
+    q01 = np.full(proprio_dim, -1.5)
+    q99 = np.full(proprio_dim, 1.5)
+    return {
+        "mean": np.zeros(proprio_dim).tolist(), "std": np.full(proprio_dim, 0.75).tolist(),
+        "max": (q99 * 1.1).tolist(), "min": (q01 * 1.1).tolist(), "q01": q01.tolist(), "q99": q99.tolist(),
+    }
+
+
+def _redraw_heads(model: OpenVLAOFT, generator: torch.Generator) -> None:
+    """Non-trivial norms and biases in the heads and FiLM, so that every input visibly matters."""
+    with torch.no_grad():
+        for module in (model.action_head, model.proprio_projector, model.film):
+            if module is None:
+                continue
+            for name, parameter in module.named_parameters():
+                if name.endswith(".bias"):
+                    parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+                elif parameter.ndim == 1:
+                    parameter.copy_(1.0 + 0.3 * torch.randn(parameter.shape, generator=generator))
+                else:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[1] ** 0.5)
+        if model.film is not None:  # keep FiLM's modulation moderate: 1 + scale stays near 1
+            for towers in (model.film.featurizer, model.film.fused_featurizer):
+                for layer in towers or ():
+                    layer.scale.weight.mul_(0.3)
+                    layer.shift.weight.mul_(0.3)
+
+
+def tiny_oft_model(seed: int = 0, size: str = "tiny", chunk: int = 8, proprio_dim: int = 0,
+                   num_images: int = 1, film: bool = False) -> OpenVLAOFT:
+    """Returns the randomly initialised tiny OFT model (deterministic for a seed)."""
+    vla = _tiny_model(seed, size)
+    spec = OFTSpec(chunk=chunk, action_dim=7, proprio_dim=proprio_dim, num_images=num_images, film=film)
+    torch.manual_seed(seed + 1)
+    model = OpenVLAOFT(vla, spec)
+    _redraw_heads(model, torch.Generator().manual_seed(seed + 1))
+    if proprio_dim:
+        vla.config.norm_stats[TINY_UNNORM_KEY]["proprio"] = tiny_proprio_stats(proprio_dim)
+    return model.eval()
+
+
+def _module_state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {f"module.{k}": v.detach().to(dtype).clone() for k, v in module.state_dict().items()}
+
+
+def official_film_state(model: OpenVLAOFT, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Returns the official FiLM ``vision_backbone`` state dict of the model (LoRA sublayers included)."""
+    state: dict[str, torch.Tensor] = {}
+    backbone = model.vla.vision_backbone
+    towers = [("featurizer", backbone.featurizer, model.film.featurizer)]
+    if backbone.fused_featurizer is not None:
+        towers.append(("fused_featurizer", backbone.fused_featurizer, model.film.fused_featurizer))
+    scale = 1.0  # lora_alpha = min(rank, 16) = rank in the official default
+    for tower, vit, film in towers:
+        for key, tensor in vit.state_dict().items():
+            name = internal_to_official_key(f"vision_backbone.{tower}.{key}")[len("vision_backbone."):]
+            parts = name.split(".")
+            if parts[1] == "blocks":
+                name = ".".join(parts[:3] + ["block"] + parts[3:])
+            layer, _, param = name.rpartition(".")
+            if any(layer.endswith(f".block.{lora}") for lora in FILM_LORA_LAYERS):
+                if param == "weight":
+                    down = torch.randn((FILM_LORA_RANK, tensor.shape[1]), generator=generator) * 0.05
+                    up = torch.randn((tensor.shape[0], FILM_LORA_RANK), generator=generator) * 0.05
+                    state[f"vision_backbone.{layer}.base_layer.weight"] = tensor - scale * up @ down
+                    state[f"vision_backbone.{layer}.lora_A.default.weight"] = down
+                    state[f"vision_backbone.{layer}.lora_B.default.weight"] = up
+                else:
+                    state[f"vision_backbone.{layer}.base_layer.{param}"] = tensor.clone()
+                continue
+            state[f"vision_backbone.{name}"] = tensor.clone()
+        for index, layer in enumerate(film):
+            for key, tensor in layer.state_dict().items():
+                state[f"vision_backbone.{tower}.blocks.{index}.{key}"] = tensor.clone()
+    return state
+
+
+def make_tiny_oft_checkpoint(out_dir: str | Path, seed: int = 0, size: str = "tiny", chunk: int = 8,
+                             proprio_dim: int = 0, num_images: int = 1, film: bool = False,
+                             official: bool = True) -> Path:
+    """Writes a tiny OFT checkpoint (official layout by default, ours with ``official=False``).
+
+    Raises:
+        CheckpointError: when ``out_dir`` exists and is not empty.
+        ValueError: for an invalid layout or size.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
+    model = tiny_oft_model(seed, size, chunk, proprio_dim, num_images, film)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tokenizer = make_tiny_tokenizer(staging / "tokenizer", seed=seed)
+        target = staging / "model"
+        shard_bytes = 6 * 1024**2 if size == "tiny" else 1024**3
+        if not official:
+            save_oft_checkpoint(model, target, tokenizer=tokenizer, max_shard_bytes=shard_bytes)
+        else:
+            model.vla.config.extra.update(num_actions_chunk=chunk, num_images_in_input=num_images)
+            save_checkpoint(model.vla, target, tokenizer=tokenizer, max_shard_bytes=shard_bytes)
+            torch.save(_module_state(model.action_head, torch.bfloat16), target / f"action_head--{STEP}_checkpoint.pt")
+            if model.proprio_projector is not None:
+                torch.save(_module_state(model.proprio_projector, torch.float32),
+                           target / f"proprio_projector--{STEP}_checkpoint.pt")
+            if model.film is not None:
+                generator = torch.Generator().manual_seed(seed + 2)
+                torch.save(official_film_state(model, generator), target / f"vision_backbone--{STEP}_checkpoint.pt")
+        if out_dir.exists():
+            out_dir.rmdir()
+        target.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
