@@ -2,8 +2,10 @@
 
     python -m openvla_ros.predict --model DIR_OR_ID --image PATH --instruction TEXT
         [--unnorm-key K] [--quantization none|8bit|4bit] [--center-crop] [--decoding official] [--json]
+        [--wrist-image PATH ...] [--proprio v1,v2,...]        (OpenVLA-OFT models)
 
-Prints the 7 action values [dx, dy, dz, droll, dpitch, dyaw, gripper] (a JSON list with --json).
+Prints the 7 action values [dx, dy, dz, droll, dpitch, dyaw, gripper] (a JSON list with --json); for an
+OpenVLA-OFT model the K x A chunk, one action per line (a JSON list of lists with --json).
 Exit status 0 on success, 2 with one error line on bad input.
 """
 
@@ -65,17 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="actions_only: choose among the 256 action tokens (default); official: argmax over the whole "
         "vocabulary as the official code (reproduces its outputs exactly)",
     )
+    parser.add_argument("--wrist-image", action="append", type=Path, default=[],
+                        help="wrist camera image (repeatable, in the model's camera order; OFT models)")
+    parser.add_argument("--proprio", default=None, help="comma-separated proprio vector (OFT models trained with it)")
     parser.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from openvla_ros.model.policy import OpenVLAPolicy
+    from openvla_ros.model.oft_policy import load_policy_auto
 
     try:
+        proprio = None
+        if args.proprio is not None:
+            try:
+                proprio = np.array([float(v) for v in args.proprio.split(",")])
+            except ValueError:
+                print(f"error: --proprio {args.proprio!r} is not a comma-separated list of numbers", file=sys.stderr)
+                return 2
         image = read_image(args.image)
-        policy = OpenVLAPolicy.from_pretrained(
+        wrist_images = [read_image(path) for path in args.wrist_image]
+        policy = load_policy_auto(
             args.model,
             quantization=args.quantization,
             dtype=args.dtype,
@@ -86,10 +99,25 @@ def main(argv: list[str] | None = None) -> int:
             rotate_180=args.rotate_180,
             decoding=args.decoding,
         )
-        action = policy.predict_action(image, args.instruction)
+        if getattr(policy, "is_chunked", False):
+            chunk = policy.predict_chunk(image, args.instruction, wrist_images, proprio)
+        else:
+            if wrist_images or proprio is not None:
+                raise OpenVLAError(
+                    "--wrist-image and --proprio are for OpenVLA-OFT models; this model takes one image only"
+                )
+            chunk = None
+            action = policy.predict_action(image, args.instruction)
     except OpenVLAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if chunk is not None:
+        if args.json:
+            print(json.dumps([[float(v) for v in step] for step in chunk]))
+        else:
+            for step in chunk:
+                print("  ".join(f"{value:+.6f}" for value in step))
+        return 0
     if args.json:
         print(json.dumps([float(v) for v in action]))
     else:

@@ -30,3 +30,31 @@ def test_chunk_of_physical_actions_and_refused_inputs(oft_dir) -> None:
         policy.predict_chunk(image, "pick up the red block", [wrist], np.zeros(5))
     with pytest.raises(ProprioError, match="not finite"):
         policy.predict_chunk(image, "pick up the red block", [wrist], np.full(8, np.nan))
+
+
+def test_predict_command_prints_the_chunk(oft_dir, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for name in ("primary.png", "wrist.png"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    command = [sys.executable, "-m", "openvla_ros.predict", "--model", str(oft_dir), "--image", paths[0],
+               "--instruction", "open the drawer", "--wrist-image", paths[1], "--proprio", ",".join(["0.1"] * 8)]
+    done = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    chunk = json.loads(done.stdout)
+    assert len(chunk) == 3 and all(len(step) == 7 for step in chunk)
+    missing = subprocess.run(command[:-4], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "wrist" in missing.stderr
+
+
+def test_a_token_checkpoint_is_not_taken_for_an_oft_one(tiny_checkpoint) -> None:
+    from openvla_ros.model.policy import OpenVLAPolicy
+
+    assert isinstance(load_policy_auto(str(tiny_checkpoint)), OpenVLAPolicy)

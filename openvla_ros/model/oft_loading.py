@@ -84,7 +84,7 @@ def is_oft_checkpoint(checkpoint_dir: Path, config: OpenVLAConfig | None = None)
         return True
     if (checkpoint_dir / HEAD_NAME).is_file():
         return True
-    return any(checkpoint_dir.glob(f"{c}--*checkpoint.pt") for c in ("action_head", "noisy_action_projector"))
+    return any(any(checkpoint_dir.glob(f"{c}--*checkpoint.pt")) for c in ("action_head", "noisy_action_projector"))
 
 
 def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
