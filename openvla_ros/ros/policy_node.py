@@ -28,13 +28,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
@@ -44,18 +44,13 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Float64, Float64MultiArray, MultiArrayDimension, String
+from std_msgs.msg import Float64, Float64MultiArray, String
 from std_srvs.srv import SetBool
 
 from openvla_ros.errors import OpenVLAError
-from openvla_ros.model.action_codec import ACTION_NAMES
 from openvla_ros.model.processor import validate_instruction
 from openvla_ros.ros.control import (
     GRIPPER_INDEX,
-    GRIPPER_MODES,
-    MAX_RATE_HZ,
-    MIN_RATE_HZ,
-    TWIST_MODES,
     ControlSettings,
     LatencyStats,
     LatestSlot,
@@ -64,17 +59,18 @@ from openvla_ros.ros.control import (
     SingleJobWorker,
     limit_action,
     map_gripper,
-    twist_components,
 )
+from openvla_ros.ros.input_freshness import CAMERA, InputSource
+from openvla_ros.ros.messages import action_array, delta_twist, timing_array, zero_delta
+from openvla_ros.ros.parameters import CONTROL_FIELDS, PARAMETERS, SPECS, ParameterSpec
 from openvla_ros.ros.ros_conversions import message_to_rgb
+from openvla_ros.ros.shutdown import ShutdownSignals, finish_callbacks
+from openvla_ros.ros.tick_schedule import LateTick
+
+__all__ = ["PARAMETERS", "PolicyNode", "ShutdownSignals", "auto_cpu_threads", "load_policy", "main"]
 
 NODE_NAME = "openvla_policy"
-IMAGE_TRANSPORTS = ("raw", "compressed")
-QUANTIZATIONS = ("none", "8bit", "4bit")
-DECODINGS = ("actions_only", "official")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 DIAGNOSTICS_PERIOD_S = 1.0
-ACTION_LAYOUT_LABEL = ",".join(ACTION_NAMES)
 
 SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
 LATCHED_QOS = QoSProfile(
@@ -87,173 +83,6 @@ LATCHED_QOS = QoSProfile(
 # gets no history: the node subscribes with both, so every kind of publisher reaches it.
 INSTRUCTION_VOLATILE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE)
 OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
-
-
-@dataclass(frozen=True)
-class ParameterSpec:
-    """One node parameter: default, description, and the constraints rclpy or the node enforce."""
-
-    name: str
-    default: Any
-    description: str
-    read_only: bool = False
-    choices: tuple[str, ...] = ()
-    float_range: tuple[float, float] | None = None
-    integer_range: tuple[int, int] | None = None
-
-    def descriptor(self) -> ParameterDescriptor:
-        descriptor = ParameterDescriptor(
-            name=self.name, description=self.description, read_only=self.read_only
-        )
-        if self.choices:
-            descriptor.additional_constraints = f"one of: {', '.join(self.choices)}"
-        if self.float_range is not None:
-            descriptor.floating_point_range = [
-                FloatingPointRange(from_value=self.float_range[0], to_value=self.float_range[1], step=0.0)
-            ]
-        if self.integer_range is not None:
-            descriptor.integer_range = [
-                IntegerRange(from_value=self.integer_range[0], to_value=self.integer_range[1], step=1)
-            ]
-        return descriptor
-
-
-_CONTROL_DEFAULTS = ControlSettings()
-
-PARAMETERS: tuple[ParameterSpec, ...] = (
-    # Model (read-only: changing any of these needs a cleanup + configure with a new node).
-    ParameterSpec(
-        "model", "openvla/openvla-7b", "Checkpoint directory or hub id of the OpenVLA model.", read_only=True
-    ),
-    ParameterSpec(
-        "quantization",
-        "none",
-        "Weight quantisation of the LLM layers (bitsandbytes).",
-        read_only=True,
-        choices=QUANTIZATIONS,
-    ),
-    ParameterSpec(
-        "dtype",
-        "auto",
-        "Compute dtype; auto = bfloat16 on CUDA, float32 on CPU.",
-        read_only=True,
-        choices=DTYPES,
-    ),
-    ParameterSpec("device", "auto", "Torch device: auto, cpu, cuda or cuda:N.", read_only=True),
-    ParameterSpec("adapter", "", "Optional LoRA adapter directory; empty for none.", read_only=True),
-    ParameterSpec(
-        "unnorm_key",
-        "",
-        "Dataset key of the action statistics; empty when the checkpoint has only one.",
-        read_only=True,
-    ),
-    ParameterSpec(
-        "center_crop",
-        False,
-        "Take the centre 90%-area crop (models trained with crop augmentation).",
-        read_only=True,
-    ),
-    ParameterSpec(
-        "center_crop_auto",
-        True,
-        "Turn center_crop on by itself (logged) for a model fine-tuned with image augmentation, as its "
-        "config records; false keeps center_crop as given.",
-        read_only=True,
-    ),
-    ParameterSpec(
-        "rotate_180", False, "Rotate camera images by 180 degrees before inference.", read_only=True
-    ),
-    ParameterSpec(
-        "cpu_threads",
-        0,
-        "Torch CPU threads for inference; 0 = auto: all cores but one, leaving one to the executor, DDS "
-        "and the camera driver (one thread on a 2-core machine).",
-        read_only=True,
-        integer_range=(0, 256),
-    ),
-    ParameterSpec(
-        "decoding",
-        "actions_only",
-        "actions_only: each action token is chosen among the 256 action ids; official: argmax over the "
-        "whole vocabulary as the official code (a non-action id decodes to an edge bin).",
-        read_only=True,
-        choices=DECODINGS,
-    ),
-    # Inputs.
-    ParameterSpec(
-        "image_topic",
-        "camera/image_raw",
-        "Camera topic (base topic for compressed transport); relative names resolve in the node's namespace.",
-        read_only=True,
-    ),
-    ParameterSpec(
-        "instruction_topic",
-        "instruction",
-        "Language instruction topic (std_msgs/String); relative names resolve in the node's namespace.",
-        read_only=True,
-    ),
-    ParameterSpec(
-        "image_transport",
-        "raw",
-        "raw: sensor_msgs/Image on image_topic; compressed: CompressedImage on <image_topic>/compressed.",
-        read_only=True,
-        choices=IMAGE_TRANSPORTS,
-    ),
-    # Start-up behaviour.
-    ParameterSpec("autostart", True, "Configure and activate on start-up.", read_only=True),
-    ParameterSpec(
-        "start_enabled", False, "Publish actions on activation without waiting for ~/enable.", read_only=True
-    ),
-    ParameterSpec(
-        "publish_step_timing",
-        False,
-        "Publish per-step timings on ~/step_timing (for profiling).",
-        read_only=True,
-    ),
-    # Control loop (changeable at run time).
-    ParameterSpec(
-        "rate_hz",
-        _CONTROL_DEFAULTS.rate_hz,
-        "Control rate: inferences started per second.",
-        float_range=(MIN_RATE_HZ, MAX_RATE_HZ),
-    ),
-    ParameterSpec(
-        "twist_mode",
-        _CONTROL_DEFAULTS.twist_mode,
-        "delta: ~/delta_twist carries the per-step delta; velocity: delta x rate_hz (for MoveIt Servo).",
-        choices=TWIST_MODES,
-    ),
-    ParameterSpec("frame_id", _CONTROL_DEFAULTS.frame_id, "frame_id of ~/delta_twist (the actions' frame)."),
-    ParameterSpec(
-        "gripper_mode",
-        _CONTROL_DEFAULTS.gripper_mode,
-        "raw: model value; binary: 0/1 at 0.5; signed_binary: LIBERO's [0,1] -> [-1,1] then sign.",
-        choices=GRIPPER_MODES,
-    ),
-    ParameterSpec(
-        "gripper_flip", _CONTROL_DEFAULTS.gripper_flip, "Invert the open/closed sense of ~/gripper."
-    ),
-    ParameterSpec(
-        "max_image_age_s",
-        _CONTROL_DEFAULTS.max_image_age_s,
-        "Older images (by header stamp) stop the output: one zero delta, then silence until fresh images.",
-        float_range=(0.01, 10.0),
-    ),
-    ParameterSpec(
-        "max_translation",
-        _CONTROL_DEFAULTS.max_translation,
-        "Per-axis clip of |dx|, |dy|, |dz| per step, in the dataset's units (usually metres).",
-        float_range=(0.0, 1.0),
-    ),
-    ParameterSpec(
-        "max_rotation",
-        _CONTROL_DEFAULTS.max_rotation,
-        "Per-axis clip of |droll|, |dpitch|, |dyaw| per step, in radians.",
-        float_range=(0.0, math.pi),
-    ),
-)
-_SPECS = {spec.name: spec for spec in PARAMETERS}
-_CONTROL_FIELDS = tuple(field.name for field in fields(ControlSettings))
 
 
 @dataclass(frozen=True)
@@ -344,9 +173,8 @@ class PolicyNode(LifecycleNode):
         self._action_rate = RateMeter(window_s=5.0)
         self._latency_ms = LatencyStats()
         self._model_ms = LatencyStats()
-        self._skipped_ticks = 0
         self._ticks_reusing_frame = 0
-        self._late_tick_ns: int | None = None  # a tick that came while a step ran (see _late_step)
+        self._late_tick = LateTick()  # a tick that came while a step ran (see _late_step)
         self._steps = 0
 
         self.add_pre_set_parameters_callback(self._whole_numbers_as_floats)
@@ -402,7 +230,7 @@ class PolicyNode(LifecycleNode):
         """Takes ``ros2 param set ... rate_hz 10`` (an integer) as 10.0 for floating-point parameters."""
         converted = []
         for parameter in parameters:
-            spec = _SPECS.get(parameter.name)
+            spec = SPECS.get(parameter.name)
             if spec is not None and isinstance(spec.default, float) and parameter.type_ == Parameter.Type.INTEGER:
                 parameter = Parameter(parameter.name, value=float(parameter.value))
             converted.append(parameter)
@@ -412,7 +240,7 @@ class PolicyNode(LifecycleNode):
         """Rejects enum values outside their choices and control settings that do not validate."""
         candidate = dict(self._values)
         for parameter in parameters:
-            spec = _SPECS.get(parameter.name)
+            spec = SPECS.get(parameter.name)
             if spec is None:
                 continue
             if spec.choices and parameter.value not in spec.choices:
@@ -423,7 +251,7 @@ class PolicyNode(LifecycleNode):
             if spec.name in ("image_topic", "instruction_topic") and not str(parameter.value).strip():
                 return SetParametersResult(successful=False, reason=f"{parameter.name} must not be empty")
             candidate[parameter.name] = parameter.value
-        if any(parameter.name in _CONTROL_FIELDS for parameter in parameters):
+        if any(parameter.name in CONTROL_FIELDS for parameter in parameters):
             try:
                 self._settings_from(candidate)
             except ValueError as exc:
@@ -437,7 +265,7 @@ class PolicyNode(LifecycleNode):
     def _apply_parameters(self, parameters: list[Parameter]) -> None:
         with self._lock:
             for parameter in parameters:
-                if parameter.name in _SPECS:
+                if parameter.name in SPECS:
                     self._values[parameter.name] = parameter.value
             previous_rate = self._settings.rate_hz
             self._settings = self._settings_from(self._values)
@@ -449,7 +277,7 @@ class PolicyNode(LifecycleNode):
 
     @staticmethod
     def _settings_from(values: dict[str, Any]) -> ControlSettings:
-        return ControlSettings(**{name: values[name] for name in _CONTROL_FIELDS})
+        return ControlSettings(**{name: values[name] for name in CONTROL_FIELDS})
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -664,12 +492,11 @@ class PolicyNode(LifecycleNode):
             # The previous step overran: this tick's step starts as soon as it ends, unless the next
             # tick comes first (then this one is skipped). One late tick at most: never a queue.
             with self._lock:
-                if self._late_tick_ns is not None:
-                    self._skipped_ticks += 1
-                self._late_tick_ns = now_ns
+                self._late_tick.note(now_ns)
             return
         if not worker.submit(self._make_step(*inputs, now_ns)):
-            self._skipped_ticks += 1
+            with self._lock:
+                self._late_tick.skipped += 1
 
     def _checked_inputs(self, now_ns: int) -> tuple[Frame, str, ControlSettings] | None:
         """Returns (newest frame, instruction, settings) when a step may run now, else None.
@@ -693,37 +520,24 @@ class PolicyNode(LifecycleNode):
             return None
         self._resolve("no_instruction")
         frame = self._frames.peek()
-        if frame is None:
-            self._report(
-                "no_image", "enabled but no camera image received yet; publishing nothing", warn=False
-            )
+        if not self._input_is_fresh(CAMERA, None if frame is None else frame.stamp_ns, now_ns,
+                                    settings.max_image_age_s):
             return None
-        self._resolve("no_image")
-        age_s = (now_ns - frame.stamp_ns) / 1e9
-        if age_s < -settings.max_image_age_s:
-            # A stamp from the future cannot be judged fresh: the camera's clock and the node's disagree
-            # (or use_sim_time is set and /clock is not running yet).
-            message = (
-                "camera image stamps are ahead of the node's clock by more than max_image_age_s; output "
-                "stopped (synchronise the clocks, or check use_sim_time and /clock)"
-            )
-            return self._stop_for("clock_mismatch", message, f"newest image is {-age_s:.2f} s in the future")
-        if self._resolve("clock_mismatch"):
-            self.get_logger().info("image stamps agree with the node's clock again")
-        if age_s > settings.max_image_age_s:
-            message = (
-                f"camera images are older than max_image_age_s ({settings.max_image_age_s:g} s); "
-                "output stopped until fresh images arrive"
-            )
-            return self._stop_for("stale_image", message, f"newest image is {age_s:.2f} s old")
-        if self._resolve("stale_image"):
-            self.get_logger().info("fresh images again; output resumes")
+        assert frame is not None
         return frame, instruction, settings
 
-    def _stop_for(self, key: str, message: str, detail: str) -> None:
-        """Reports problem ``key`` (logged once) and stops the output with one zero delta; returns None."""
-        self._report(key, message, detail=detail)
-        self._stop_output(key.replace("_", " "))
+    def _input_is_fresh(self, source: InputSource, stamp_ns: int | None, now_ns: int, max_age_s: float) -> bool:
+        """Checks one input's newest stamp; a problem is reported (logged once) and, when it is one that
+        stops the output, one zero delta goes out. Returns True when the input may be used."""
+        finding = source.check(stamp_ns, now_ns, max_age_s)
+        for key, recovery in source.recoveries(finding):
+            self._resolve(key, recovery)
+        if finding is None:
+            return True
+        self._report(finding.key, finding.message, warn=finding.warn, detail=finding.detail)
+        if finding.stops_output:
+            self._stop_output(finding.key.replace("_", " "))
+        return False
 
     def _make_step(self, frame: Frame, instruction: str, settings: ControlSettings, tick_ns: int) -> Step:
         """Returns the step of a tick, on a frame newer than the last step's when there is one."""
@@ -739,15 +553,10 @@ class PolicyNode(LifecycleNode):
 
     def _late_step(self) -> Step | None:
         """Worker thread, after a step: the step of a tick that came while it ran, if still due."""
-        with self._lock:
-            late_ns, self._late_tick_ns = self._late_tick_ns, None
-            period_ns = 1e9 / self._settings.rate_hz
-        if late_ns is None:
-            return None
         now_ns = self.get_clock().now().nanoseconds
-        if now_ns - late_ns >= period_ns:  # the next tick is due already: this one is skipped
-            with self._lock:
-                self._skipped_ticks += 1
+        with self._lock:
+            late_ns = self._late_tick.take_due(now_ns, 1e9 / self._settings.rate_hz)
+        if late_ns is None:  # none waiting, or the next tick is due already (this one is skipped)
             return None
         inputs = self._checked_inputs(now_ns)
         return None if inputs is None else self._make_step(*inputs, now_ns)
@@ -798,7 +607,7 @@ class PolicyNode(LifecycleNode):
                 or self._stop_count != step.stop_count
             ):
                 return  # disabled, deactivated, re-instructed or stopped (stale camera...) while the model ran
-            self._publish_action(limited, gripper, step)
+            self._publish_action(limited, gripper, settings, step.frame.message.header.stamp)
             self._output_live = True
             self._last_gripper = float(limited[GRIPPER_INDEX])
         published = time.perf_counter()
@@ -809,22 +618,9 @@ class PolicyNode(LifecycleNode):
         if self._values["publish_step_timing"]:
             self._publish_step_timing(step, started, decoded, inferred, published)
 
-    def _publish_action(self, action: Any, gripper: float, step: Step) -> None:
-        settings = step.settings
-        header_stamp = step.frame.message.header.stamp
-        array = Float64MultiArray()
-        array.layout.dim = [
-            MultiArrayDimension(label=ACTION_LAYOUT_LABEL, size=len(ACTION_NAMES), stride=len(ACTION_NAMES))
-        ]
-        array.data = [float(value) for value in action]
-        twist = TwistStamped()
-        twist.header.stamp = header_stamp
-        twist.header.frame_id = settings.frame_id
-        linear, angular = twist_components(action, settings.twist_mode, settings.rate_hz)
-        twist.twist.linear.x, twist.twist.linear.y, twist.twist.linear.z = (float(v) for v in linear)
-        twist.twist.angular.x, twist.twist.angular.y, twist.twist.angular.z = (float(v) for v in angular)
-        self._action_pub.publish(array)
-        self._twist_pub.publish(twist)
+    def _publish_action(self, action: Any, gripper: float, settings: ControlSettings, stamp: Any) -> None:
+        self._action_pub.publish(action_array(action))
+        self._twist_pub.publish(delta_twist(action, settings, stamp))
         self._gripper_pub.publish(Float64(data=float(gripper)))
 
     def _stop_output(self, reason: str) -> None:
@@ -834,20 +630,11 @@ class PolicyNode(LifecycleNode):
         """
         with self._lock:
             self._stop_count += 1
-            self._late_tick_ns = None
+            self._late_tick.clear()
             if not self._output_live:
                 return
             self._output_live = False
-            array = Float64MultiArray()
-            array.layout.dim = [
-                MultiArrayDimension(
-                    label=ACTION_LAYOUT_LABEL, size=len(ACTION_NAMES), stride=len(ACTION_NAMES)
-                )
-            ]
-            array.data = [0.0] * (len(ACTION_NAMES) - 1) + [self._last_gripper]
-            twist = TwistStamped()
-            twist.header.stamp = self.get_clock().now().to_msg()
-            twist.header.frame_id = self._settings.frame_id
+            array, twist = zero_delta(self._last_gripper, self._settings.frame_id, self.get_clock().now().to_msg())
             self._action_pub.publish(array)
             self._twist_pub.publish(twist)
         self.get_logger().info(f"published a zero delta ({reason})")
@@ -855,8 +642,6 @@ class PolicyNode(LifecycleNode):
     def _publish_step_timing(
         self, step: Step, started: float, decoded: float, inferred: float, published: float
     ) -> None:
-        timing = DiagnosticArray()
-        timing.header.stamp = step.frame.message.header.stamp
         wait_ms = (step.tick_ns - step.frame.stamp_ns) / 1e6
         values = {
             "image_age_at_tick_ms": wait_ms,
@@ -866,13 +651,8 @@ class PolicyNode(LifecycleNode):
             "publish_ms": (published - inferred) * 1e3,
             "step_ms": (published - started) * 1e3,
         }
-        timing.status = [
-            DiagnosticStatus(
-                name=f"{self.get_name()}: step",
-                values=[KeyValue(key=key, value=f"{value:.3f}") for key, value in values.items()],
-            )
-        ]
-        self._timing_pub.publish(timing)
+        stamp = step.frame.message.header.stamp
+        self._timing_pub.publish(timing_array(f"{self.get_name()}: step", stamp, values))
 
     def _on_worker_error(self, exc: Exception) -> None:
         self._report("worker", f"unexpected {type(exc).__name__} in a control step: {exc}")
@@ -931,7 +711,7 @@ class PolicyNode(LifecycleNode):
             "inference_latency_ms_median": f"{self._model_ms.percentile(50):.1f}",
             "image_to_action_latency_ms_median": f"{self._latency_ms.percentile(50):.1f}",
             "dropped_frames": str(self._frames.dropped),
-            "skipped_ticks": str(self._skipped_ticks),
+            "skipped_ticks": str(self._late_tick.skipped),
             "ticks_reusing_frame": str(self._ticks_reusing_frame),
             "steps": str(self._steps),
             "image_errors": str(self._problems.count("image")),
@@ -953,53 +733,6 @@ class PolicyNode(LifecycleNode):
             )
         ]
         self._diagnostics_pub.publish(array)
-
-
-class ShutdownSignals:
-    """SIGINT/SIGTERM handling that holds under repeated signals.
-
-    Before the node spins (model loading) the first signal aborts start-up as a KeyboardInterrupt:
-    nothing has been published. Once it spins, the first signal stops the output at once (the zero
-    delta goes out from the handler, before anything slow) and ends the spin loop; every later signal
-    is logged and ignored, so clean-up always runs to the end and the process exits with status 0.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.node: PolicyNode | None = None
-        self.closing = False  # clean-up has begun: every signal is ignored
-        self.requested = threading.Event()
-        self.ignored = 0
-
-    def install(self) -> None:
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.closing or self.requested.is_set():
-            self.ignored += 1
-            if self.node is not None:
-                self.node.get_logger().warning(f"{name} again: already shutting down, output is stopped")
-            return
-        if self.node is None:
-            raise KeyboardInterrupt
-        self.requested.set()
-        self.node.get_logger().info(f"{name}: stopping")
-        self.node.stop_now(f"shutdown on {name}")
-
-
-def _finish_callbacks(executor: MultiThreadedExecutor) -> None:
-    """Lets the callbacks already handed to the executor's threads finish before it shuts down.
-
-    ``MultiThreadedExecutor.shutdown`` destroys its guard condition before its thread pool has run the
-    callbacks already queued there; each of those then fails on the destroyed guard and rclpy prints
-    "The following exception was never retrieved" at exit. Emptying the pool first avoids that.
-    """
-    pool = getattr(executor, "_executor", None)  # the executor's ThreadPoolExecutor
-    if pool is not None:
-        pool.shutdown(wait=True)
 
 
 def main(args: list[str] | None = None, policy_loader: PolicyLoader | None = None) -> None:
@@ -1031,7 +764,7 @@ def main(args: list[str] | None = None, policy_loader: PolicyLoader | None = Non
             signals.node = node
             node.stop_now("shutdown")
         if executor is not None:
-            _finish_callbacks(executor)
+            finish_callbacks(executor)
             executor.shutdown(timeout_sec=10.0)
         if node is not None:
             node.close()

@@ -1,0 +1,194 @@
+"""The policy node's parameters: one :class:`ParameterSpec` per parameter, in the order of config/policy.yaml.
+
+Plain data (no node): the node declares each spec with its descriptor, and tests compare the table
+with the parameter file and the README.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+from openvla_ros.ros.control import (
+    GRIPPER_MODES,
+    MAX_RATE_HZ,
+    MIN_RATE_HZ,
+    TWIST_MODES,
+    ControlSettings,
+)
+
+IMAGE_TRANSPORTS = ("raw", "compressed")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DECODINGS = ("actions_only", "official")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One node parameter: default, description, and the constraints rclpy or the node enforce."""
+
+    name: str
+    default: Any
+    description: str
+    read_only: bool = False
+    choices: tuple[str, ...] = ()
+    float_range: tuple[float, float] | None = None
+    integer_range: tuple[int, int] | None = None
+
+    def descriptor(self) -> ParameterDescriptor:
+        """Returns the descriptor rclpy declares the parameter with (ranges it enforces itself)."""
+        descriptor = ParameterDescriptor(
+            name=self.name, description=self.description, read_only=self.read_only
+        )
+        if self.choices:
+            descriptor.additional_constraints = f"one of: {', '.join(self.choices)}"
+        if self.float_range is not None:
+            descriptor.floating_point_range = [
+                FloatingPointRange(from_value=self.float_range[0], to_value=self.float_range[1], step=0.0)
+            ]
+        if self.integer_range is not None:
+            descriptor.integer_range = [
+                IntegerRange(from_value=self.integer_range[0], to_value=self.integer_range[1], step=1)
+            ]
+        return descriptor
+
+
+_CONTROL_DEFAULTS = ControlSettings()
+
+PARAMETERS: tuple[ParameterSpec, ...] = (
+    # Model (read-only: changing any of these needs a cleanup + configure with a new node).
+    ParameterSpec(
+        "model", "openvla/openvla-7b", "Checkpoint directory or hub id of the OpenVLA model.", read_only=True
+    ),
+    ParameterSpec(
+        "quantization",
+        "none",
+        "Weight quantisation of the LLM layers (bitsandbytes).",
+        read_only=True,
+        choices=QUANTIZATIONS,
+    ),
+    ParameterSpec(
+        "dtype",
+        "auto",
+        "Compute dtype; auto = bfloat16 on CUDA, float32 on CPU.",
+        read_only=True,
+        choices=DTYPES,
+    ),
+    ParameterSpec("device", "auto", "Torch device: auto, cpu, cuda or cuda:N.", read_only=True),
+    ParameterSpec("adapter", "", "Optional LoRA adapter directory; empty for none.", read_only=True),
+    ParameterSpec(
+        "unnorm_key",
+        "",
+        "Dataset key of the action statistics; empty when the checkpoint has only one.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "center_crop",
+        False,
+        "Take the centre 90%-area crop (models trained with crop augmentation).",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "center_crop_auto",
+        True,
+        "Turn center_crop on by itself (logged) for a model fine-tuned with image augmentation, as its "
+        "config records; false keeps center_crop as given.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "rotate_180", False, "Rotate camera images by 180 degrees before inference.", read_only=True
+    ),
+    ParameterSpec(
+        "cpu_threads",
+        0,
+        "Torch CPU threads for inference; 0 = auto: all cores but one, leaving one to the executor, DDS "
+        "and the camera driver (one thread on a 2-core machine).",
+        read_only=True,
+        integer_range=(0, 256),
+    ),
+    ParameterSpec(
+        "decoding",
+        "actions_only",
+        "actions_only: each action token is chosen among the 256 action ids; official: argmax over the "
+        "whole vocabulary as the official code (a non-action id decodes to an edge bin).",
+        read_only=True,
+        choices=DECODINGS,
+    ),
+    # Inputs.
+    ParameterSpec(
+        "image_topic",
+        "camera/image_raw",
+        "Camera topic (base topic for compressed transport); relative names resolve in the node's namespace.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "instruction_topic",
+        "instruction",
+        "Language instruction topic (std_msgs/String); relative names resolve in the node's namespace.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "image_transport",
+        "raw",
+        "raw: sensor_msgs/Image on image_topic; compressed: CompressedImage on <image_topic>/compressed.",
+        read_only=True,
+        choices=IMAGE_TRANSPORTS,
+    ),
+    # Start-up behaviour.
+    ParameterSpec("autostart", True, "Configure and activate on start-up.", read_only=True),
+    ParameterSpec(
+        "start_enabled", False, "Publish actions on activation without waiting for ~/enable.", read_only=True
+    ),
+    ParameterSpec(
+        "publish_step_timing",
+        False,
+        "Publish per-step timings on ~/step_timing (for profiling).",
+        read_only=True,
+    ),
+    # Control loop (changeable at run time).
+    ParameterSpec(
+        "rate_hz",
+        _CONTROL_DEFAULTS.rate_hz,
+        "Control rate: inferences started per second.",
+        float_range=(MIN_RATE_HZ, MAX_RATE_HZ),
+    ),
+    ParameterSpec(
+        "twist_mode",
+        _CONTROL_DEFAULTS.twist_mode,
+        "delta: ~/delta_twist carries the per-step delta; velocity: delta x rate_hz (for MoveIt Servo).",
+        choices=TWIST_MODES,
+    ),
+    ParameterSpec("frame_id", _CONTROL_DEFAULTS.frame_id, "frame_id of ~/delta_twist (the actions' frame)."),
+    ParameterSpec(
+        "gripper_mode",
+        _CONTROL_DEFAULTS.gripper_mode,
+        "raw: model value; binary: 0/1 at 0.5; signed_binary: LIBERO's [0,1] -> [-1,1] then sign.",
+        choices=GRIPPER_MODES,
+    ),
+    ParameterSpec(
+        "gripper_flip", _CONTROL_DEFAULTS.gripper_flip, "Invert the open/closed sense of ~/gripper."
+    ),
+    ParameterSpec(
+        "max_image_age_s",
+        _CONTROL_DEFAULTS.max_image_age_s,
+        "Older images (by header stamp) stop the output: one zero delta, then silence until fresh images.",
+        float_range=(0.01, 10.0),
+    ),
+    ParameterSpec(
+        "max_translation",
+        _CONTROL_DEFAULTS.max_translation,
+        "Per-axis clip of |dx|, |dy|, |dz| per step, in the dataset's units (usually metres).",
+        float_range=(0.0, 1.0),
+    ),
+    ParameterSpec(
+        "max_rotation",
+        _CONTROL_DEFAULTS.max_rotation,
+        "Per-axis clip of |droll|, |dpitch|, |dyaw| per step, in radians.",
+        float_range=(0.0, math.pi),
+    ),
+)
+SPECS = {spec.name: spec for spec in PARAMETERS}
+CONTROL_FIELDS = tuple(field.name for field in fields(ControlSettings))
