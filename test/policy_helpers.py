@@ -68,12 +68,15 @@ def start_node(
     params_file: Path = PARAMS_FILE,
     namespace: str = "",
     standin_step_s: float | None = None,
+    standin_chunk: dict[str, int] | None = None,
 ) -> NodeProcess:
     """Starts a policy node process; with ``standin_step_s`` the model is the fixed-step stand-in.
 
-    ``ros_args`` are ``name:=value`` parameter overrides.
+    ``ros_args`` are ``name:=value`` parameter overrides. ``standin_chunk`` (e.g. ``{"chunk": 8}``, also
+    ``action_dim``, ``num_images``, ``proprio_dim``) makes the stand-in a chunked policy.
     """
-    entry = [str(STANDIN_SCRIPT), f"{standin_step_s:.6f}"] if standin_step_s is not None else [
+    options = [f"{key}={value}" for key, value in (standin_chunk or {}).items()]
+    entry = [str(STANDIN_SCRIPT), f"{standin_step_s:.6f}", *options] if standin_step_s is not None else [
         "-m",
         "openvla_ros.policy_node",
     ]
@@ -298,3 +301,51 @@ def latest_status(diagnostics: Received, node_name: str, timeout_s: float = 10.0
 
 def status_values(status: DiagnosticStatus) -> dict[str, str]:
     return {item.key: item.value for item in status.values}
+
+
+class Proprio:
+    """Publishes a robot state at ``hz`` while ``running``: JointState (stamped now) or Float64MultiArray."""
+
+    def __init__(self, node: rclpy.node.Node, topic: str, values: tuple[float, ...], joint_state: bool = True,
+                 hz: float = CAMERA_HZ) -> None:
+        from sensor_msgs.msg import JointState
+
+        self.node = node
+        self.values = values
+        self.joint_state = joint_state
+        self.running = False
+        self.publisher = node.create_publisher(JointState if joint_state else Float64MultiArray, topic, SENSOR_QOS)
+        self.timer = node.create_timer(1.0 / hz, self._publish)
+
+    def _publish(self) -> None:
+        if not self.running:
+            return
+        from sensor_msgs.msg import JointState
+
+        if self.joint_state:
+            message = JointState(name=[f"joint{i}" for i in range(len(self.values))], position=list(self.values))
+            message.header.stamp = self.node.get_clock().now().to_msg()
+        else:
+            message = Float64MultiArray(data=list(self.values))
+        self.publisher.publish(message)
+
+
+def drive(driver: Driver, rate_hz: float | None = None, count: int = 2, timeout_s: float = 30.0) -> float:
+    """Puts a node in the driving state (camera on, instruction, enabled, rate); returns when actions flow."""
+    if rate_hz is not None:
+        assert all(result.successful for result in driver.set(rate_hz=rate_hz))
+    wait_until(lambda: driver.camera.publisher.get_subscription_count() > 0, 60, "the node's image subscription")
+    wait_until(lambda: driver.instruction_pub.get_subscription_count() > 0, 60, "the instruction subscription")
+    driver.camera.mode = "good"
+    driver.instruct(INSTRUCTION)
+    assert driver.enable(True).success
+    return driver.wait_for_actions(count, timeout_s)
+
+
+def zero_delta_then_silence(driver: Driver, since: float, quiet_s: float) -> None:
+    """Asserts that the twists since ``since`` end in exactly one zero delta and that nothing follows it."""
+    after = driver.twists.since(since)
+    assert after, "no zero delta after the stop"
+    assert is_zero(after[-1][1]), "the last message must be a zero delta"
+    assert sum(is_zero(twist) for _, twist in after) == 1, "exactly one zero delta"
+    assert driver.silent_for(quiet_s) == [], "nothing may follow the zero delta"

@@ -73,7 +73,7 @@ def nodes(
             log_dir,
             "model:=/nonexistent/openvla-checkpoint",
             "image_topic:=/broken_camera/image",
-            "rate_hz:=100.0",
+            "rate_hz:=150.0",  # above even chunk mode's 100 Hz
             "gripper_mode:=sideways",
             params_file=broken_params,
             namespace="/lab",

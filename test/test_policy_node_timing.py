@@ -19,12 +19,12 @@ import pytest
 import rclpy
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from policy_helpers import (
-    INSTRUCTION,
     PARAMS_FILE,
     Camera,
     Driver,
     NodeProcess,
     Received,
+    drive,
     is_zero,
     latest_status,
     rate_over,
@@ -32,6 +32,7 @@ from policy_helpers import (
     status_values,
     subscribe_diagnostics,
     wait_active,
+    zero_delta_then_silence,
 )
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from ros_helpers import LATCHED_QOS, spinning_node, wait_until  # sets up DDS isolation first
@@ -107,24 +108,8 @@ def drivers(ros_node: rclpy.node.Node, standin_nodes: dict[str, NodeProcess]) ->
     return {name: _driver(ros_node, standin_nodes, name) for name in standin_nodes}
 
 
-def _drive(driver: Driver, rate_hz: float | None = None) -> float:
-    """Puts a node in the driving state (camera on, instruction, enabled, rate); returns when actions flow."""
-    if rate_hz is not None:
-        assert all(result.successful for result in driver.set(rate_hz=rate_hz))
-    wait_until(lambda: driver.camera.publisher.get_subscription_count() > 0, 60, "the node's image subscription")
-    wait_until(lambda: driver.instruction_pub.get_subscription_count() > 0, 60, "the instruction subscription")
-    driver.camera.mode = "good"
-    driver.instruct(INSTRUCTION)
-    assert driver.enable(True).success
-    return driver.wait_for_actions(2)
-
-
-def _zero_delta_then_silence(driver: Driver, since: float, quiet_s: float) -> None:
-    after = driver.twists.since(since)
-    assert after, "no zero delta after the stop"
-    assert is_zero(after[-1][1]), "the last message must be a zero delta"
-    assert sum(is_zero(twist) for _, twist in after) == 1, "exactly one zero delta"
-    assert driver.silent_for(quiet_s) == [], "nothing may follow the zero delta"
+_drive = drive
+_zero_delta_then_silence = zero_delta_then_silence
 
 
 @pytest.mark.parametrize("rate_hz", [5.0, 10.0, 20.0])

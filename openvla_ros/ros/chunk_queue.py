@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK_BLENDS = ("none", "ensemble")
+from openvla_ros.ros.control import CHUNK_BLENDS
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -21,7 +21,9 @@ from openvla_ros.model.action_codec import ACTION_NAMES
 TWIST_MODES = ("delta", "velocity")
 GRIPPER_MODES = ("raw", "binary", "signed_binary")
 MIN_RATE_HZ = 1.0
-MAX_RATE_HZ = 30.0
+MAX_RATE_HZ = 30.0  # one inference per action: the model bounds the rate long before this
+MAX_CHUNK_RATE_HZ = 100.0  # chunk mode: actions come from a queue, one inference serves many ticks
+CHUNK_BLENDS = ("none", "ensemble")
 TRANSLATION_AXES = slice(0, 3)
 ROTATION_AXES = slice(3, 6)
 GRIPPER_INDEX = 6
@@ -53,11 +55,36 @@ class ControlSettings:
     max_translation: float = 0.05
     # Per-axis clip of |droll|, |dpitch|, |dyaw| in radians.
     max_rotation: float = 0.25
+    # Chunk mode: actions of each chunk planned before the next chunk takes over; 0 = all K.
+    actions_per_inference: int = 0
+    # Chunk mode: ``none`` (a chunk replaces what is queued) or ``ensemble`` (ACT's temporal ensembling).
+    chunk_blend: str = "none"
+    # Chunk mode, ``ensemble``: weight exp(-ensemble_decay * i) of the i-th oldest prediction of a tick.
+    ensemble_decay: float = 0.01
+    # A proprio message older than this stops the output, in seconds.
+    max_proprio_age_s: float = 0.5
+    # The upper bound of rate_hz (not a parameter): MAX_RATE_HZ, or MAX_CHUNK_RATE_HZ in chunk mode.
+    rate_limit_hz: float = field(default=MAX_RATE_HZ)
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.rate_hz) or not MIN_RATE_HZ <= self.rate_hz <= MAX_RATE_HZ:
+        if not math.isfinite(self.rate_hz) or not MIN_RATE_HZ <= self.rate_hz <= self.rate_limit_hz:
+            hint = "" if self.rate_limit_hz >= MAX_CHUNK_RATE_HZ else (
+                f"; up to {MAX_CHUNK_RATE_HZ:g} Hz with a chunked (OpenVLA-OFT) model"
+            )
             raise ValueError(
-                f"rate_hz must be within [{MIN_RATE_HZ:g}, {MAX_RATE_HZ:g}] Hz, got {self.rate_hz}"
+                f"rate_hz must be within [{MIN_RATE_HZ:g}, {self.rate_limit_hz:g}] Hz, got {self.rate_hz}{hint}"
+            )
+        if self.actions_per_inference < 0:
+            raise ValueError(
+                f"actions_per_inference must be >= 0 (0 = the whole chunk), got {self.actions_per_inference}"
+            )
+        if self.chunk_blend not in CHUNK_BLENDS:
+            raise ValueError(f"chunk_blend must be one of {', '.join(CHUNK_BLENDS)}; got {self.chunk_blend!r}")
+        if not math.isfinite(self.ensemble_decay) or self.ensemble_decay < 0.0:
+            raise ValueError(f"ensemble_decay must be a finite number >= 0, got {self.ensemble_decay}")
+        if not math.isfinite(self.max_proprio_age_s) or self.max_proprio_age_s <= 0.0:
+            raise ValueError(
+                f"max_proprio_age_s must be a positive number of seconds, got {self.max_proprio_age_s}"
             )
         if self.twist_mode not in TWIST_MODES:
             raise ValueError(f"twist_mode must be one of {', '.join(TWIST_MODES)}; got {self.twist_mode!r}")

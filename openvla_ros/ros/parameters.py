@@ -13,7 +13,9 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
 from openvla_ros.ros.control import (
+    CHUNK_BLENDS,
     GRIPPER_MODES,
+    MAX_CHUNK_RATE_HZ,
     MAX_RATE_HZ,
     MIN_RATE_HZ,
     TWIST_MODES,
@@ -24,6 +26,7 @@ IMAGE_TRANSPORTS = ("raw", "compressed")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DECODINGS = ("actions_only", "official")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+PROPRIO_TYPES = ("joint_state", "float64_array")
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,27 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         read_only=True,
         choices=IMAGE_TRANSPORTS,
     ),
+    ParameterSpec(
+        "wrist_image_topics",
+        [],
+        "Chunked (OpenVLA-OFT) models with wrist cameras: one topic per wrist camera, in the model's image "
+        "order, with image_transport's message type; as many as the model takes (num_images - 1).",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "proprio_topic",
+        "",
+        "Chunked models that take proprio: the robot state topic (see proprio_type); empty for none.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "proprio_type",
+        "joint_state",
+        "joint_state: sensor_msgs/JointState, position in message order, aged by its header stamp; "
+        "float64_array: std_msgs/Float64MultiArray, data, aged by its arrival time.",
+        read_only=True,
+        choices=PROPRIO_TYPES,
+    ),
     # Start-up behaviour.
     ParameterSpec("autostart", True, "Configure and activate on start-up.", read_only=True),
     ParameterSpec(
@@ -152,8 +176,9 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec(
         "rate_hz",
         _CONTROL_DEFAULTS.rate_hz,
-        "Control rate: inferences started per second.",
-        float_range=(MIN_RATE_HZ, MAX_RATE_HZ),
+        f"Control rate: actions published per second (an inference each in token mode, up to "
+        f"{MAX_RATE_HZ:g} Hz; from the chunk queue in chunk mode, up to {MAX_CHUNK_RATE_HZ:g} Hz).",
+        float_range=(MIN_RATE_HZ, MAX_CHUNK_RATE_HZ),
     ),
     ParameterSpec(
         "twist_mode",
@@ -189,6 +214,34 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "Per-axis clip of |droll|, |dpitch|, |dyaw| per step, in radians.",
         float_range=(0.0, math.pi),
     ),
+    ParameterSpec(
+        "max_proprio_age_s",
+        _CONTROL_DEFAULTS.max_proprio_age_s,
+        "Older proprio messages stop the output like a stale camera (chunk mode with proprio_topic).",
+        float_range=(0.01, 10.0),
+    ),
+    # Chunk mode (changeable at run time; ignored by token-by-token models).
+    ParameterSpec(
+        "actions_per_inference",
+        _CONTROL_DEFAULTS.actions_per_inference,
+        "Actions of each chunk planned before the next chunk takes over: 0 = all K (open loop over the "
+        "whole chunk), 1..K; more than the model's K is refused. The next chunk is requested early by the "
+        "recent inference latency, so it is ready when they run out.",
+        integer_range=(0, 1024),
+    ),
+    ParameterSpec(
+        "chunk_blend",
+        _CONTROL_DEFAULTS.chunk_blend,
+        "none: a new chunk replaces the queued actions; ensemble: temporal ensembling (ACT), each tick's "
+        "action is the weighted average of every chunk's prediction for it.",
+        choices=CHUNK_BLENDS,
+    ),
+    ParameterSpec(
+        "ensemble_decay",
+        _CONTROL_DEFAULTS.ensemble_decay,
+        "chunk_blend ensemble: prediction i (0 = oldest) weighs exp(-ensemble_decay * i); 0 = plain mean.",
+        float_range=(0.0, 10.0),
+    ),
 )
 SPECS = {spec.name: spec for spec in PARAMETERS}
-CONTROL_FIELDS = tuple(field.name for field in fields(ControlSettings))
+CONTROL_FIELDS = tuple(field.name for field in fields(ControlSettings) if field.name in SPECS)

@@ -6,19 +6,27 @@ was being driven), ``cleanup`` frees the model. With ``autostart`` (default) the
 activates itself; it still publishes nothing until ``~/enable`` is called with ``true`` (unless
 ``start_enabled``) and an instruction has arrived.
 
+Token mode (OpenVLA): one inference per control tick on a worker thread. Chunk mode (a chunked
+policy, OpenVLA-OFT): one inference per chunk of K actions, one queued action per tick
+(:mod:`openvla_ros.ros.chunk_queue`, :mod:`openvla_ros.ros.tick_schedule`); a stop drops the queue.
+
 Topics:
     in  ``image_topic`` (sensor_msgs/Image, or ``<image_topic>/compressed`` CompressedImage with
         ``image_transport: compressed``), depth-1 keep-last best-effort QoS
+    in  ``wrist_image_topics`` (chunk mode, models with wrist cameras), as ``image_topic``
+    in  ``proprio_topic`` (chunk mode, models that take proprio): sensor_msgs/JointState or
+        std_msgs/Float64MultiArray (``proprio_type``), depth-1 best-effort
     in  ``instruction_topic`` (std_msgs/String), reliable; two subscriptions, volatile (matches every
         publisher, e.g. ``ros2 topic pub``) and transient-local (a latched publisher's last message
         reaches a node started after it)
     out ``~/action`` (std_msgs/Float64MultiArray) [dx, dy, dz, droll, dpitch, dyaw, gripper]
-    out ``~/delta_twist`` (geometry_msgs/TwistStamped), stamped with the image's stamp
+    out ``~/delta_twist`` (geometry_msgs/TwistStamped), stamped with the image's stamp (chunk mode:
+        the image the chunk was predicted from)
     out ``~/gripper`` (std_msgs/Float64), mapped by ``gripper_mode``
-    out ``~/step_timing`` (diagnostic_msgs/DiagnosticArray, only with ``publish_step_timing``)
+    out ``~/step_timing`` (diagnostic_msgs/DiagnosticArray, only with ``publish_step_timing``): one
+        status per step (token mode) or per chunk (chunk mode)
     out ``/diagnostics`` (diagnostic_msgs/DiagnosticArray), once per second
-Services: ``~/enable`` (std_srvs/SetBool) and the standard lifecycle services.
-"""
+Services: ``~/enable`` (std_srvs/SetBool) and the standard lifecycle services."""
 
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
@@ -43,14 +52,27 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float64, Float64MultiArray, String
 from std_srvs.srv import SetBool
 
 from openvla_ros.errors import OpenVLAError
 from openvla_ros.model.processor import validate_instruction
+from openvla_ros.ros.chunk_mode import (
+    ChunkModel,
+    ProprioReading,
+    actions_per_inference_problem,
+    chunk_model_of,
+    chunk_problem,
+    configuration_problems,
+    proprio_from_array,
+    proprio_from_joint_state,
+)
+from openvla_ros.ros.chunk_queue import ChunkQueue
 from openvla_ros.ros.control import (
     GRIPPER_INDEX,
+    MAX_CHUNK_RATE_HZ,
+    MAX_RATE_HZ,
     ControlSettings,
     LatencyStats,
     LatestSlot,
@@ -60,12 +82,12 @@ from openvla_ros.ros.control import (
     limit_action,
     map_gripper,
 )
-from openvla_ros.ros.input_freshness import CAMERA, InputSource
+from openvla_ros.ros.input_freshness import CAMERA, InputSource, proprio, wrist_camera
 from openvla_ros.ros.messages import action_array, delta_twist, timing_array, zero_delta
 from openvla_ros.ros.parameters import CONTROL_FIELDS, PARAMETERS, SPECS, ParameterSpec
 from openvla_ros.ros.ros_conversions import message_to_rgb
 from openvla_ros.ros.shutdown import ShutdownSignals, finish_callbacks
-from openvla_ros.ros.tick_schedule import LateTick
+from openvla_ros.ros.tick_schedule import ChunkRequestSchedule, LateTick
 
 __all__ = ["PARAMETERS", "PolicyNode", "ShutdownSignals", "auto_cpu_threads", "load_policy", "main"]
 
@@ -105,18 +127,34 @@ class Step:
     stop_count: int  # the node's stop count when the step started: a stop since then voids it
 
 
+@dataclass(frozen=True)
+class ChunkRequest:
+    """One chunk for the inference worker to compute (chunk mode)."""
+
+    frame: Frame
+    wrist_frames: tuple[Frame, ...]
+    proprio: np.ndarray | None
+    instruction: str
+    tick: int  # the control tick that requested it
+    settings: ControlSettings
+    stop_count: int  # a stop since the request voids the chunk
+    requested: float  # time.perf_counter() at the request
+
+
 PolicyLoader = Callable[[dict[str, Any]], Any]
 
 
 def load_policy(values: dict[str, Any]) -> Any:
-    """Returns the :class:`~openvla_ros.model.policy.OpenVLAPolicy` that the node's parameter values describe.
+    """Returns the policy that the node's parameter values describe: an
+    :class:`~openvla_ros.model.oft_policy.OFTPolicy` (chunk mode) for an OpenVLA-OFT checkpoint, else an
+    :class:`~openvla_ros.model.policy.OpenVLAPolicy` (token mode).
 
     Raises:
         OpenVLAError: when the model cannot be loaded (the node reports it and stays unconfigured).
     """
-    from openvla_ros.model.policy import OpenVLAPolicy
+    from openvla_ros.model.oft_policy import load_policy_auto
 
-    return OpenVLAPolicy.from_pretrained(
+    return load_policy_auto(
         values["model"],
         quantization=values["quantization"],
         dtype=values["dtype"],
@@ -148,7 +186,7 @@ class PolicyNode(LifecycleNode):
 
     ``policy_loader`` builds the policy from the parameter values on configure (default
     :func:`load_policy`); anything with ``predict_action(rgb, instruction)``, ``unnorm_key`` and
-    ``release()`` will do.
+    ``release()`` will do, or a chunked policy (see :mod:`openvla_ros.ros.chunk_mode`).
     """
 
     def __init__(self, node_name: str = NODE_NAME, policy_loader: PolicyLoader | None = None, **kwargs: Any) -> None:
@@ -176,6 +214,22 @@ class PolicyNode(LifecycleNode):
         self._ticks_reusing_frame = 0
         self._late_tick = LateTick()  # a tick that came while a step ran (see _late_step)
         self._steps = 0
+        # chunk mode
+        self._chunk_model: ChunkModel | None = None
+        self._rate_limit_hz = MAX_CHUNK_RATE_HZ  # until a token policy is loaded
+        self._wrist_slots: list[LatestSlot[Frame]] = []
+        self._wrist_sources: list[InputSource] = []
+        self._proprio_slot: LatestSlot[ProprioReading] = LatestSlot()
+        self._proprio_source: InputSource | None = None
+        self._queue = ChunkQueue()
+        self._schedule = ChunkRequestSchedule()
+        self._tick = 0
+        self._chunk_stamp: Any = None  # image stamp of the newest queued chunk
+        self._chunk_ms = LatencyStats()
+        self._inference_rate = RateMeter(window_s=5.0)
+        self._chunks = 0
+        self._discarded_chunks = 0
+        self._starved_ticks = 0
 
         self.add_pre_set_parameters_callback(self._whole_numbers_as_floats)
         self.add_on_set_parameters_callback(self._validate_parameters)
@@ -208,14 +262,15 @@ class PolicyNode(LifecycleNode):
         override = self._parameter_overrides.get(spec.name)
         if override is not None:
             (self._parameter_overrides[spec.name],) = self._whole_numbers_as_floats([override])
+        default = Parameter.Type.STRING_ARRAY if spec.default == [] else spec.default  # [] has no type
         try:
-            self.declare_parameter(spec.name, spec.default, spec.descriptor())
+            self.declare_parameter(spec.name, default, spec.descriptor())
         except (InvalidParameterValueException, InvalidParameterTypeException) as exc:
             self.get_logger().error(
                 f"parameter {spec.name!r} rejected at start-up ({exc}); using the default {spec.default!r}"
             )
             self._problems.report(f"parameter:{spec.name}", f"start-up value rejected: {exc}")
-            self.declare_parameter(spec.name, spec.default, spec.descriptor(), ignore_override=True)
+            self.declare_parameter(spec.name, default, spec.descriptor(), ignore_override=True)
 
     def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
         """Sets parameters at run time (the parameter services call this); logs a rejection with its reason."""
@@ -250,6 +305,10 @@ class PolicyNode(LifecycleNode):
                 )
             if spec.name in ("image_topic", "instruction_topic") and not str(parameter.value).strip():
                 return SetParametersResult(successful=False, reason=f"{parameter.name} must not be empty")
+            if spec.name == "actions_per_inference" and self._chunk_model is not None:
+                problem = actions_per_inference_problem(int(parameter.value), self._chunk_model.chunk_size)
+                if problem:
+                    return SetParametersResult(successful=False, reason=problem)
             candidate[parameter.name] = parameter.value
         if any(parameter.name in CONTROL_FIELDS for parameter in parameters):
             try:
@@ -269,15 +328,22 @@ class PolicyNode(LifecycleNode):
                     self._values[parameter.name] = parameter.value
             previous_rate = self._settings.rate_hz
             self._settings = self._settings_from(self._values)
+            self._queue.blend, self._queue.decay = self._settings.chunk_blend, self._settings.ensemble_decay
             if self._control_timer is not None and self._settings.rate_hz != previous_rate:
                 self._control_timer.timer_period_ns = int(1e9 / self._settings.rate_hz)
                 self._control_timer.reset()
                 self._action_rate.reset()
                 self.get_logger().info(f"control rate changed to {self._settings.rate_hz:g} Hz")
 
-    @staticmethod
-    def _settings_from(values: dict[str, Any]) -> ControlSettings:
-        return ControlSettings(**{name: values[name] for name in CONTROL_FIELDS})
+    def _settings_from(self, values: dict[str, Any]) -> ControlSettings:
+        """Returns the control settings of ``values`` under the loaded model's rate limit.
+
+        Raises:
+            ValueError: naming the field that does not validate.
+        """
+        return ControlSettings(
+            **{name: values[name] for name in CONTROL_FIELDS}, rate_limit_hz=self._rate_limit_hz
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -305,9 +371,26 @@ class PolicyNode(LifecycleNode):
             return self._fail_configure(f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a model that fails to load must not take the node down
             return self._fail_configure(f"unexpected {type(exc).__name__} while loading: {exc}")
+        chunk_model = chunk_model_of(policy)
+        errors, warnings = configuration_problems(chunk_model, values)
+        for warning in warnings:
+            self.get_logger().warning(warning)
+        if errors:
+            policy.release()
+            return self._fail_configure("; ".join(errors))
+        with self._lock:
+            self._chunk_model = chunk_model
+            self._rate_limit_hz = MAX_RATE_HZ if chunk_model is None else MAX_CHUNK_RATE_HZ
+            self._settings = self._settings_from(self._values)
+            self._queue.clear()
+            self._schedule.clear()
         self._policy = policy
+        mode = "token mode" if chunk_model is None else (
+            f"chunk mode: K = {chunk_model.chunk_size}, {chunk_model.num_images} image(s), "
+            f"proprio {chunk_model.proprio_dim or 'none'}"
+        )
         self._model_status = (
-            f"loaded in {time.perf_counter() - started:.1f} s (unnorm_key {policy.unnorm_key})"
+            f"loaded in {time.perf_counter() - started:.1f} s (unnorm_key {policy.unnorm_key}; {mode})"
         )
         self._problems.resolve("model")
         self.get_logger().info(f"model {values['model']!r} {self._model_status}")
@@ -318,12 +401,10 @@ class PolicyNode(LifecycleNode):
                 "crops); set center_crop_auto: false to keep it off"
             )
 
-        self._worker = SingleJobWorker(self._run_step, self._on_worker_error)
-        if values["image_transport"] == "compressed":
-            topic = values["image_topic"].rstrip("/") + "/compressed"
-            image_sub = self.create_subscription(CompressedImage, topic, self._on_image, SENSOR_QOS)
-        else:
-            image_sub = self.create_subscription(Image, values["image_topic"], self._on_image, SENSOR_QOS)
+        run = self._run_step if chunk_model is None else self._run_chunk
+        self._worker = SingleJobWorker(run, self._on_worker_error)  # type: ignore[arg-type]
+        image_sub = self._subscribe_image(values["image_topic"], values["image_transport"], self._frames)
+        extra_subs = self._subscribe_chunk_inputs(chunk_model, values)
         # The latched subscription cannot match a volatile publisher: that is expected (the volatile
         # one takes its messages), so rclpy's "incompatible QoS" warning is silenced for it.
         instruction_subs = [
@@ -336,13 +417,53 @@ class PolicyNode(LifecycleNode):
                 event_callbacks=SubscriptionEventCallbacks(incompatible_qos=_ignore_event),
             ),
         ]
-        self._subscriptions_in_use = [image_sub, *instruction_subs]
+        self._subscriptions_in_use = [image_sub, *instruction_subs, *extra_subs]
         self._state_label = "inactive"
+        extra = "".join(f", {subscription.topic_name}" for subscription in extra_subs)
         self.get_logger().info(
-            f"subscribed to {image_sub.topic_name} ({values['image_transport']}) and "
+            f"subscribed to {image_sub.topic_name} ({values['image_transport']}){extra} and "
             f"{instruction_subs[0].topic_name} (volatile and latched publishers); torch threads {threads}"
         )
         return TransitionCallbackReturn.SUCCESS
+
+    def _subscribe_image(self, topic: str, transport: str, slot: LatestSlot[Frame]) -> Any:
+        """Subscribes ``slot`` to the newest image on ``topic`` (``<topic>/compressed`` when compressed)."""
+
+        def store(message: Image | CompressedImage) -> None:
+            stamp = message.header.stamp
+            received_ns = self.get_clock().now().nanoseconds
+            slot.put(Frame(message, stamp.sec * 1_000_000_000 + stamp.nanosec, received_ns))
+
+        if transport == "compressed":
+            return self.create_subscription(CompressedImage, topic.rstrip("/") + "/compressed", store, SENSOR_QOS)
+        return self.create_subscription(Image, topic, store, SENSOR_QOS)
+
+    def _subscribe_chunk_inputs(self, model: ChunkModel | None, values: dict[str, Any]) -> list[Any]:
+        """Subscribes to the wrist cameras and the proprio topic that ``model`` takes; returns the subscriptions."""
+        self._wrist_slots, self._wrist_sources, self._proprio_source = [], [], None
+        self._proprio_slot.clear()
+        if model is None:
+            return []
+        subscriptions = []
+        for index, topic in enumerate(values["wrist_image_topics"] or [], start=1):
+            slot: LatestSlot[Frame] = LatestSlot()
+            subscription = self._subscribe_image(topic, values["image_transport"], slot)
+            subscriptions.append(subscription)
+            self._wrist_slots.append(slot)
+            self._wrist_sources.append(wrist_camera(index, subscription.topic_name))
+        if model.proprio_dim:
+            if values["proprio_type"] == "joint_state":
+                message_type, convert = JointState, proprio_from_joint_state
+            else:
+                message_type, convert = Float64MultiArray, proprio_from_array
+
+            def store(message: Any) -> None:
+                self._proprio_slot.put(convert(message, self.get_clock().now().nanoseconds))
+
+            subscription = self.create_subscription(message_type, values["proprio_topic"], store, SENSOR_QOS)
+            subscriptions.append(subscription)
+            self._proprio_source = proprio(subscription.topic_name)
+        return subscriptions
 
     def _fail_configure(self, reason: str) -> TransitionCallbackReturn:
         self._model_status = f"failed: {reason}"
@@ -354,6 +475,7 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._enabled = bool(self._values["start_enabled"])
             self._action_rate.reset()
+            self._inference_rate.reset()
             self._control_timer = self.create_timer(
                 1.0 / self._settings.rate_hz, self._on_control_tick, callback_group=self._control_group
             )
@@ -435,15 +557,16 @@ class PolicyNode(LifecycleNode):
             self._policy = None
             self._model_status = "released"
         self._frames.clear()
+        for slot in self._wrist_slots:
+            slot.clear()
+        self._proprio_slot.clear()
         with self._lock:
             self._instruction = None
+            self._queue.clear()
+            self._chunk_model = None
+            self._rate_limit_hz = MAX_CHUNK_RATE_HZ  # the next model may be chunked
 
     # ------------------------------------------------------------------ inputs
-
-    def _on_image(self, message: Image | CompressedImage) -> None:
-        stamp = message.header.stamp
-        received_ns = self.get_clock().now().nanoseconds
-        self._frames.put(Frame(message, stamp.sec * 1_000_000_000 + stamp.nanosec, received_ns))
 
     def _on_instruction(self, message: String) -> None:
         try:
@@ -458,6 +581,8 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             changed = instruction != self._instruction
             self._instruction = instruction
+            if changed:
+                self._queue.clear()  # the queued actions were for the previous task
         self._problems.resolve("instruction")
         if changed:
             self.get_logger().info(f"instruction: {instruction!r}")
@@ -482,6 +607,9 @@ class PolicyNode(LifecycleNode):
 
     def _on_control_tick(self) -> None:
         now_ns = self.get_clock().now().nanoseconds
+        if self._chunk_model is not None:
+            self._chunk_tick(now_ns)
+            return
         inputs = self._checked_inputs(now_ns)
         if inputs is None:
             return
@@ -538,6 +666,146 @@ class PolicyNode(LifecycleNode):
         if finding.stops_output:
             self._stop_output(finding.key.replace("_", " "))
         return False
+
+    # ------------------------------------------------------------------ chunk mode
+
+    def _chunk_tick(self, now_ns: int) -> None:
+        """A control tick in chunk mode: publish this tick's queued action, request a chunk when due.
+
+        Every input is checked first; a failed check stops the output, which drops the whole queue.
+        """
+        inputs = self._checked_inputs(now_ns)
+        if inputs is None:
+            return
+        frame, instruction, settings = inputs
+        extra = self._checked_chunk_inputs(now_ns, settings)
+        if extra is None:
+            return
+        wrist_frames, proprio_values = extra
+        worker = self._worker
+        if worker is None:
+            return
+        with self._lock:
+            self._tick += 1
+            tick = self._tick
+            action = self._queue.pop(tick)
+            stamp = self._chunk_stamp
+            due = self._schedule.due(self._queue.planned(tick + 1), 1.0 / settings.rate_hz, worker.busy)
+            stop_count = self._stop_count
+            if action is None and self._output_live:
+                self._starved_ticks += 1  # the queue ran dry while driving: the model was too slow
+        if due:
+            newest = self._frames.take_new() or frame
+            request = ChunkRequest(newest, wrist_frames, proprio_values, instruction, tick, settings, stop_count,
+                                   time.perf_counter())
+            worker.submit(request)
+        if action is not None:
+            self._publish_queued(action, settings, stamp, stop_count)
+
+    def _checked_chunk_inputs(
+        self, now_ns: int, settings: ControlSettings
+    ) -> tuple[tuple[Frame, ...], np.ndarray | None] | None:
+        """Returns (newest wrist frames, newest proprio) when they are fresh, else None (output stopped)."""
+        wrist_frames = []
+        for source, slot in zip(self._wrist_sources, self._wrist_slots, strict=True):
+            wrist = slot.peek()
+            if not self._input_is_fresh(source, None if wrist is None else wrist.stamp_ns, now_ns,
+                                        settings.max_image_age_s):
+                return None
+            assert wrist is not None
+            wrist_frames.append(wrist)
+        proprio_values = None
+        if self._proprio_source is not None:
+            reading = self._proprio_slot.peek()
+            if not self._input_is_fresh(self._proprio_source, None if reading is None else reading.stamp_ns, now_ns,
+                                        settings.max_proprio_age_s):
+                return None
+            assert reading is not None
+            proprio_values = reading.values
+        return tuple(wrist_frames), proprio_values
+
+    def _publish_queued(self, action: np.ndarray, settings: ControlSettings, stamp: Any, stop_count: int) -> None:
+        """Control thread: limits and publishes one queued action, unless a stop came since the tick began."""
+        try:
+            limited = limit_action(action, settings.max_translation, settings.max_rotation)
+            gripper = map_gripper(limited[GRIPPER_INDEX], settings.gripper_mode, settings.gripper_flip)
+        except ValueError as exc:
+            self._report("non_finite", f"action not published: {exc}")
+            self._stop_output("invalid action")
+            return
+        with self._lock:
+            if not self._enabled or self._control_timer is None or self._stop_count != stop_count:
+                return
+            self._publish_action(limited, gripper, settings, stamp)
+            self._output_live = True
+            self._last_gripper = float(limited[GRIPPER_INDEX])
+        self._steps += 1
+        self._action_rate.tick()
+
+    def _run_chunk(self, request: ChunkRequest) -> None:
+        """Worker thread: decode the images, predict a chunk and queue it (if no stop came meanwhile)."""
+        started = time.perf_counter()
+        try:
+            rgb = message_to_rgb(request.frame.message)
+            wrist_rgb = [message_to_rgb(frame.message) for frame in request.wrist_frames]
+        except OpenVLAError as exc:
+            self._report("image", f"camera image rejected: {exc}")
+            self._stop_output("camera image rejected")
+            return
+        self._resolve("image", "camera images are valid again")
+        decoded = time.perf_counter()
+        policy, model = self._policy, self._chunk_model
+        if policy is None or model is None:
+            return
+        try:
+            chunk = policy.predict_chunk(rgb, request.instruction, wrist_images=wrist_rgb, proprio=request.proprio)
+        except OpenVLAError as exc:
+            self._report("inference", f"inference failed: {type(exc).__name__}: {exc}")
+            self._stop_output("inference failed")
+            return
+        inferred = time.perf_counter()
+        problem = chunk_problem(chunk, model)
+        if problem is not None:
+            self._report("non_finite", f"chunk not used: {problem}")
+            self._stop_output("invalid chunk")
+            return
+        self._resolve("inference", "inference works again")
+        self._resolve("non_finite")
+        with self._lock:
+            if (
+                not self._enabled
+                or self._control_timer is None
+                or self._instruction != request.instruction
+                or self._stop_count != request.stop_count
+            ):
+                self._discarded_chunks += 1  # stopped, disabled or re-instructed while the model ran
+                return
+            settings = self._settings
+            actions = settings.actions_per_inference or model.chunk_size
+            placed = self._queue.add(np.asarray(chunk, dtype=np.float64), self._tick + 1, actions)
+            self._chunk_stamp = request.frame.message.header.stamp
+            latency_s = time.perf_counter() - request.requested
+            self._schedule.add_latency(latency_s)
+            depth = self._queue.depth(self._tick + 1)
+            lead = self._schedule.lead_ticks(1.0 / settings.rate_hz)
+        self._chunks += 1
+        self._inference_rate.tick()
+        self._chunk_ms.add(latency_s * 1e3)
+        self._model_ms.add((inferred - decoded) * 1e3)
+        self._latency_ms.add((self.get_clock().now().nanoseconds - request.frame.stamp_ns) / 1e6)
+        if self._values["publish_step_timing"]:
+            values = {
+                "decode_ms": (decoded - started) * 1e3,
+                "model_ms": (inferred - decoded) * 1e3,
+                "chunk_ms": latency_s * 1e3,  # from the request to the actions being queued
+                "queue_depth": float(depth),
+                "lead_ticks": float(lead),
+                "start_delay_ticks": float(placed.start_tick - request.tick),
+            }
+            stamp = request.frame.message.header.stamp
+            self._timing_pub.publish(timing_array(f"{self.get_name()}: chunk", stamp, values))
+
+    # ------------------------------------------------------------------ token mode
 
     def _make_step(self, frame: Frame, instruction: str, settings: ControlSettings, tick_ns: int) -> Step:
         """Returns the step of a tick, on a frame newer than the last step's when there is one."""
@@ -631,6 +899,7 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._stop_count += 1
             self._late_tick.clear()
+            self._queue.clear()
             if not self._output_live:
                 return
             self._output_live = False
@@ -716,7 +985,22 @@ class PolicyNode(LifecycleNode):
             "steps": str(self._steps),
             "image_errors": str(self._problems.count("image")),
             "inference_errors": str(self._problems.count("inference")),
+            "mode": "token" if self._chunk_model is None else "chunk",
         }
+        if self._chunk_model is not None:
+            with self._lock:
+                depth = self._queue.depth(self._tick + 1)
+            values |= {
+                "chunk_size": str(self._chunk_model.chunk_size),
+                "actions_per_inference": str(self._settings.actions_per_inference or self._chunk_model.chunk_size),
+                "inference_rate_hz": f"{self._inference_rate.rate_hz():.2f}",
+                "chunk_latency_ms_last": f"{self._chunk_ms.last:.1f}",
+                "chunk_latency_ms_median": f"{self._chunk_ms.percentile(50):.1f}",
+                "queue_depth": str(depth),
+                "chunks": str(self._chunks),
+                "discarded_chunks": str(self._discarded_chunks),
+                "starved_ticks": str(self._starved_ticks),
+            }
         array = DiagnosticArray()
         now = self.get_clock().now()
         newest = self._frames.peek()
