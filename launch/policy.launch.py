@@ -7,6 +7,12 @@ The node starts from ``params_file`` (default: the package's ``config/policy.yam
 and ``use_sim_time`` always applies. The node configures and activates itself (``autostart``) but publishes nothing until
 ``~/enable`` is called with ``true``.
 
+    ros2 launch openvla_ros policy.launch.py model:=/path/to/oft-checkpoint rate_hz:=20 \
+        wrist_image_topics:=wrist/image_raw proprio_topic:=joint_states
+
+runs an OpenVLA-OFT checkpoint in chunk mode (one inference per chunk of K actions, one action per tick)
+with one wrist camera and the joint states as proprio.
+
     ros2 launch openvla_ros policy.launch.py model:=/path/to/checkpoint namespace:=robot1
 
 runs it as ``/robot1/openvla_policy``: ``~/action``, ``~/enable`` and the other node-private names, and
@@ -32,21 +38,32 @@ LAUNCH_ARGUMENTS = (
      "empty keeps the parameter file's value."),
     ("instruction_topic", "", "Instruction topic (std_msgs/String), relative to the namespace unless it starts "
      "with /; empty keeps the parameter file's value."),
-    ("rate_hz", "", "Control rate in Hz, 1 to 30; empty keeps the file's value (5.0)."),
+    ("rate_hz", "", "Control rate in Hz, 1 to 30 (up to 100 in chunk mode); empty keeps the file's value (5.0)."),
+    ("wrist_image_topics", "", "Chunk mode: wrist camera topics, comma-separated, as many as the model takes; "
+     "empty keeps the parameter file's value."),
+    ("proprio_topic", "", "Chunk mode: robot state topic for models that take proprio (see proprio_type in the "
+     "parameter file); empty keeps the parameter file's value."),
+    ("actions_per_inference", "", "Chunk mode: actions of each chunk before the next takes over, 0 = all K; "
+     "empty keeps the parameter file's value."),
+    ("chunk_blend", "", "Chunk mode: none or ensemble (temporal ensembling); empty keeps the parameter file's "
+     "value."),
     ("params_file", "", "Parameter file; empty for the package's config/policy.yaml."),
     ("namespace", "", "Namespace of the node: its outputs and services, and its inputs when their names "
      "are relative, move under it (e.g. robot1)."),
     ("log_level", "info", "Logging level: debug, info, warn or error."),
     ("use_sim_time", "false", "Take time from /clock (simulation)."),
 )
-OPTIONAL_OVERRIDES = ("model", "quantization", "unnorm_key", "image_topic", "instruction_topic", "rate_hz")
+OPTIONAL_OVERRIDES = (
+    "model", "quantization", "unnorm_key", "image_topic", "instruction_topic", "rate_hz", "wrist_image_topics",
+    "proprio_topic", "actions_per_inference", "chunk_blend",
+)
 
 
 def parameter_overrides(arguments: dict[str, str]) -> dict[str, object]:
     """Returns the node parameters that the resolved launch ``arguments`` set over the parameter file.
 
     Raises:
-        ValueError: when ``rate_hz`` is given but is not a number.
+        ValueError: when ``rate_hz`` or ``actions_per_inference`` is given but is not a number.
     """
     overrides: dict[str, object] = {
         "use_sim_time": arguments.get("use_sim_time", "false").strip().lower() in ("true", "1", "yes"),
@@ -60,6 +77,15 @@ def parameter_overrides(arguments: dict[str, str]) -> dict[str, object]:
                 overrides[name] = float(value)
             except ValueError:
                 raise ValueError(f"launch argument rate_hz must be a number of Hz, got {value!r}") from None
+        elif name == "actions_per_inference":
+            try:
+                overrides[name] = int(value)
+            except ValueError:
+                raise ValueError(
+                    f"launch argument actions_per_inference must be a whole number, got {value!r}"
+                ) from None
+        elif name == "wrist_image_topics":
+            overrides[name] = [topic.strip() for topic in value.split(",") if topic.strip()]
         else:
             overrides[name] = value
     return overrides

@@ -431,6 +431,10 @@ LAUNCH_ARGUMENTS = {
     "image_topic",
     "instruction_topic",
     "rate_hz",
+    "wrist_image_topics",
+    "proprio_topic",
+    "actions_per_inference",
+    "chunk_blend",
     "params_file",
     "namespace",
     "log_level",
@@ -496,3 +500,11 @@ def test_launch_arguments_override_the_parameter_file_only_when_given() -> None:
     }
     with pytest.raises(ValueError, match="rate_hz must be a number of Hz, got 'fast'"):
         parameter_overrides(dict(defaults, rate_hz="fast"))
+    chunked = dict(defaults, wrist_image_topics="/left/image, /right/image", proprio_topic="joint_states",
+                   actions_per_inference="4", chunk_blend="ensemble")
+    assert parameter_overrides(chunked) == {
+        "wrist_image_topics": ["/left/image", "/right/image"], "proprio_topic": "joint_states",
+        "actions_per_inference": 4, "chunk_blend": "ensemble", "use_sim_time": False,
+    }
+    with pytest.raises(ValueError, match="actions_per_inference must be a whole number, got 'all'"):
+        parameter_overrides(dict(defaults, actions_per_inference="all"))
