@@ -6,6 +6,13 @@ and for each control rate prints the achieved rate, the image-stamp-to-action la
 own overhead per step (latency minus model time, from the node's ``~/step_timing``).
 
     .venv/bin/python benchmarks/node_latency.py [--model DIR] [--rates 5 10 20] [--seconds 10]
+
+Chunk mode (OpenVLA-OFT): ``--chunk K --standin-step S`` runs the node with the chunked stand-in policy
+of test/standin_policy_node.py (K actions per inference, S seconds per inference), ``--model DIR``
+with an OFT checkpoint runs the real model; either prints the achieved control rate, the inference
+rate, the chunk latency, the queue depth and the ticks that found the queue empty.
+
+    .venv/bin/python benchmarks/node_latency.py --chunk 8 --standin-step 0.1 --rates 10 20 50
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per rate")
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds discarded after each rate change")
     parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads of the node (0: default)")
+    parser.add_argument("--chunk", type=int, help="chunk mode with the stand-in policy: K actions per inference")
+    parser.add_argument("--standin-step", type=float, default=0.1, help="stand-in seconds per inference (--chunk)")
+    parser.add_argument("--actions-per-inference", type=int, default=0, help="chunk mode: 0 = K")
+    parser.add_argument("--chunk-blend", default="none", choices=("none", "ensemble"))
     return parser.parse_args()
 
 
@@ -65,7 +76,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="node_latency_") as temporary:
         model = args.model
-        if model is None:
+        if args.chunk is not None:
+            model = "standin"
+        elif model is None:
             from openvla_ros.model.tiny import make_tiny_checkpoint
 
             started = time.perf_counter()
@@ -86,14 +99,19 @@ def run(args: argparse.Namespace, model: str, workdir: Path) -> int:
     from std_msgs.msg import String
 
     log_path = workdir / "node.log"
+    entry = ["-m", "openvla_ros.policy_node"]
+    if args.chunk is not None:
+        entry = [str(REPO / "test" / "standin_policy_node.py"), f"{args.standin_step}", f"chunk={args.chunk}"]
     command = [
-        sys.executable, "-m", "openvla_ros.policy_node", "--ros-args",
+        sys.executable, *entry, "--ros-args",
         "--params-file", str(REPO / "config" / "policy.yaml"),
         "-p", f"model:={model}",
         "-p", f"cpu_threads:={args.cpu_threads}",
         "-p", "start_enabled:=true",
         "-p", "publish_step_timing:=true",
         "-p", f"rate_hz:={float(args.rates[0])}",
+        "-p", f"actions_per_inference:={args.actions_per_inference}",
+        "-p", f"chunk_blend:={args.chunk_blend}",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         node_process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -128,6 +146,8 @@ def run(args: argparse.Namespace, model: str, workdir: Path) -> int:
 
         samples: list[Sample] = []
         timings: dict[int, dict[str, float]] = {}
+        chunk_timings: list[tuple[int, dict[str, float]]] = []  # (arrival, values) of each chunk
+        status: dict[str, str] = {}
         lock = threading.Lock()
 
         def on_twist(message: TwistStamped) -> None:
@@ -140,10 +160,21 @@ def run(args: argparse.Namespace, model: str, workdir: Path) -> int:
             stamp = message.header.stamp.sec * 1_000_000_000 + message.header.stamp.nanosec
             values = {item.key: float(item.value) for item in message.status[0].values}
             with lock:
-                timings[stamp] = values
+                if message.status[0].name.endswith(": chunk"):
+                    chunk_timings.append((node.get_clock().now().nanoseconds, values))
+                else:
+                    timings[stamp] = values
+
+        def on_diagnostics(message: DiagnosticArray) -> None:
+            for item in message.status:
+                if item.name == f"{NODE_NAME}: policy":
+                    with lock:
+                        status.clear()
+                        status.update({value.key: value.value for value in item.values})
 
         node.create_subscription(TwistStamped, f"/{NODE_NAME}/delta_twist", on_twist, 100)
         node.create_subscription(DiagnosticArray, f"/{NODE_NAME}/step_timing", on_timing, 100)
+        node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
         set_parameters = node.create_client(SetParameters, f"/{NODE_NAME}/set_parameters")
 
         print("waiting for the node to load the model and subscribe ...")
@@ -173,16 +204,25 @@ def run(args: argparse.Namespace, model: str, workdir: Path) -> int:
             time.sleep(args.warmup)
             start = node.get_clock().now().nanoseconds
             frames_before = frames_sent[0]
+            with lock:
+                starved_before = int(status.get("starved_ticks", "0"))
             time.sleep(args.seconds)
             end = node.get_clock().now().nanoseconds
-            time.sleep(0.3)  # let the last step_timing messages arrive
+            time.sleep(1.2)  # let the last step_timing and diagnostics messages arrive
             with lock:
                 window = [sample for sample in samples if start <= sample.received_ns < end]
                 timing = dict(timings)
+                chunks = [values for arrival, values in chunk_timings if start <= arrival < end]
+                starved = int(status.get("starved_ticks", "0")) - starved_before
             camera_hz = (frames_sent[0] - frames_before) / args.seconds
-            rows.append(summarise(rate, window, timing, camera_hz))
+            if status.get("mode") == "chunk":
+                rows.append(summarise_chunks(rate, window, chunks, (end - start) / 1e9, starved, status))
+            else:
+                rows.append(summarise(rate, window, timing, camera_hz))
 
         print("\n".join(rows))
+        if status.get("mode") == "chunk":
+            return 0
         print(
             "\nlatency = action arrival - image stamp (includes the frame's wait for the next tick, up to one "
             "camera period);\noverhead = latency - model time; node work = overhead - frame wait "
@@ -228,6 +268,30 @@ def summarise(
             f"  overhead ms  {percentiles(overhead)}",
             f"  node work ms {percentiles(node_work)}",
             f"  image delivery ms {percentiles(delivery)}",
+        ]
+    )
+
+
+def summarise_chunks(
+    rate: float, window: list[Sample], chunks: list[dict[str, float]], seconds: float, starved: int,
+    status: dict[str, str],
+) -> str:
+    """Returns the chunk-mode lines of one rate: control rate, inference rate, latency, queue depth."""
+    if len(window) < 2:
+        return f"rate_hz {rate:5.1f}: fewer than two actions received"
+    span_s = (window[-1].received_ns - window[0].received_ns) / 1e9
+    achieved = (len(window) - 1) / span_s
+    intervals = np.diff([sample.received_ns for sample in window]) / 1e6
+    error = 100.0 * (achieved - rate) / rate
+    return "\n".join(
+        [
+            f"rate_hz {rate:5.1f}: achieved {achieved:6.2f} Hz ({error:+.1f}%), {len(window)} actions; "
+            f"{len(chunks)} chunks of K = {status.get('chunk_size', '?')} "
+            f"(inference {len(chunks) / seconds:.2f} Hz), ticks with an empty queue {starved}",
+            f"  action interval ms {percentiles(list(intervals))}",
+            f"  model ms           {percentiles([chunk['model_ms'] for chunk in chunks])}",
+            f"  chunk latency ms   {percentiles([chunk['chunk_ms'] for chunk in chunks])}",
+            f"  queue depth after queueing {percentiles([chunk['queue_depth'] for chunk in chunks])}",
         ]
     )
 
