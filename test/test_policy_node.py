@@ -421,6 +421,37 @@ def test_a_model_that_fails_to_load_leaves_the_node_running_unconfigured(
     assert driver.get("frame_id", "max_rotation") == ["tool0", 0.2], "the namespaced node reads its file"
 
 
+def test_a_tiny_oft_checkpoint_runs_in_chunk_mode_and_publishes_finite_actions(
+    ros_node: rclpy.node.Node, diagnostics: Received, tmp_path: Path
+) -> None:
+    from openvla_ros.model.tiny_oft import make_tiny_oft_checkpoint
+
+    checkpoint = make_tiny_oft_checkpoint(tmp_path / "tiny-oft", seed=0, chunk=8)
+    name = "policy_oft"
+    node_process = start_node(
+        name, tmp_path, f"model:={checkpoint}", "image_topic:=/oft_camera/image",
+        "instruction_topic:=/oft_instruction", "rate_hz:=20.0", "device:=cpu",
+    )
+    driver = Driver(ros_node, name, "/oft_camera/image", "/oft_instruction", False)
+    try:
+        wait_active(driver, node_process)
+        values = status_values(latest_status(diagnostics, name))
+        assert values["mode"] == "chunk" and values["chunk_size"] == "8", values
+        assert "chunk mode: K = 8" in node_process.log()
+        driver.camera.mode = "good"
+        driver.instruct(INSTRUCTION)
+        wait_until(lambda: driver.camera.publisher.get_subscription_count() > 0, 60, "the image subscription")
+        assert driver.enable(True).success
+        first = driver.wait_for_actions(20, timeout_s=60.0)
+        actions = np.array([action.data for _, action in driver.actions.since(first)])
+        assert actions.shape[1] == 7 and np.all(np.isfinite(actions))
+        assert np.all(np.abs(actions[:, :3]) <= 0.05), "the limits apply to queued actions too"
+        assert int(status_values(latest_status(diagnostics, name))["chunks"]) >= 2
+    finally:
+        driver.camera.mode = "stopped"
+        assert node_process.stop() == 0, node_process.log()[-3000:]
+
+
 # ---------------------------------------------------------------------------------------- launch file
 
 
