@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import rclpy
 from policy_helpers import (
@@ -31,7 +32,7 @@ from policy_helpers import (
     zero_delta_then_silence,
 )
 from ros_helpers import spinning_node, wait_until  # sets up DDS isolation first
-from standin_policy_node import decode_action
+from standin_policy_node import STEP_UNIT, decode_action
 
 CHUNK = 8
 CHUNK_STEP_S = 0.1
@@ -139,6 +140,23 @@ def test_actions_per_inference_replans_sooner(drivers: dict[str, Driver], diagno
         assert rate_over(driver.twists, first + 1.0, 2.5) == pytest.approx(10.0, rel=0.15)
     finally:
         assert all(result.successful for result in driver.set(actions_per_inference=0))
+
+
+def test_ensembling_publishes_the_weighted_average_of_overlapping_chunks(drivers: dict[str, Driver]) -> None:
+    driver = drivers["chunk_fast"]
+    results = driver.set(chunk_blend="ensemble", actions_per_inference=2, ensemble_decay=0.5)
+    assert all(result.successful for result in results)
+    try:
+        first = drive(driver, 10.0)
+        time.sleep(3.0)
+        assert rate_over(driver.twists, first + 1.0, 2.0) == pytest.approx(10.0, rel=0.15)
+        dx = np.array([action.data[0] for _, action in driver.actions.since(first + 1.0)]) / STEP_UNIT
+        blended = np.abs(dx - np.round(dx)) > 0.05
+        assert blended.mean() > 0.5, f"most ticks average several chunks' predictions: {dx.round(3).tolist()}"
+        assert np.all(dx >= 1.0 - 1e-9) and np.all(dx <= CHUNK + 1e-9), "an average stays within its predictions"
+    finally:
+        results = driver.set(chunk_blend="none", actions_per_inference=0, ensemble_decay=0.01)
+        assert all(result.successful for result in results)
 
 
 def test_actions_per_inference_above_the_chunk_size_is_refused_naming_k(drivers: dict[str, Driver]) -> None:
