@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.parameter import Parameter
 
 from openvla_ros.ros.control import (
     CHUNK_BLENDS,
@@ -245,3 +246,34 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
 )
 SPECS = {spec.name: spec for spec in PARAMETERS}
 CONTROL_FIELDS = tuple(field.name for field in fields(ControlSettings) if field.name in SPECS)
+
+
+def whole_numbers_as_floats(parameters: list[Parameter]) -> list[Parameter]:
+    """Returns ``parameters`` with whole numbers given for floating-point parameters as floats.
+
+    ``ros2 param set ... rate_hz 10`` and ``rate_hz: 10`` in YAML arrive as integers; rclpy would
+    reject them for their type.
+    """
+    converted = []
+    for parameter in parameters:
+        spec = SPECS.get(parameter.name)
+        if spec is not None and isinstance(spec.default, float) and parameter.type_ == Parameter.Type.INTEGER:
+            parameter = Parameter(parameter.name, value=float(parameter.value))
+        converted.append(parameter)
+    return converted
+
+
+def value_problem(name: str, value: Any) -> str | None:
+    """Returns why ``value`` cannot be set for parameter ``name`` on its own (choices, empty topics), or None.
+
+    Ranges and read-only are rclpy's; settings that depend on each other are
+    :class:`~openvla_ros.ros.control.ControlSettings`'.
+    """
+    spec = SPECS.get(name)
+    if spec is None:
+        return None
+    if spec.choices and value not in spec.choices:
+        return f"{name} must be one of {', '.join(spec.choices)}; got {value!r}"
+    if name in ("image_topic", "instruction_topic") and not str(value).strip():
+        return f"{name} must not be empty"
+    return None

@@ -84,7 +84,15 @@ from openvla_ros.ros.control import (
 )
 from openvla_ros.ros.input_freshness import CAMERA, InputSource, proprio, wrist_camera
 from openvla_ros.ros.messages import action_array, delta_twist, timing_array, zero_delta
-from openvla_ros.ros.parameters import CONTROL_FIELDS, PARAMETERS, SPECS, ParameterSpec
+from openvla_ros.ros.node_status import status_summary
+from openvla_ros.ros.parameters import (
+    CONTROL_FIELDS,
+    PARAMETERS,
+    SPECS,
+    ParameterSpec,
+    value_problem,
+    whole_numbers_as_floats,
+)
 from openvla_ros.ros.ros_conversions import message_to_rgb
 from openvla_ros.ros.shutdown import ShutdownSignals, finish_callbacks
 from openvla_ros.ros.tick_schedule import ChunkRequestSchedule, LateTick
@@ -231,7 +239,7 @@ class PolicyNode(LifecycleNode):
         self._discarded_chunks = 0
         self._starved_ticks = 0
 
-        self.add_pre_set_parameters_callback(self._whole_numbers_as_floats)
+        self.add_pre_set_parameters_callback(whole_numbers_as_floats)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
         for spec in PARAMETERS:
@@ -261,7 +269,7 @@ class PolicyNode(LifecycleNode):
         # rclpy keeps the start-up overrides here and types ``10`` as an integer.
         override = self._parameter_overrides.get(spec.name)
         if override is not None:
-            (self._parameter_overrides[spec.name],) = self._whole_numbers_as_floats([override])
+            (self._parameter_overrides[spec.name],) = whole_numbers_as_floats([override])
         default = Parameter.Type.STRING_ARRAY if spec.default == [] else spec.default  # [] has no type
         try:
             self.declare_parameter(spec.name, default, spec.descriptor())
@@ -280,35 +288,17 @@ class PolicyNode(LifecycleNode):
             self.get_logger().error(f"parameter change rejected ({names}): {result.reason}")
         return result
 
-    @staticmethod
-    def _whole_numbers_as_floats(parameters: list[Parameter]) -> list[Parameter]:
-        """Takes ``ros2 param set ... rate_hz 10`` (an integer) as 10.0 for floating-point parameters."""
-        converted = []
-        for parameter in parameters:
-            spec = SPECS.get(parameter.name)
-            if spec is not None and isinstance(spec.default, float) and parameter.type_ == Parameter.Type.INTEGER:
-                parameter = Parameter(parameter.name, value=float(parameter.value))
-            converted.append(parameter)
-        return converted
-
     def _validate_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Rejects enum values outside their choices and control settings that do not validate."""
         candidate = dict(self._values)
         for parameter in parameters:
-            spec = SPECS.get(parameter.name)
-            if spec is None:
+            if parameter.name not in SPECS:
                 continue
-            if spec.choices and parameter.value not in spec.choices:
-                return SetParametersResult(
-                    successful=False,
-                    reason=f"{parameter.name} must be one of {', '.join(spec.choices)}; got {parameter.value!r}",
-                )
-            if spec.name in ("image_topic", "instruction_topic") and not str(parameter.value).strip():
-                return SetParametersResult(successful=False, reason=f"{parameter.name} must not be empty")
-            if spec.name == "actions_per_inference" and self._chunk_model is not None:
+            problem = value_problem(parameter.name, parameter.value)
+            if problem is None and parameter.name == "actions_per_inference" and self._chunk_model is not None:
                 problem = actions_per_inference_problem(int(parameter.value), self._chunk_model.chunk_size)
-                if problem:
-                    return SetParametersResult(successful=False, reason=problem)
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
             candidate[parameter.name] = parameter.value
         if any(parameter.name in CONTROL_FIELDS for parameter in parameters):
             try:
@@ -952,22 +942,10 @@ class PolicyNode(LifecycleNode):
         return resolved
 
     def _publish_diagnostics(self) -> None:
-        problems = self._problems.active()
-        errors = {
-            key: message for key, message in problems.items() if key not in ("no_instruction", "no_image")
-        }
-        if self._policy is None and self._model_status.startswith("failed"):
-            level, summary = DiagnosticStatus.ERROR, f"model {self._model_status}"
-        elif errors:
-            level, summary = DiagnosticStatus.WARN, "; ".join(errors.values())
-        elif self._state_label != "active":
-            level, summary = DiagnosticStatus.OK, f"{self._state_label}"
-        elif not self._enabled:
-            level, summary = DiagnosticStatus.OK, "active, output disabled"
-        elif problems:
-            level, summary = DiagnosticStatus.OK, "; ".join(problems.values())
-        else:
-            level, summary = DiagnosticStatus.OK, "running"
+        failed = self._policy is None and self._model_status.startswith("failed")
+        level, summary = status_summary(
+            self._state_label, self._enabled, self._model_status if failed else None, self._problems.active()
+        )
         values = {
             "state": self._state_label,
             "enabled": str(self._enabled).lower(),
