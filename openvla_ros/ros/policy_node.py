@@ -8,7 +8,7 @@ activates itself; it still publishes nothing until ``~/enable`` is called with `
 
 Token mode (OpenVLA): one inference per control tick on a worker thread. Chunk mode (a chunked
 policy, OpenVLA-OFT): one inference per chunk of K actions, one queued action per tick
-(:mod:`openvla_ros.ros.chunk_queue`, :mod:`openvla_ros.ros.tick_schedule`); a stop drops the queue.
+(:mod:`openvla_ros.ros.chunk_control`); a stop drops the queue.
 
 Topics:
     in  ``image_topic`` (sensor_msgs/Image, or ``<image_topic>/compressed`` CompressedImage with
@@ -58,6 +58,7 @@ from std_srvs.srv import SetBool
 
 from openvla_ros.errors import OpenVLAError
 from openvla_ros.model.processor import validate_instruction
+from openvla_ros.ros.chunk_control import ChunkControl
 from openvla_ros.ros.chunk_mode import (
     ChunkModel,
     ProprioReading,
@@ -68,7 +69,6 @@ from openvla_ros.ros.chunk_mode import (
     proprio_from_array,
     proprio_from_joint_state,
 )
-from openvla_ros.ros.chunk_queue import ChunkQueue
 from openvla_ros.ros.control import (
     GRIPPER_INDEX,
     MAX_CHUNK_RATE_HZ,
@@ -95,7 +95,7 @@ from openvla_ros.ros.parameters import (
 )
 from openvla_ros.ros.ros_conversions import message_to_rgb
 from openvla_ros.ros.shutdown import ShutdownSignals, finish_callbacks
-from openvla_ros.ros.tick_schedule import ChunkRequestSchedule, LateTick
+from openvla_ros.ros.tick_schedule import LateTick
 
 __all__ = ["PARAMETERS", "PolicyNode", "ShutdownSignals", "auto_cpu_threads", "load_policy", "main"]
 
@@ -229,15 +229,7 @@ class PolicyNode(LifecycleNode):
         self._wrist_sources: list[InputSource] = []
         self._proprio_slot: LatestSlot[ProprioReading] = LatestSlot()
         self._proprio_source: InputSource | None = None
-        self._queue = ChunkQueue()
-        self._schedule = ChunkRequestSchedule()
-        self._tick = 0
-        self._chunk_stamp: Any = None  # image stamp of the newest queued chunk
-        self._chunk_ms = LatencyStats()
-        self._inference_rate = RateMeter(window_s=5.0)
-        self._chunks = 0
-        self._discarded_chunks = 0
-        self._starved_ticks = 0
+        self._chunk: ChunkControl | None = None  # the queue and its schedule, with a chunked model
 
         self.add_pre_set_parameters_callback(whole_numbers_as_floats)
         self.add_on_set_parameters_callback(self._validate_parameters)
@@ -318,7 +310,8 @@ class PolicyNode(LifecycleNode):
                     self._values[parameter.name] = parameter.value
             previous_rate = self._settings.rate_hz
             self._settings = self._settings_from(self._values)
-            self._queue.blend, self._queue.decay = self._settings.chunk_blend, self._settings.ensemble_decay
+            if self._chunk is not None:
+                self._chunk.set_blend(self._settings.chunk_blend, self._settings.ensemble_decay)
             if self._control_timer is not None and self._settings.rate_hz != previous_rate:
                 self._control_timer.timer_period_ns = int(1e9 / self._settings.rate_hz)
                 self._control_timer.reset()
@@ -372,8 +365,9 @@ class PolicyNode(LifecycleNode):
             self._chunk_model = chunk_model
             self._rate_limit_hz = MAX_RATE_HZ if chunk_model is None else MAX_CHUNK_RATE_HZ
             self._settings = self._settings_from(self._values)
-            self._queue.clear()
-            self._schedule.clear()
+            self._chunk = None if chunk_model is None else ChunkControl(chunk_model.chunk_size)
+            if self._chunk is not None:
+                self._chunk.set_blend(self._settings.chunk_blend, self._settings.ensemble_decay)
         self._policy = policy
         mode = "token mode" if chunk_model is None else (
             f"chunk mode: K = {chunk_model.chunk_size}, {chunk_model.num_images} image(s), "
@@ -465,7 +459,8 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._enabled = bool(self._values["start_enabled"])
             self._action_rate.reset()
-            self._inference_rate.reset()
+            if self._chunk is not None:
+                self._chunk.inference_rate.reset()
             self._control_timer = self.create_timer(
                 1.0 / self._settings.rate_hz, self._on_control_tick, callback_group=self._control_group
             )
@@ -552,8 +547,7 @@ class PolicyNode(LifecycleNode):
         self._proprio_slot.clear()
         with self._lock:
             self._instruction = None
-            self._queue.clear()
-            self._chunk_model = None
+            self._chunk_model, self._chunk = None, None
             self._rate_limit_hz = MAX_CHUNK_RATE_HZ  # the next model may be chunked
 
     # ------------------------------------------------------------------ inputs
@@ -571,8 +565,8 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             changed = instruction != self._instruction
             self._instruction = instruction
-            if changed:
-                self._queue.clear()  # the queued actions were for the previous task
+            if changed and self._chunk is not None:
+                self._chunk.clear()  # the queued actions were for the previous task
         self._problems.resolve("instruction")
         if changed:
             self.get_logger().info(f"instruction: {instruction!r}")
@@ -672,25 +666,19 @@ class PolicyNode(LifecycleNode):
         if extra is None:
             return
         wrist_frames, proprio_values = extra
-        worker = self._worker
-        if worker is None:
+        worker, chunk = self._worker, self._chunk
+        if worker is None or chunk is None:
             return
         with self._lock:
-            self._tick += 1
-            tick = self._tick
-            action = self._queue.pop(tick)
-            stamp = self._chunk_stamp
-            due = self._schedule.due(self._queue.planned(tick + 1), 1.0 / settings.rate_hz, worker.busy)
+            plan = chunk.next_tick(1.0 / settings.rate_hz, worker.busy, driving=self._output_live)
             stop_count = self._stop_count
-            if action is None and self._output_live:
-                self._starved_ticks += 1  # the queue ran dry while driving: the model was too slow
-        if due:
+        if plan.request:
             newest = self._frames.take_new() or frame
-            request = ChunkRequest(newest, wrist_frames, proprio_values, instruction, tick, settings, stop_count,
-                                   time.perf_counter())
+            request = ChunkRequest(newest, wrist_frames, proprio_values, instruction, plan.tick, settings,
+                                   stop_count, time.perf_counter())
             worker.submit(request)
-        if action is not None:
-            self._publish_queued(action, settings, stamp, stop_count)
+        if plan.action is not None:
+            self._publish_queued(plan.action, settings, plan.stamp, stop_count)
 
     def _checked_chunk_inputs(
         self, now_ns: int, settings: ControlSettings
@@ -744,8 +732,8 @@ class PolicyNode(LifecycleNode):
             return
         self._resolve("image", "camera images are valid again")
         decoded = time.perf_counter()
-        policy, model = self._policy, self._chunk_model
-        if policy is None or model is None:
+        policy, model, control = self._policy, self._chunk_model, self._chunk
+        if policy is None or model is None or control is None:
             return
         try:
             chunk = policy.predict_chunk(rgb, request.instruction, wrist_images=wrist_rgb, proprio=request.proprio)
@@ -768,19 +756,14 @@ class PolicyNode(LifecycleNode):
                 or self._instruction != request.instruction
                 or self._stop_count != request.stop_count
             ):
-                self._discarded_chunks += 1  # stopped, disabled or re-instructed while the model ran
+                control.discarded += 1  # stopped, disabled or re-instructed while the model ran
                 return
             settings = self._settings
-            actions = settings.actions_per_inference or model.chunk_size
-            placed = self._queue.add(np.asarray(chunk, dtype=np.float64), self._tick + 1, actions)
-            self._chunk_stamp = request.frame.message.header.stamp
             latency_s = time.perf_counter() - request.requested
-            self._schedule.add_latency(latency_s)
-            depth = self._queue.depth(self._tick + 1)
-            lead = self._schedule.lead_ticks(1.0 / settings.rate_hz)
-        self._chunks += 1
-        self._inference_rate.tick()
-        self._chunk_ms.add(latency_s * 1e3)
+            placed = control.add_chunk(np.asarray(chunk, dtype=np.float64), settings.actions_per_inference,
+                                       request.frame.message.header.stamp, latency_s)
+            depth = control.depth()
+            lead = control.schedule.lead_ticks(1.0 / settings.rate_hz)
         self._model_ms.add((inferred - decoded) * 1e3)
         self._latency_ms.add((self.get_clock().now().nanoseconds - request.frame.stamp_ns) / 1e6)
         if self._values["publish_step_timing"]:
@@ -889,7 +872,8 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._stop_count += 1
             self._late_tick.clear()
-            self._queue.clear()
+            if self._chunk is not None:
+                self._chunk.clear()
             if not self._output_live:
                 return
             self._output_live = False
@@ -965,20 +949,10 @@ class PolicyNode(LifecycleNode):
             "inference_errors": str(self._problems.count("inference")),
             "mode": "token" if self._chunk_model is None else "chunk",
         }
-        if self._chunk_model is not None:
+        chunk = self._chunk
+        if chunk is not None:
             with self._lock:
-                depth = self._queue.depth(self._tick + 1)
-            values |= {
-                "chunk_size": str(self._chunk_model.chunk_size),
-                "actions_per_inference": str(self._settings.actions_per_inference or self._chunk_model.chunk_size),
-                "inference_rate_hz": f"{self._inference_rate.rate_hz():.2f}",
-                "chunk_latency_ms_last": f"{self._chunk_ms.last:.1f}",
-                "chunk_latency_ms_median": f"{self._chunk_ms.percentile(50):.1f}",
-                "queue_depth": str(depth),
-                "chunks": str(self._chunks),
-                "discarded_chunks": str(self._discarded_chunks),
-                "starved_ticks": str(self._starved_ticks),
-            }
+                values |= chunk.diagnostic_values(self._settings.actions_per_inference)
         array = DiagnosticArray()
         now = self.get_clock().now()
         newest = self._frames.peek()
