@@ -1,11 +1,14 @@
-"""The policy node's outgoing messages, built from plain values (no node, no publishing)."""
+"""The policy node's outgoing messages, built from plain values (no node, no publishing).
+
+Stamps are ``builtin_interfaces/Time`` messages (a header's stamp, or ``Clock.now().to_msg()``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension
@@ -26,7 +29,7 @@ def action_array(values: Sequence[float]) -> Float64MultiArray:
     return array
 
 
-def delta_twist(action: np.ndarray, settings: ControlSettings, stamp: Time) -> TwistStamped:
+def delta_twist(action: np.ndarray, settings: ControlSettings, stamp: Any) -> TwistStamped:
     """Returns ``~/delta_twist`` of ``action`` (a delta, or a velocity with ``twist_mode: velocity``)."""
     twist = TwistStamped()
     twist.header.stamp = stamp
@@ -37,7 +40,7 @@ def delta_twist(action: np.ndarray, settings: ControlSettings, stamp: Time) -> T
     return twist
 
 
-def zero_delta(last_gripper: float, frame_id: str, stamp: Time) -> tuple[Float64MultiArray, TwistStamped]:
+def zero_delta(last_gripper: float, frame_id: str, stamp: Any) -> tuple[Float64MultiArray, TwistStamped]:
     """Returns the stop messages: an action of zero deltas holding ``last_gripper``, and a zero twist."""
     array = action_array([0.0] * (len(ACTION_NAMES) - 1) + [last_gripper])
     twist = TwistStamped()
@@ -46,7 +49,7 @@ def zero_delta(last_gripper: float, frame_id: str, stamp: Time) -> tuple[Float64
     return array, twist
 
 
-def timing_array(name: str, stamp: Time, values: Mapping[str, float]) -> DiagnosticArray:
+def timing_array(name: str, stamp: Any, values: Mapping[str, float]) -> DiagnosticArray:
     """Returns a ``~/step_timing`` message: one status ``name`` with the values in milliseconds (3 decimals)."""
     timing = DiagnosticArray()
     timing.header.stamp = stamp
