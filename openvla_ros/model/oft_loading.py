@@ -114,24 +114,23 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is unreadable: {exc}") from exc
 
 
-def _head_state(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
-    ours = checkpoint_dir / HEAD_NAME
-    if ours.is_file():
-        return _read_safetensors(ours), ours.name
-    official = official_component_file(checkpoint_dir, "action_head")
-    if official is None:
+def _component_state(checkpoint_dir: Path, ours: str, official: str) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Returns (state dict, file name) of a head in our layout (``ours``) or the official one; (None, "")."""
+    path = checkpoint_dir / ours
+    if path.is_file():
+        return _read_safetensors(path), path.name
+    found = official_component_file(checkpoint_dir, official)
+    if found is None:
         return None, ""
-    return read_torch_state(official), official.name
+    return read_torch_state(found), found.name
+
+
+def _head_state(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
+    return _component_state(checkpoint_dir, HEAD_NAME, "action_head")
 
 
 def _proprio_state(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
-    ours = checkpoint_dir / PROPRIO_NAME
-    if ours.is_file():
-        return _read_safetensors(ours), ours.name
-    official = official_component_file(checkpoint_dir, "proprio_projector")
-    if official is None:
-        return None, ""
-    return read_torch_state(official), official.name
+    return _component_state(checkpoint_dir, PROPRIO_NAME, "proprio_projector")
 
 
 def _shape(state: dict[str, torch.Tensor], key: str, source: str) -> tuple[int, ...]:

@@ -750,12 +750,7 @@ class PolicyNode(LifecycleNode):
         self._resolve("inference", "inference works again")
         self._resolve("non_finite")
         with self._lock:
-            if (
-                not self._enabled
-                or self._control_timer is None
-                or self._instruction != request.instruction
-                or self._stop_count != request.stop_count
-            ):
+            if not self._still_current(request.instruction, request.stop_count):
                 control.discarded += 1  # stopped, disabled or re-instructed while the model ran
                 return
             settings = self._settings
@@ -791,6 +786,15 @@ class PolicyNode(LifecycleNode):
             self._ticks_reusing_frame += 1
             newest = frame
         return Step(newest, instruction, tick_ns, settings, stop_count)
+
+    def _still_current(self, instruction: str, stop_count: int) -> bool:
+        """True when a result computed for (instruction, stop_count) may still be used (lock held)."""
+        return (
+            self._enabled
+            and self._control_timer is not None
+            and self._instruction == instruction
+            and self._stop_count == stop_count
+        )
 
     def _late_step(self) -> Step | None:
         """Worker thread, after a step: the step of a tick that came while it ran, if still due."""
@@ -841,12 +845,7 @@ class PolicyNode(LifecycleNode):
         self._resolve("inference", "inference works again")
         self._resolve("non_finite")
         with self._lock:
-            if (
-                not self._enabled
-                or self._control_timer is None
-                or self._instruction != step.instruction
-                or self._stop_count != step.stop_count
-            ):
+            if not self._still_current(step.instruction, step.stop_count):
                 return  # disabled, deactivated, re-instructed or stopped (stale camera...) while the model ran
             self._publish_action(limited, gripper, settings, step.frame.message.header.stamp)
             self._output_live = True
