@@ -13,6 +13,8 @@ import yaml
 from openvla_ros.model.loading import QUANTIZATIONS
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+ACTION_HEADS = ("tokens", "l1")
+DEFAULT_CHUNK = 8
 
 
 @dataclass
@@ -44,6 +46,12 @@ class FinetuneConfig:
         keep_checkpoints: how many periodic checkpoints to keep.
         seed: seed of data order, augmentation and LoRA initialisation.
         resume: continue from the newest checkpoint in ``out/checkpoints``.
+        action_head: ``tokens`` (OpenVLA's 7 action tokens, cross-entropy) or ``l1`` (OpenVLA-OFT: one
+            bidirectional pass, a chunk of continuous actions, L1 loss on the normalised chunk).
+        chunk: K, actions per chunk (l1 only); 0 = the base's when it is an OFT model, else 8.
+        use_proprio: feed ``observation/state`` through a proprio projector (l1 only).
+        num_images: images per observation, primary then wrist cameras (l1 only).
+        film: language-conditioned FiLM in every ViT block (l1 only).
     """
 
     vla_path: str = "openvla/openvla-7b"
@@ -72,6 +80,11 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     seed: int = 7
     resume: bool = False
+    action_head: str = "tokens"
+    chunk: int = 0
+    use_proprio: bool = False
+    num_images: int = 1
+    film: bool = False
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -96,6 +109,18 @@ class FinetuneConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.action_head not in ACTION_HEADS:
+            raise ValueError(f"action_head must be one of {', '.join(ACTION_HEADS)}, got {self.action_head!r}")
+        if self.chunk < 0 or self.num_images < 1:
+            raise ValueError(f"chunk must be >= 0 and num_images >= 1, got {self.chunk} and {self.num_images}")
+        if self.action_head == "tokens":
+            chunk_options = {"chunk": self.chunk != 0, "use_proprio": self.use_proprio,
+                             "num_images": self.num_images != 1, "film": self.film}
+            given = [name for name, used in chunk_options.items() if used]
+            if given:
+                raise ValueError(
+                    f"{', '.join('--' + n.replace('_', '-') for n in given)} need the OFT head: add --action-head l1"
+                )
         if self.lora_alpha is None:
             self.lora_alpha = float(min(self.lora_rank, 16))
 

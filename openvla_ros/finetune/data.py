@@ -33,13 +33,21 @@ STATISTICS_NAME = "dataset_statistics.json"
 
 @dataclass(frozen=True)
 class Frame:
-    """One recorded step: encoded image, physical action and instruction."""
+    """One recorded step: encoded images, physical action, instruction and (when recorded) robot state.
+
+    Attributes:
+        wrist_images: the encoded images of every ``observation`` key containing "wrist", in the
+            dataset's key order (the order OFT feeds them after the primary image).
+        state: ``observation/state`` as float64, or None when the dataset has no state.
+    """
 
     episode: int
     step: int
     image: bytes
     action: np.ndarray
     instruction: str
+    wrist_images: tuple[bytes, ...] = ()
+    state: np.ndarray | None = None
 
 
 def open_rlds(data_dir: str | Path, name: str):
@@ -118,22 +126,34 @@ def load_frames(builder, split: str) -> list[Frame]:
         raise DatasetError(
             f"dataset {builder.name} has no {split!r} split (splits: {', '.join(builder.info.splits)})"
         )
-    decoders = {"steps": {"observation": {"image": tfds.decode.SkipDecoding()}}}
+    observation = builder.info.features["steps"]["observation"]
+    keys = list(observation.keys())
+    wrist_keys = wrist_image_keys(keys)
+    has_state = "state" in keys
+    decoders = {"steps": {"observation": {k: tfds.decode.SkipDecoding() for k in ("image", *wrist_keys)}}}
     dataset = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
     frames: list[Frame] = []
     for episode_index, episode in enumerate(dataset):
         for step_index, step in enumerate(episode["steps"]):
             instruction = step["language_instruction"].numpy().decode("utf-8")
+            obs = step["observation"]
             frames.append(Frame(
                 episode=episode_index,
                 step=step_index,
-                image=step["observation"]["image"].numpy(),
+                image=obs["image"].numpy(),
                 action=step["action"].numpy().astype(np.float64),
                 instruction=instruction,
+                wrist_images=tuple(obs[k].numpy() for k in wrist_keys),
+                state=obs["state"].numpy().astype(np.float64) if has_state else None,
             ))
     if not frames:
         raise DatasetError(f"split {split!r} of dataset {builder.name} has no steps")
     return frames
+
+
+def wrist_image_keys(observation_keys: Sequence[str]) -> list[str]:
+    """Returns the observation keys holding wrist cameras, in order (every key containing "wrist")."""
+    return [key for key in observation_keys if "wrist" in key]
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -8,6 +8,10 @@ Run layout in ``config.out``::
     adapter/                   final LoRA adapter (loadable with ``adapter=``)
     merged/                    base + adapter merged into full precision: a checkpoint the node loads
     dataset_statistics.json    {dataset_name: statistics}
+
+With ``action_head: l1`` (OpenVLA-OFT) the VLA gets LoRA as above while the L1 action head, the proprio
+projector and FiLM are trained fully; their weights go into each checkpoint's ``heads/`` and into
+``merged/`` as safetensors beside the merged VLA (our OFT layout, loaded by the node as it is).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import yaml
 from torch import nn
 
 from openvla_ros.errors import TrainingError
-from openvla_ros.finetune.config import FinetuneConfig
+from openvla_ros.finetune.chunks import ChunkMetrics, ChunkSampleBuilder, check_chunk_data, collate_chunks
+from openvla_ros.finetune.config import DEFAULT_CHUNK, FinetuneConfig
 from openvla_ros.finetune.data import (
     Frame,
     SampleBuilder,
@@ -51,6 +56,14 @@ from openvla_ros.model.loading import (
     save_checkpoint,
 )
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
+from openvla_ros.model.oft import OFTSpec, OpenVLAOFT
+from openvla_ros.model.oft_loading import (
+    is_oft_checkpoint,
+    load_component_state,
+    load_oft_model,
+    oft_state_files,
+    save_oft_checkpoint,
+)
 from openvla_ros.model.policy import attach_adapter
 
 logger = logging.getLogger(__name__)
@@ -108,11 +121,24 @@ def lora_target_modules(model: OpenVLAForActionPrediction) -> list[str]:
     return names
 
 
-def build_trainable_model(config: FinetuneConfig, checkpoint_dir: Path, device: str):
-    """Returns a peft model with fresh LoRA weights on the (optionally quantised) base."""
+def load_base(config: FinetuneConfig, checkpoint_dir: Path, device: str, quantization: str | None = None,
+              dtype: str | None = None) -> tuple[OpenVLAForActionPrediction, OpenVLAOFT | None]:
+    """Returns the base VLA, and with ``action_head: l1`` and an OFT base also its OFT model (heads loaded).
+
+    An OFT base loads through the OFT loader, so a FiLM checkpoint's vision weights are the merged ones.
+    """
+    quantization = config.quantization if quantization is None else quantization
+    dtype = config.dtype if dtype is None else dtype
+    if config.action_head == "l1" and is_oft_checkpoint(checkpoint_dir, read_config(checkpoint_dir)):
+        oft = load_oft_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization)
+        return oft.vla, oft
+    return load_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization), None
+
+
+def add_lora(base: OpenVLAForActionPrediction, config: FinetuneConfig):
+    """Returns a peft model with fresh LoRA weights on ``base`` (modified in place)."""
     from peft import LoraConfig, get_peft_model
 
-    base = load_model(checkpoint_dir, dtype=config.dtype, device=device, quantization=config.quantization)
     for module in base.modules():
         # bitsandbytes' CPU 4-bit path repacks weights in place after any no-grad forward, which breaks
         # later gradients; training never uses that path.
@@ -130,6 +156,59 @@ def build_trainable_model(config: FinetuneConfig, checkpoint_dir: Path, device: 
     if config.gradient_checkpointing:
         base.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def build_trainable_model(config: FinetuneConfig, checkpoint_dir: Path, device: str):
+    """Returns a peft model with fresh LoRA weights on the (optionally quantised) base."""
+    base, _ = load_base(config, checkpoint_dir, device)
+    return add_lora(base, config)
+
+
+def chunk_spec(config: FinetuneConfig, base_oft: OpenVLAOFT | None, state_dim: int | None) -> OFTSpec:
+    """Returns the OFT layout to train: the base's when it is an OFT model, else the one the options ask for.
+
+    Raises:
+        TrainingError: options that contradict an OFT base, or --use-proprio on a dataset without state.
+    """
+    if base_oft is not None:
+        spec = base_oft.spec
+        conflicts = []
+        if config.chunk and config.chunk != spec.chunk:
+            conflicts.append(f"--chunk {config.chunk} (the base has {spec.chunk})")
+        if config.use_proprio != bool(spec.proprio_dim):
+            conflicts.append(f"--use-proprio {config.use_proprio} (the base {'has' if spec.proprio_dim else 'has no'} "
+                             "proprio projector)")
+        if config.num_images != spec.num_images:
+            conflicts.append(f"--num-images {config.num_images} (the base takes {spec.num_images})")
+        if config.film != spec.film:
+            conflicts.append(f"--film {config.film} (the base {'uses' if spec.film else 'has no'} FiLM)")
+        if conflicts:
+            raise TrainingError(
+                "fine-tuning an OFT model keeps its heads, so its layout cannot change: " + "; ".join(conflicts)
+                + ". Match these options to the base, or start from a token-head OpenVLA checkpoint"
+            )
+        return spec
+    proprio_dim = 0
+    if config.use_proprio:
+        if state_dim is None:
+            raise TrainingError(
+                "--use-proprio needs observation/state in the dataset; record the robot state "
+                "(topics.state in the conversion config) or drop --use-proprio"
+            )
+        proprio_dim = state_dim
+    return OFTSpec(chunk=config.chunk or DEFAULT_CHUNK, action_dim=ACTION_DIM, proprio_dim=proprio_dim,
+                   num_images=config.num_images, film=config.film)
+
+
+def trainable_heads(network: OpenVLAOFT, device: torch.device) -> None:
+    """Makes the head and proprio projector (float32: they cast their inputs) and FiLM (in the vision
+    dtype) of ``network`` trainable on ``device``."""
+    for module in (network.action_head, network.proprio_projector):
+        if module is not None:
+            module.to(device=device, dtype=torch.float32).requires_grad_(True)
+    if network.film is not None:
+        vision_dtype = network.vla.vision_backbone.featurizer.patch_embed.proj.weight.dtype
+        network.film.to(device=device, dtype=vision_dtype).requires_grad_(True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -208,37 +287,77 @@ class Trainer:
         self.train_frames: list[Frame] = load_frames(builder, "train")
         self.val_frames: list[Frame] = load_frames(builder, "val") if "val" in builder.info.splits else []
         self.tokenizer = load_tokenizer(self.checkpoint_dir)
-        self.model = build_trainable_model(config, self.checkpoint_dir, str(device))
-        base = self.model.get_base_model()
+        self.chunked = config.action_head == "l1"
+        vla, base_oft = load_base(config, self.checkpoint_dir, str(device))
+        self.model = add_lora(vla, config)
         # The base checkpoint's preprocessor settings, exactly as the policy will apply them.
         self.image_settings = read_image_settings(self.checkpoint_dir, read_config(self.checkpoint_dir))
         self.samples = SampleBuilder(self.tokenizer, self.statistics, self.image_settings, config.image_aug)
         self.eval_samples = SampleBuilder(self.tokenizer, self.statistics, self.image_settings, False)
-        self.pad_token_id = base.config.text_config.pad_token_id or 32000
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.pad_token_id = vla.config.text_config.pad_token_id or 32000
+        self.network: nn.Module = self.model
+        self.train_items: list = self.train_frames
+        self.val_items: list = self.val_frames
+        if self.chunked:
+            state = self.train_frames[0].state
+            self.spec = chunk_spec(config, base_oft, None if state is None else int(state.size))
+            if base_oft is None:
+                torch.manual_seed(config.seed + 1)
+                base_oft = OpenVLAOFT(vla, self.spec)
+            self.network = base_oft
+            trainable_heads(self.network, device)
+            self.samples = ChunkSampleBuilder(self.tokenizer, self.statistics, self.spec, self.image_settings,
+                                              config.image_aug, config.dataset_name)
+            self.eval_samples = ChunkSampleBuilder(self.tokenizer, self.statistics, self.spec, self.image_settings,
+                                                   False, config.dataset_name)
+            self.train_items = check_chunk_data(self.train_frames, self.spec, "train")
+            self.val_items = check_chunk_data(self.val_frames, self.spec, "val") if self.val_frames else []
+            logger.info("OFT fine-tuning: chunk %d, %d-D actions, proprio %d, %d image(s), FiLM %s; %d train windows",
+                        self.spec.chunk, self.spec.action_dim, self.spec.proprio_dim, self.spec.num_images,
+                        self.spec.film, len(self.train_items))
+        self.trainable = [p for p in self.network.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=0.0)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.step = 0
         self._order: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
-        self.forward_model: nn.Module = self.model
+        self.forward_model: nn.Module = self.network
         if self.dist.world_size > 1:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None
+                self.network, device_ids=[device.index] if device.type == "cuda" else None
             )
 
     # ----------------------------------------------------------------------------------- data
-    def _batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+    def _collate(self, samples: list) -> Any:
+        if self.chunked:
+            return collate_chunks(samples, self.spec, self.pad_token_id).to(self.device)
+        return {key: value.to(self.device) for key, value in collate(samples, self.pad_token_id).items()}
+
+    def _batch(self, step: int, micro: int) -> Any:
         config, world = self.config, self.dist.world_size
         first = ((step * config.grad_accumulation_steps + micro) * world + self.dist.rank) * config.batch_size
         samples = []
-        count = len(self.train_frames)
+        count = len(self.train_items)
         for number in range(first, first + config.batch_size):
             epoch, position = divmod(number, count)
             if self._order[0] != epoch:
                 self._order = (epoch, epoch_order(count, config.seed, epoch))
-            frame = self.train_frames[int(self._order[1][position])]
-            samples.append(self.samples(frame, sample_rng(config.seed, number)))
-        return {key: value.to(self.device) for key, value in collate(samples, self.pad_token_id).items()}
+            item = self.train_items[int(self._order[1][position])]
+            samples.append(self.samples(item, sample_rng(config.seed, number)))
+        return self._collate(samples)
+
+    def _new_metrics(self) -> BatchMetrics | ChunkMetrics:
+        return ChunkMetrics() if self.chunked else BatchMetrics()
+
+    def _loss(self, model: nn.Module, batch: Any, metrics, samples) -> torch.Tensor:
+        """Returns the loss of one batch and adds the batch to ``metrics``."""
+        if self.chunked:
+            predicted = model(batch.inputs, batch.pixel_values, batch.proprio)
+            loss = torch.nn.functional.l1_loss(predicted, batch.actions)
+            metrics.add(predicted, batch.actions, loss.item(), samples)
+            return loss
+        output = model(**batch)
+        update_metrics(metrics, output.logits.detach(), output.targets, output.loss.item(), samples)
+        return output.loss
 
     # ------------------------------------------------------------------------------ training
     def run(self) -> dict[str, Any]:
@@ -262,16 +381,14 @@ class Trainer:
             writer = SummaryWriter(str(self.out / "tensorboard"))
         progress = tqdm(total=config.max_steps, initial=self.step, disable=not self.dist.is_main, desc="finetune")
         last: dict[str, Any] = {}
-        window = BatchMetrics()
-        self.model.train()
+        window = self._new_metrics()
+        self.network.train()
         try:
             while self.step < config.max_steps:
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in range(config.grad_accumulation_steps):
-                    batch = self._batch(self.step, micro)
-                    output = self.forward_model(**batch)
-                    (output.loss / config.grad_accumulation_steps).backward()
-                    update_metrics(window, output.logits.detach(), output.targets, output.loss.item(), self.samples)
+                    loss = self._loss(self.forward_model, self._batch(self.step, micro), window, self.samples)
+                    (loss / config.grad_accumulation_steps).backward()
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
                 self.optimizer.step()
@@ -281,10 +398,12 @@ class Trainer:
                 if self.step % config.log_steps == 0 or self.step == config.max_steps:
                     last["train"] = window.summary()
                     self._log("train", last["train"], writer)
-                    progress.set_postfix(loss=f"{last['train']['loss']:.3f}",
-                                         acc=f"{last['train']['action_accuracy']:.2f}")
-                    window = BatchMetrics()
-                if config.eval_steps and self.val_frames and (
+                    shown = {"loss": f"{last['train']['loss']:.3f}"}
+                    if "action_accuracy" in last["train"]:
+                        shown["acc"] = f"{last['train']['action_accuracy']:.2f}"
+                    progress.set_postfix(**shown)
+                    window = self._new_metrics()
+                if config.eval_steps and self.val_items and (
                     self.step % config.eval_steps == 0 or self.step == config.max_steps
                 ):
                     last["val"] = self.evaluate()
@@ -318,16 +437,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Returns loss, action accuracy and L1 on the first ``eval_batches`` batches of ``val``."""
-        self.model.eval()
-        metrics = BatchMetrics()
+        """Returns loss and L1 (and action accuracy for the token head) on the first ``eval_batches`` batches of ``val``."""
+        self.network.eval()
+        metrics = self._new_metrics()
         size = self.config.batch_size
-        for start in range(0, min(len(self.val_frames), size * self.config.eval_batches), size):
-            samples = [self.eval_samples(frame, None) for frame in self.val_frames[start:start + size]]
-            batch = {key: value.to(self.device) for key, value in collate(samples, self.pad_token_id).items()}
-            output = self.model(**batch)
-            update_metrics(metrics, output.logits, output.targets, float(output.loss), self.eval_samples)
-        self.model.train()
+        for start in range(0, min(len(self.val_items), size * self.config.eval_batches), size):
+            samples = [self.eval_samples(item, None) for item in self.val_items[start:start + size]]
+            self._loss(self.network, self._collate(samples), metrics, self.eval_samples)
+        self.network.train()
         return metrics.summary()
 
     # ---------------------------------------------------------------------------- checkpoints
@@ -348,6 +465,8 @@ class Trainer:
                 staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
                 try:
                     self.model.save_pretrained(str(staging / "adapter"))
+                    if self.chunked:
+                        self._save_heads(staging / "heads")
                     torch.save({
                         "step": self.step,
                         "optimizer": self.optimizer.state_dict(),
@@ -381,6 +500,8 @@ class Trainer:
         result = set_peft_model_state_dict(self.model, adapter_weights)
         if getattr(result, "unexpected_keys", None):
             raise TrainingError(f"checkpoint {latest} does not fit this model: unexpected {result.unexpected_keys[:3]}")
+        if self.chunked:
+            self._load_heads(latest / "heads")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -388,6 +509,30 @@ class Trainer:
         random.setstate(state["python_rng"])
         self.step = int(state["step"])
         logger.info("resumed from %s at step %d", latest, self.step)
+
+    def _save_heads(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True)
+        for name, state in oft_state_files(self.network).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / name))
+
+    def _load_heads(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        for name in oft_state_files(self.network):
+            path = directory / name
+            try:
+                state = load_file(str(path))
+            except Exception as exc:  # missing or damaged file
+                raise TrainingError(
+                    f"checkpoint {directory.parent} has no readable {path.name} ({exc}); remove that checkpoint "
+                    "to resume from the one before"
+                ) from exc
+            module = {"action_head.safetensors": self.network.action_head,
+                      "proprio_projector.safetensors": self.network.proprio_projector,
+                      "film.safetensors": self.network.film}[name]
+            load_component_state(module, state, str(path))
 
     # -------------------------------------------------------------------------------- outputs
     def _write_outputs(self) -> None:
@@ -401,7 +546,7 @@ class Trainer:
         statistics = {self.config.dataset_name: self.statistics}
         (self.out / "dataset_statistics.json").write_text(json.dumps(statistics, indent=2))
         merged_dtype = "float32" if self.device.type == "cpu" else "bfloat16"
-        base = load_model(self.checkpoint_dir, dtype=merged_dtype, device="cpu", quantization="none")
+        base, _ = load_base(self.config, self.checkpoint_dir, "cpu", quantization="none", dtype=merged_dtype)
         merged = attach_adapter(base, adapter_dir, merge=True)
         merged.config.norm_stats = {**merged.config.norm_stats, **statistics}
         merged.config.extra["openvla_ros"] = {
@@ -415,7 +560,16 @@ class Trainer:
         merged_dir, fresh, previous = self.out / "merged", self.out / ".merged-new", self.out / ".merged-old"
         for leftover in (fresh, previous):
             shutil.rmtree(leftover, ignore_errors=True)
-        save_checkpoint(merged, fresh, tokenizer=self.tokenizer, image_settings=self.image_settings)
+        if self.chunked:
+            merged_oft = OpenVLAOFT(merged, self.spec)
+            for name, module in (("action_head", merged_oft.action_head),
+                                 ("proprio_projector", merged_oft.proprio_projector), ("film", merged_oft.film)):
+                if module is not None:
+                    module.load_state_dict({k: v.detach().cpu() for k, v in
+                                            getattr(self.network, name).state_dict().items()})
+            save_oft_checkpoint(merged_oft, fresh, tokenizer=self.tokenizer, image_settings=self.image_settings)
+        else:
+            save_checkpoint(merged, fresh, tokenizer=self.tokenizer, image_settings=self.image_settings)
         # as the official fine-tuning does: the run's own statistics beside the model
         (fresh / "dataset_statistics.json").write_text(json.dumps(statistics, indent=2))
         if merged_dir.exists():

@@ -191,6 +191,10 @@ def read_oft_spec(checkpoint_dir: Path, config: OpenVLAConfig) -> OFTSpec:
     chunk = stated.get("chunk", config.extra.get("num_actions_chunk"))
     images = stated.get("num_images", config.extra.get("num_images_in_input"))
     normalization = stated.get("normalization", config.extra.get("action_normalization"))
+    if chunk is not None and images is not None and normalization is None and platform is None:
+        logger.info("%s: no action_normalization in config.json; using bounds_q99 (q01/q99), the OFT default",
+                    checkpoint_dir)
+        normalization = "bounds_q99"
     if chunk is None or images is None or normalization is None:
         if platform is None:
             raise CheckpointError(
@@ -267,7 +271,7 @@ def merge_film_backbone(state: dict[str, torch.Tensor], checkpoint_dir: Path, so
     return vision, film
 
 
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_component_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     expected = set(module.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
@@ -304,10 +308,10 @@ def load_oft_model(
     compute_dtype = vla.language_model.get_input_embeddings().weight.dtype
     model = OpenVLAOFT(vla, spec)
     head, head_source = _head_state(checkpoint_dir)
-    _load_strict(model.action_head, head, head_source)
+    load_component_state(model.action_head, head, head_source)
     if spec.proprio_dim:
         proprio, proprio_source = _proprio_state(checkpoint_dir)
-        _load_strict(model.proprio_projector, proprio, proprio_source)
+        load_component_state(model.proprio_projector, proprio, proprio_source)
     if spec.film:
         _load_film(model, checkpoint_dir)
     model.action_head.to(device=vla.device, dtype=compute_dtype)
@@ -323,11 +327,11 @@ def load_oft_model(
 def _load_film(model: OpenVLAOFT, checkpoint_dir: Path) -> None:
     ours = checkpoint_dir / FILM_NAME
     if ours.is_file():
-        _load_strict(model.film, _read_safetensors(ours), ours.name)
+        load_component_state(model.film, _read_safetensors(ours), ours.name)
         return
     path = official_component_file(checkpoint_dir, "vision_backbone")
     vision, film = merge_film_backbone(read_torch_state(path), checkpoint_dir, path.name)
-    _load_strict(model.film, film, path.name)
+    load_component_state(model.film, film, path.name)
     backbone_state = {k: v for k, v in model.vla.state_dict().items() if k.startswith("vision_backbone.")}
     missing = sorted(set(backbone_state) - set(vision))
     unexpected = sorted(set(vision) - set(backbone_state))

@@ -17,7 +17,7 @@ import torch
 from openvla_ros.errors import CheckpointError, ImageError, OpenVLAError
 from openvla_ros.model.action_codec import ActionNormalizer, select_unnorm_key
 from openvla_ros.model.loading import load_tokenizer, read_config, read_image_settings, resolve_checkpoint_dir
-from openvla_ros.model.oft import OpenVLAOFT, build_chunk_inputs
+from openvla_ros.model.oft import OFTSpec, OpenVLAOFT, build_chunk_inputs
 from openvla_ros.model.oft_loading import is_oft_checkpoint, load_oft_model
 from openvla_ros.model.policy import OpenVLAPolicy, default_unnorm_key, trained_with_image_aug
 from openvla_ros.model.processor import ImageTransform, prompt_token_ids
@@ -37,6 +37,59 @@ def _bounds(stats: dict[str, Any], normalization: str, what: str) -> tuple[np.nd
         raise CheckpointError(f"{what} statistics lack {exc.args[0]!r} ({normalization} normalisation)") from exc
 
 
+def chunk_normalizers(stats: dict[str, Any], spec: OFTSpec, key: str
+                      ) -> tuple[ActionNormalizer, tuple[np.ndarray, np.ndarray] | None]:
+    """Returns the action normaliser and the proprio bounds of one statistics entry, for ``spec``.
+
+    Training and inference both build them here, so the two cannot normalise differently.
+
+    Raises:
+        CheckpointError: statistics missing, malformed, or of another action/proprio width.
+    """
+    if not isinstance(stats.get("action"), dict):
+        raise CheckpointError(f"norm_stats[{key!r}] has no 'action' statistics")
+    low, high = _bounds(stats["action"], spec.normalization, "action")
+    mask = stats["action"].get("mask", [True] * len(low))
+    try:
+        normalizer = ActionNormalizer(q01=low, q99=high, mask=np.asarray(mask))
+    except ValueError as exc:
+        raise CheckpointError(f"norm_stats[{key!r}]['action'] is malformed: {exc}") from exc
+    if normalizer.dim != spec.action_dim:
+        raise CheckpointError(
+            f"norm_stats[{key!r}] describes {normalizer.dim}-D actions; the action head "
+            f"outputs {spec.action_dim}-D actions"
+        )
+    if not spec.proprio_dim:
+        return normalizer, None
+    if not isinstance(stats.get("proprio"), dict):
+        raise CheckpointError(f"the model takes proprio, but norm_stats[{key!r}] has no 'proprio' statistics")
+    bounds = _bounds(stats["proprio"], spec.normalization, "proprio")
+    if bounds[0].shape != (spec.proprio_dim,) or bounds[1].shape != (spec.proprio_dim,):
+        raise CheckpointError(
+            f"norm_stats[{key!r}]['proprio'] describes {bounds[0].size} values; the proprio projector takes "
+            f"{spec.proprio_dim}"
+        )
+    return normalizer, bounds
+
+
+def normalize_proprio(proprio: Any, bounds: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Returns clip(2 (p - low) / (high - low + 1e-8) - 1, -1, 1), as the official inference code.
+
+    Raises:
+        ProprioError: wrong length or not finite.
+    """
+    low, high = bounds
+    values = np.asarray(proprio, dtype=np.float64).reshape(-1)
+    if values.shape[0] != low.shape[0]:
+        raise ProprioError(
+            f"proprio has {values.shape[0]} values; this model takes {low.shape[0]} "
+            "(the state vector it was trained with)"
+        )
+    if not np.all(np.isfinite(values)):
+        raise ProprioError(f"proprio is not finite: {values.tolist()}; check the state source")
+    return np.clip(2.0 * (values - low) / (high - low + 1e-8) - 1.0, -1.0, 1.0)
+
+
 class OFTPolicy:
     """A loaded OpenVLA-OFT model with its tokenizer, image transform and normalisers."""
 
@@ -51,26 +104,7 @@ class OFTPolicy:
         self.checkpoint_dir = checkpoint_dir
         self.unnorm_key = select_unnorm_key(self.config.norm_stats, unnorm_key or default_unnorm_key(self.config))
         stats = self.config.norm_stats[self.unnorm_key]
-        if not isinstance(stats.get("action"), dict):
-            raise CheckpointError(f"norm_stats[{self.unnorm_key!r}] has no 'action' statistics")
-        low, high = _bounds(stats["action"], self.spec.normalization, "action")
-        mask = stats["action"].get("mask", [True] * len(low))
-        try:
-            self.normalizer = ActionNormalizer(q01=low, q99=high, mask=np.asarray(mask))
-        except ValueError as exc:
-            raise CheckpointError(f"norm_stats[{self.unnorm_key!r}]['action'] is malformed: {exc}") from exc
-        if self.normalizer.dim != self.spec.action_dim:
-            raise CheckpointError(
-                f"norm_stats[{self.unnorm_key!r}] describes {self.normalizer.dim}-D actions; the action head "
-                f"outputs {self.spec.action_dim}-D actions"
-            )
-        self.proprio_bounds = None
-        if self.spec.proprio_dim:
-            if not isinstance(stats.get("proprio"), dict):
-                raise CheckpointError(
-                    f"the model takes proprio, but norm_stats[{self.unnorm_key!r}] has no 'proprio' statistics"
-                )
-            self.proprio_bounds = _bounds(stats["proprio"], self.spec.normalization, "proprio")
+        self.normalizer, self.proprio_bounds = chunk_normalizers(stats, self.spec, self.unnorm_key)
         self.image_transform = ImageTransform(image_size=self.config.image_size, center_crop=center_crop,
                                               rotate_180=rotate_180, settings=image_settings)
 
@@ -111,16 +145,7 @@ class OFTPolicy:
         Raises:
             ProprioError: wrong length or not finite.
         """
-        values = np.asarray(proprio, dtype=np.float64).reshape(-1)
-        if values.shape[0] != self.spec.proprio_dim:
-            raise ProprioError(
-                f"proprio has {values.shape[0]} values; this model takes {self.spec.proprio_dim} "
-                "(the state vector it was trained with)"
-            )
-        if not np.all(np.isfinite(values)):
-            raise ProprioError(f"proprio is not finite: {values.tolist()}; check the state source")
-        low, high = self.proprio_bounds
-        return np.clip(2.0 * (values - low) / (high - low + 1e-8) - 1.0, -1.0, 1.0)
+        return normalize_proprio(proprio, self.proprio_bounds)
 
     @torch.inference_mode()
     def predict_chunk(self, image: np.ndarray, instruction: str, wrist_images: Sequence[np.ndarray] = (),

@@ -1,0 +1,255 @@
+"""OFT-style fine-tuning (L1 head, action chunks, proprio, wrist camera, FiLM) on a tiny RLDS dataset, on the CPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from openvla_ros.dataset.rlds_writer import EpisodeStep, RldsWriter
+from openvla_ros.errors import DatasetError, TrainingError
+from openvla_ros.finetune.chunks import ChunkSampleBuilder, chunk_windows, collate_chunks
+from openvla_ros.finetune.config import FinetuneConfig
+from openvla_ros.finetune.data import decode_image, load_frames, open_rlds
+from openvla_ros.finetune.trainer import Trainer, run_finetune
+from openvla_ros.model.oft_loading import HEAD_NAME, PROPRIO_NAME
+from openvla_ros.model.oft_policy import OFTPolicy, load_policy_auto
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "toy_chunks"
+STEPS = 10
+CHUNK = 4
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 60)}
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _action(sign: float, t: int) -> np.ndarray:
+    return np.array([0.01 * sign, 0.004 * np.cos(t), 0.002 * sign, 0.0, 0.0, 0.05 * sign, float(t >= STEPS // 2)])
+
+
+def _episode(index: int, with_extras: bool = True) -> list[EpisodeStep]:
+    colour = "red" if index % 2 == 0 else "green"
+    sign = 1.0 if colour == "red" else -1.0
+    episode = []
+    for t in range(STEPS):
+        image = np.full((224, 224, 3), 40, np.uint8)
+        x = 10 + 18 * t
+        image[90:140, x:x + 40] = COLOURS[colour]
+        wrist = np.full((224, 224, 3), 90, np.uint8)
+        wrist[:, : 20 + 20 * t] = COLOURS[colour]
+        images = {"image": _jpeg(image)}
+        if with_extras:
+            images["wrist_image"] = _jpeg(wrist)
+        state = np.array([t / STEPS, sign, 0.5 + 0.01 * index]) if with_extras else None
+        episode.append(EpisodeStep(images=images, action=_action(sign, t), instruction=f"move to the {colour} block",
+                                   state=state))
+    return episode
+
+
+def _write(data_dir: Path, with_extras: bool) -> Path:
+    keys = ["image", "wrist_image"] if with_extras else ["image"]
+    with RldsWriter(data_dir, NAME, image_keys=keys) as writer:
+        for index in range(6):
+            writer.add_episode(_episode(index, with_extras), file_path=f"episode_{index}", start_time_ns=index)
+        writer.finish(val_fraction=0.34, seed=0)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write(tmp_path_factory.mktemp("rlds_oft"), with_extras=True)
+
+
+def _config(tiny: Path, data: Path, out: Path, **overrides) -> FinetuneConfig:
+    settings = dict(vla_path=str(tiny), data_dir=str(data), dataset_name=NAME, out=str(out), max_steps=40,
+                    batch_size=4, learning_rate=2e-3, lora_rank=8, save_steps=20, eval_steps=20, eval_batches=2,
+                    log_steps=5, image_aug=False, device="cpu", seed=3, action_head="l1", chunk=CHUNK,
+                    use_proprio=True, num_images=2)
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint: Path, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("run_oft") / "run"
+    trainer = Trainer(_config(tiny_checkpoint, dataset_dir, out))
+    before = trainer.evaluate()
+    metrics = trainer.run()
+    return out, before, metrics
+
+
+def test_the_loader_carries_state_and_wrist_images_and_windows_stay_inside_episodes(dataset_dir: Path) -> None:
+    frames = load_frames(open_rlds(dataset_dir, NAME), "train")
+    assert all(len(f.wrist_images) == 1 and f.state is not None and f.state.shape == (3,) for f in frames)
+    wrist = decode_image(frames[3].wrist_images[0])
+    assert wrist.shape == (224, 224, 3) and not np.array_equal(wrist, decode_image(frames[3].image))
+    windows = chunk_windows(frames, CHUNK)
+    episodes = len({f.episode for f in frames})
+    assert len(windows) == episodes * (STEPS - CHUNK + 1), "starts 0 .. len-K of every episode"
+    for window in windows:
+        assert len({f.episode for f in window.frames}) == 1
+        assert [f.step for f in window.frames] == list(range(window.first.step, window.first.step + CHUNK))
+
+
+def test_samples_use_the_shared_layout_normalisation_and_image_order(tiny_checkpoint: Path, dataset_dir: Path) -> None:
+    from openvla_ros.model.loading import load_tokenizer
+    from openvla_ros.model.oft import OFTSpec, build_chunk_inputs
+    from openvla_ros.model.processor import ImageTransform, prompt_token_ids
+
+    builder = open_rlds(dataset_dir, NAME)
+    statistics = json.loads((Path(builder.data_dir) / "dataset_statistics.json").read_text())
+    statistics = statistics.get(NAME, statistics)
+    frames = load_frames(builder, "train")
+    spec = OFTSpec(chunk=CHUNK, action_dim=7, proprio_dim=3, num_images=2)
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    samples = ChunkSampleBuilder(tokenizer, statistics, spec, ImageTransform().settings, False, NAME)
+    window = chunk_windows(frames, CHUNK)[2]
+    sample = samples(window, None)
+    transform = ImageTransform()
+    expected_pixels = torch.cat([transform.pixel_values(decode_image(window.first.image)),
+                                 transform.pixel_values(decode_image(window.first.wrist_images[0]))])
+    assert torch.equal(sample["pixel_values"], expected_pixels), "primary first, then the wrist camera"
+    low, high = np.array(statistics["action"]["q01"]), np.array(statistics["action"]["q99"])
+    recorded = np.stack([f.action for f in window.frames])
+    expected = np.clip(2 * (recorded - low) / np.where(high > low, high - low, 1) - 1, -1, 1)
+    expected = np.where(high > low, expected, 0.0)
+    expected[:, 6] = recorded[:, 6]  # the gripper is masked out of normalisation
+    np.testing.assert_allclose(sample["actions"].numpy(), expected, atol=1e-6)
+    p_low, p_high = np.array(statistics["proprio"]["q01"]), np.array(statistics["proprio"]["q99"])
+    proprio = np.clip(2 * (window.first.state - p_low) / (p_high - p_low + 1e-8) - 1, -1, 1)
+    np.testing.assert_allclose(sample["proprio"].numpy(), proprio, atol=1e-6)
+    batch = collate_chunks([sample, samples(chunk_windows(frames, CHUNK)[0], None)], spec, 32000)
+    reference = build_chunk_inputs([prompt_token_ids(tokenizer, window.first.instruction),
+                                    prompt_token_ids(tokenizer, frames[0].instruction)], spec, 32000)
+    assert torch.equal(batch.inputs.input_ids, reference.input_ids), "the same layout the policy builds"
+
+
+def test_l1_fine_tuning_lowers_the_loss_and_writes_a_merged_oft_model(trained) -> None:
+    out, before, metrics = trained
+    assert metrics["val"]["loss"] < 0.6 * before["loss"], (before, metrics)
+    assert metrics["train"]["loss"] < before["loss"]
+    assert {"l1_first_step", "l1_last_step", "l1_physical"} <= set(metrics["val"])
+    merged = out / "merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert config["oft"]["chunk"] == CHUNK and config["oft"]["proprio_dim"] == 3 and config["oft"]["num_images"] == 2
+    assert (merged / HEAD_NAME).is_file() and (merged / PROPRIO_NAME).is_file()
+    assert NAME in config["norm_stats"] and "proprio" in config["norm_stats"][NAME]
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert all((c / "heads" / HEAD_NAME).is_file() for c in checkpoints)
+
+
+def test_the_merged_model_predicts_the_recorded_chunks_better_than_before(trained, tiny_checkpoint: Path,
+                                                                          dataset_dir: Path) -> None:
+    out = trained[0]
+    policy = load_policy_auto(str(out / "merged"), device="cpu")
+    assert isinstance(policy, OFTPolicy)
+    assert (policy.chunk_size, policy.proprio_dim, policy.num_images) == (CHUNK, 3, 2)
+    frames = load_frames(open_rlds(dataset_dir, NAME), "train")
+    windows = chunk_windows(frames, CHUNK)[::3]
+
+    def error(model: OFTPolicy) -> float:
+        errors = []
+        for window in windows:
+            first = window.first
+            chunk = model.predict_chunk(decode_image(first.image), first.instruction,
+                                        wrist_images=[decode_image(first.wrist_images[0])], proprio=first.state)
+            errors.append(np.abs(chunk - np.stack([f.action for f in window.frames]))[:, :6].mean())
+        return float(np.mean(errors))
+
+    trained_error = error(policy)
+    # the starting point of the same run: a trainer with the same seed, before any step
+    fresh = Trainer(_config(tiny_checkpoint, dataset_dir, out.parent / "unused", max_steps=1))
+    fresh.network.eval()
+    fresh.network.config.norm_stats = {NAME: fresh.statistics}
+    untrained = OFTPolicy(fresh.network, policy.tokenizer, unnorm_key=NAME)
+    assert trained_error < 0.5 * error(untrained)
+
+
+def test_resumed_l1_training_matches_uninterrupted(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    settings = dict(max_steps=6, save_steps=3, eval_steps=0, log_steps=3, use_proprio=False, num_images=1)
+    run_finetune(_config(tiny_checkpoint, dataset_dir, tmp_path / "straight", **settings))
+    run_finetune(_config(tiny_checkpoint, dataset_dir, tmp_path / "split", **{**settings, "max_steps": 3}))
+    run_finetune(_config(tiny_checkpoint, dataset_dir, tmp_path / "split", **settings, resume=True))
+    straight = load_file(str(tmp_path / "straight" / "merged" / HEAD_NAME))
+    split = load_file(str(tmp_path / "split" / "merged" / HEAD_NAME))
+    fresh = Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "unused", **settings)).network.action_head
+    initial = {k: v.detach() for k, v in fresh.state_dict().items()}
+    for key, value in straight.items():
+        torch.testing.assert_close(split[key], value, rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(straight[k], initial[k]) for k in straight), "the head was trained"
+
+
+def test_film_fine_tuning_trains_the_film_layers_and_loads(tiny_checkpoint: Path, dataset_dir: Path,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "film"
+    trainer = Trainer(_config(tiny_checkpoint, dataset_dir, out, max_steps=4, eval_steps=0, save_steps=4,
+                              film=True, use_proprio=False, num_images=1))
+    initial = {k: v.detach().clone() for k, v in trainer.network.film.state_dict().items()}
+    trainer.run()
+    film = load_file(str(out / "merged" / "film.safetensors"))
+    assert set(film) == set(initial)
+    assert any(not torch.allclose(film[k], initial[k]) for k in film), "FiLM is trained fully"
+    policy = load_policy_auto(str(out / "merged"), device="cpu")
+    assert policy.spec.film and policy.chunk_size == CHUNK
+    frame = load_frames(open_rlds(dataset_dir, NAME), "val")[0]
+    assert np.all(np.isfinite(policy.predict_chunk(decode_image(frame.image), frame.instruction)))
+
+
+def test_bad_chunk_settings_and_datasets(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--action-head l1"):
+        FinetuneConfig(vla_path="x", data_dir="d", dataset_name="n", chunk=8)
+    with pytest.raises(ValueError, match="action_head must be one of"):
+        FinetuneConfig(vla_path="x", data_dir="d", dataset_name="n", action_head="diffusion")
+    with pytest.raises(DatasetError, match="2 wrist camera"):
+        Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "a", num_images=3))
+    with pytest.raises(DatasetError, match="lower --chunk"):
+        Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "b", chunk=STEPS + 1))
+    plain = _write(tmp_path / "plain", with_extras=False)
+    with pytest.raises(TrainingError, match="observation/state"):
+        Trainer(_config(tiny_checkpoint, plain, tmp_path / "c"))
+    with pytest.raises(DatasetError, match="wrist camera"):
+        Trainer(_config(tiny_checkpoint, plain, tmp_path / "d", use_proprio=False))
+
+
+def test_an_oft_base_keeps_its_layout(tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    from openvla_ros.model.tiny_oft import make_tiny_oft_checkpoint
+
+    base = make_tiny_oft_checkpoint(tmp_path / "oft-base", seed=1, chunk=CHUNK, proprio_dim=3, num_images=2)
+    with pytest.raises(TrainingError, match="--chunk 6 .the base has 4."):
+        Trainer(_config(base, dataset_dir, tmp_path / "a", chunk=6))
+    # the official-layout heads are the starting point, and training continues from them
+    trainer = Trainer(_config(base, dataset_dir, tmp_path / "b", chunk=0, max_steps=2, eval_steps=0, save_steps=2))
+    official = OFTPolicy.from_pretrained(str(base), device="cpu").model.action_head.state_dict()
+    for key, value in trainer.network.action_head.state_dict().items():
+        torch.testing.assert_close(value, official[key].float())
+    trainer.run()
+    assert load_policy_auto(str(tmp_path / "b" / "merged"), device="cpu").chunk_size == CHUNK
+
+
+def test_evaluate_cli_reports_chunk_l1_and_plots_the_chunks(trained, dataset_dir: Path, tmp_path: Path) -> None:
+    out = trained[0]
+    plot = tmp_path / "chunks.png"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "training" / "evaluate.py"), "--model", str(out / "merged"), "--data-dir",
+         str(dataset_dir), "--dataset-name", NAME, "--device", "cpu", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout)
+    assert metrics["chunk_size"] == CHUNK
+    assert len(metrics["l1_per_chunk_step"]) == CHUNK and set(metrics["l1_per_dimension"]) >= {"dx", "gripper"}
+    assert metrics["l1_mean"] < 0.02
+    assert plot.is_file() and plot.stat().st_size > 10_000
