@@ -251,5 +251,6 @@ def test_evaluate_cli_reports_chunk_l1_and_plots_the_chunks(trained, dataset_dir
     metrics = json.loads(result.stdout)
     assert metrics["chunk_size"] == CHUNK
     assert len(metrics["l1_per_chunk_step"]) == CHUNK and set(metrics["l1_per_dimension"]) >= {"dx", "gripper"}
-    assert metrics["l1_mean"] < 0.02
+    # dx is +-0.01 by the block's colour: predicting 0 (or the wrong colour) would give >= 0.01
+    assert metrics["l1_per_dimension"]["dx"] < 0.003, metrics
     assert plot.is_file() and plot.stat().st_size > 10_000

@@ -3,9 +3,11 @@
     python training/evaluate.py --model DIR --data-dir DIR --dataset-name NAME [--split val]
         [--center-crop] [--max-steps N] [--episode K] [--plot PATH]
 
-Feeds the dataset's images through exactly the inference path (OpenVLAPolicy.predict_action), prints
-per-dimension L1 and token accuracy as JSON, and writes a PNG of predicted against recorded actions
-over one episode.
+Feeds the dataset's images through exactly the inference path, prints per-dimension L1 as JSON, and
+writes a PNG of predicted against recorded actions over one episode. Token models
+(OpenVLAPolicy.predict_action) also report token accuracy; OFT models (OFTPolicy.predict_chunk) are
+scored on every window of K steps (L1 per dimension and per chunk step), and the PNG draws the chunks
+predicted every K steps of the episode over the recording.
 """
 
 from __future__ import annotations
@@ -16,9 +18,17 @@ import sys
 from pathlib import Path
 
 from openvla_ros.errors import DatasetError, OpenVLAError
+from openvla_ros.finetune.chunks import chunk_windows
 from openvla_ros.finetune.data import load_frames, open_rlds
-from openvla_ros.finetune.evaluation import action_metrics, plot_episode, predict_frames
-from openvla_ros.model.policy import OpenVLAPolicy
+from openvla_ros.finetune.evaluation import (
+    action_metrics,
+    chunk_metrics,
+    plot_episode,
+    plot_episode_chunks,
+    predict_frames,
+    predict_window_chunks,
+)
+from openvla_ros.model.oft_policy import load_policy_auto
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,20 +64,30 @@ def main(argv: list[str] | None = None) -> int:
         unnorm_key = args.unnorm_key
         if unnorm_key is None and args.dataset_name in read_config(resolve_checkpoint_dir(args.model)).norm_stats:
             unnorm_key = args.dataset_name
-        policy = OpenVLAPolicy.from_pretrained(
+        policy = load_policy_auto(
             args.model, unnorm_key=unnorm_key, adapter=args.adapter, quantization=args.quantization,
             device=args.device, center_crop=args.center_crop,
         )
-        ids, actions = predict_frames(policy, frames)
-        metrics = action_metrics(policy, frames, ids, actions)
-        episode = [i for i, f in enumerate(frames) if f.episode == args.episode]
-        if not episode:
-            raise DatasetError(f"episode {args.episode} is not among the evaluated steps of split {args.split!r}")
         plot_path = args.plot or Path(args.model) / f"evaluate_{args.split}.png"
         if not Path(args.model).is_dir() and args.plot is None:
             plot_path = Path(f"evaluate_{args.split}.png")
-        plot_episode([frames[i] for i in episode], actions[episode], plot_path,
-                     f"{args.dataset_name} {args.split} episode {args.episode}")
+        title = f"{args.dataset_name} {args.split} episode {args.episode}"
+        episode = [i for i, f in enumerate(frames) if f.episode == args.episode]
+        if not episode:
+            raise DatasetError(f"episode {args.episode} is not among the evaluated steps of split {args.split!r}")
+        if getattr(policy, "is_chunked", False):
+            windows = chunk_windows(frames, policy.chunk_size)
+            if not windows:
+                raise DatasetError(f"no episode of split {args.split!r} is {policy.chunk_size} steps long (the chunk)")
+            metrics = chunk_metrics(windows, predict_window_chunks(policy, windows))
+            episode_frames = [frames[i] for i in episode]
+            starts = list(range(0, len(episode_frames) - policy.chunk_size + 1, policy.chunk_size))
+            plotted = [w for w in windows if w.first.episode == args.episode and w.first.step in starts]
+            plot_episode_chunks(episode_frames, starts, predict_window_chunks(policy, plotted), plot_path, title)
+        else:
+            ids, actions = predict_frames(policy, frames)
+            metrics = action_metrics(policy, frames, ids, actions)
+            plot_episode([frames[i] for i in episode], actions[episode], plot_path, title)
     except OpenVLAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

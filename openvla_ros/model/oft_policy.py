@@ -111,8 +111,17 @@ class OFTPolicy:
     @classmethod
     def from_pretrained(cls, model: str, *, quantization: str = "none", dtype: str = "auto", device: str = "auto",
                         unnorm_key: str | None = None, center_crop: bool | None = None,
-                        rotate_180: bool = False, **_: Any) -> OFTPolicy:
-        """Loads an OFT checkpoint directory (official or our layout) or hub id."""
+                        rotate_180: bool = False, adapter: str | None = None, **_: Any) -> OFTPolicy:
+        """Loads an OFT checkpoint directory (official or our layout) or hub id.
+
+        Raises:
+            CheckpointError: also for ``adapter``: OFT fine-tuning writes its heads beside a merged model.
+        """
+        if adapter is not None:
+            raise CheckpointError(
+                f"an OFT model takes no separate adapter ({adapter}): load the run's merged/ directory, which "
+                "holds the merged LoRA and the trained heads"
+            )
         checkpoint_dir = resolve_checkpoint_dir(model)
         config = read_config(checkpoint_dir)
         select_unnorm_key(config.norm_stats, unnorm_key or default_unnorm_key(config))

@@ -128,6 +128,13 @@ class OpenVLAPolicy:
             raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
         checkpoint_dir = resolve_checkpoint_dir(model)
         config = read_config(checkpoint_dir)
+        from openvla_ros.model.oft_loading import is_oft_checkpoint
+
+        if is_oft_checkpoint(checkpoint_dir, config):
+            raise CheckpointError(
+                f"{checkpoint_dir} is an OpenVLA-OFT checkpoint (an action-chunk head, not action tokens); load "
+                "it with openvla_ros.model.oft_policy.load_policy_auto (or OFTPolicy.from_pretrained)"
+            )
         select_unnorm_key(config.norm_stats, unnorm_key or default_unnorm_key(config))  # fail before the weight load
         image_settings = read_image_settings(checkpoint_dir, config)
         if center_crop is None:
