@@ -254,3 +254,44 @@ def test_evaluate_cli_reports_chunk_l1_and_plots_the_chunks(trained, dataset_dir
     # dx is +-0.01 by the block's colour: predicting 0 (or the wrong colour) would give >= 0.01
     assert metrics["l1_per_dimension"]["dx"] < 0.003, metrics
     assert plot.is_file() and plot.stat().st_size > 10_000
+
+
+def test_the_merged_model_runs_in_the_node_with_wrist_camera_and_proprio(trained, tmp_path: Path) -> None:
+    import rclpy  # noqa: F401  (after conftest's DDS isolation)
+    from policy_helpers import (
+        Camera,
+        Driver,
+        Proprio,
+        drive,
+        latest_status,
+        start_node,
+        status_values,
+        subscribe_diagnostics,
+        wait_active,
+    )
+    from ros_helpers import spinning_node
+
+    merged = trained[0] / "merged"
+    name = "policy_finetuned_oft"
+    node_process = start_node(
+        name, tmp_path, f"model:={merged}", f"unnorm_key:={NAME}", "image_topic:=/ft_oft/camera",
+        "instruction_topic:=/ft_oft/instruction", "rate_hz:=10.0", "device:=cpu",
+        "wrist_image_topics:=['/ft_oft/wrist']", "proprio_topic:=/ft_oft/state",
+    )
+    with spinning_node("finetune_oft_driver") as ros_node:
+        diagnostics = subscribe_diagnostics(ros_node)
+        driver = Driver(ros_node, name, "/ft_oft/camera", "/ft_oft/instruction", compressed=False)
+        wrist = Camera(ros_node, "/ft_oft/wrist")
+        state = Proprio(ros_node, "/ft_oft/state", (0.3, 1.0, 0.5))
+        try:
+            wait_active(driver, node_process)
+            values = status_values(latest_status(diagnostics, name))
+            assert values["mode"] == "chunk" and values["chunk_size"] == str(CHUNK), values
+            wrist.mode, state.running = "good", True
+            first = drive(driver, count=CHUNK + 2, timeout_s=90.0)
+            actions = np.array([action.data for _, action in driver.actions.since(first)])
+            assert actions.shape[1] == 7 and np.all(np.isfinite(actions))
+            assert int(status_values(latest_status(diagnostics, name))["chunks"]) >= 2
+        finally:
+            driver.camera.mode, wrist.mode, state.running = "stopped", "stopped", False
+            assert node_process.stop() == 0, node_process.log()[-3000:]
