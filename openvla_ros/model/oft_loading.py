@@ -187,6 +187,15 @@ def read_oft_spec(checkpoint_dir: Path, config: OpenVLAConfig) -> OFTSpec:
     film = (checkpoint_dir / FILM_NAME).is_file() or official_component_file(
         checkpoint_dir, "vision_backbone") is not None
     stated = dict(config.extra.get("oft") or {})
+    if "proprio_dim" in stated and int(stated["proprio_dim"] or 0) != proprio_dim:
+        found = f"{proprio_source} takes {proprio_dim}" if proprio is not None else f"there is no {PROPRIO_NAME}"
+        raise CheckpointError(
+            f"{checkpoint_dir}/config.json states a {stated['proprio_dim']}-value proprio input, but {found}; "
+            "copy the run's files together or fix config.json"
+        )
+    if stated.get("film") and not film:
+        raise CheckpointError(f"{checkpoint_dir}/config.json states FiLM, but there is no {FILM_NAME}; copy it "
+                              "from the training run")
     platform = PLATFORMS.get((action_dim, proprio_dim))
     chunk = stated.get("chunk", config.extra.get("num_actions_chunk"))
     images = stated.get("num_images", config.extra.get("num_images_in_input"))
