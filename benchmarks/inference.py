@@ -1,11 +1,16 @@
-"""Per-step latency of OpenVLAPolicy.predict_action for each precision / quantisation.
+"""Inference latency per precision / quantisation: token-by-token decoding and OFT chunks.
 
     python benchmarks/inference.py                       # tiny + mid-size random models on this machine
     python benchmarks/inference.py --model openvla/openvla-7b --unnorm-key bridge_orig   # real model (GPU)
+    python benchmarks/inference.py --model moojink/openvla-7b-oft-finetuned-libero-spatial   # real OFT model
 
-For every (model, mode) it prints the median and p95 latency of one control step (image + instruction
--> 7-DoF action), the rate in Hz, peak accelerator memory on CUDA, and the same step through plain
-Hugging Face ``generate()`` (its own cache, unconstrained vocabulary, 7 new tokens) as a ratio.
+For every (model, mode) of a token model it prints the median and p95 latency of one control step
+(image + instruction -> 7-DoF action), the rate in Hz, peak accelerator memory on CUDA, and the same
+step through plain Hugging Face ``generate()`` (its own cache, unconstrained vocabulary, 7 new tokens)
+as a ratio. For an OFT model it prints the latency of one chunk (one forward pass -> K actions), the
+chunk rate, actions/s (K / latency) and peak memory. By default the tiny and mid configs run both
+ways, OFT with K = 8 on the same VLA weights, and each OFT line gives actions/s against the token
+decoding of the same config and mode.
 """
 
 from __future__ import annotations
@@ -26,8 +31,14 @@ import numpy as np
 import torch
 
 from openvla_ros.errors import OpenVLAError
+from openvla_ros.model.loading import resolve_checkpoint_dir
+from openvla_ros.model.oft_loading import is_oft_checkpoint
+from openvla_ros.model.oft_policy import OFTPolicy
 from openvla_ros.model.policy import OpenVLAPolicy
 from openvla_ros.model.tiny import make_tiny_checkpoint
+from openvla_ros.model.tiny_oft import make_tiny_oft_checkpoint
+
+OFT_CHUNK = 8  # LIBERO's K
 
 MODES = {
     "fp32": {"dtype": "float32", "quantization": "none"},
@@ -73,7 +84,8 @@ def plain_generate_step(policy: OpenVLAPolicy, image: np.ndarray):
     return step
 
 
-def run(name: str, model: str, mode: str, args: argparse.Namespace) -> None:
+def run(name: str, model: str, mode: str, args: argparse.Namespace) -> float | None:
+    """Times token-by-token decoding; returns actions/s (the step rate), None when the mode did not run."""
     settings = MODES[mode]
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -84,11 +96,11 @@ def run(name: str, model: str, mode: str, args: argparse.Namespace) -> None:
         load_s = time.perf_counter() - load_start
     except OpenVLAError as exc:
         print(f"{name:<22} {mode:<5} skipped: {exc}")
-        return
+        return None
     except (RuntimeError, MemoryError) as exc:  # e.g. CUDA out of memory: the other modes still run
         print(f"{name:<22} {mode:<5} failed to load: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         _free(None, device)
-        return
+        return None
     image = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
     try:
         ours = time_steps(functools.partial(policy.predict_action, image, INSTRUCTION), args.warmup, args.steps, device)
@@ -96,7 +108,7 @@ def run(name: str, model: str, mode: str, args: argparse.Namespace) -> None:
     except (RuntimeError, MemoryError) as exc:
         print(f"{name:<22} {mode:<5} failed while running: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         _free(policy, device)
-        return
+        return None
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if device.type == "cuda" else "     n/a"
     median = statistics.median(ours)
     print(
@@ -106,9 +118,50 @@ def run(name: str, model: str, mode: str, args: argparse.Namespace) -> None:
         flush=True,
     )
     _free(policy, device)
+    return 1 / median
 
 
-def _free(policy: OpenVLAPolicy | None, device: torch.device) -> None:
+def run_chunk(name: str, model: str, mode: str, args: argparse.Namespace, token_rate: float | None) -> None:
+    """Times one OFT chunk (one forward pass) and prints latency, chunk rate and actions/s."""
+    settings = MODES[mode]
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        load_start = time.perf_counter()
+        policy = OFTPolicy.from_pretrained(model, device=args.device, unnorm_key=args.unnorm_key, **settings)
+        load_s = time.perf_counter() - load_start
+    except OpenVLAError as exc:
+        print(f"{name:<22} {mode:<5} skipped: {exc}")
+        return
+    except (RuntimeError, MemoryError) as exc:
+        print(f"{name:<22} {mode:<5} failed to load: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        _free(None, device)
+        return
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8) for _ in range(policy.num_images)]
+    proprio = np.zeros(policy.proprio_dim) if policy.proprio_dim else None
+    step = functools.partial(policy.predict_chunk, images[0], INSTRUCTION, wrist_images=images[1:], proprio=proprio)
+    try:
+        times = time_steps(step, args.warmup, args.steps, device)
+    except (RuntimeError, MemoryError) as exc:
+        print(f"{name:<22} {mode:<5} failed while running: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        _free(policy, device)
+        return
+    memory = f"{torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if device.type == "cuda" else "     n/a"
+    median = statistics.median(times)
+    actions_per_s = policy.chunk_size / median
+    versus = f"  vs token decoding {actions_per_s / token_rate:6.2f}x" if token_rate else ""
+    print(
+        f"{name:<22} {mode:<5} load {load_s:6.1f} s  chunk of {policy.chunk_size}: median {median * 1e3:8.1f} ms"
+        f"  p95 {percentile(times, 95) * 1e3:8.1f} ms  {1 / median:7.2f} chunks/s  {actions_per_s:8.2f} actions/s"
+        f"  peak GPU {memory}{versus}",
+        flush=True,
+    )
+    _free(policy, device)
+
+
+def _free(policy: OpenVLAPolicy | OFTPolicy | None, device: torch.device) -> None:
     if policy is not None:
         policy.release()
     gc.collect()
@@ -134,14 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  torch {torch.__version__}  device: {where}  "
           f"threads {torch.get_num_threads()}  steps {args.steps}")
     with tempfile.TemporaryDirectory() as scratch:
-        models = [(m, m) for m in args.model or []]
-        if not models:
-            tiny = make_tiny_checkpoint(Path(scratch) / "tiny")
-            mid = make_tiny_checkpoint(Path(scratch) / "mid", size="mid")
-            models = [("tiny", str(tiny)), ("mid (~200M params)", str(mid))]
-        for name, model in models:
+        if args.model:
+            for model in args.model:
+                chunked = is_oft_checkpoint(resolve_checkpoint_dir(model))
+                for mode in modes:
+                    if chunked:
+                        run_chunk(model, model, mode, args, None)
+                    else:
+                        run(model, model, mode, args)
+            return 0
+        for size, label in (("tiny", "tiny"), ("mid", "mid (~200M params)")):
+            token = make_tiny_checkpoint(Path(scratch) / size, size=size)
+            oft = make_tiny_oft_checkpoint(Path(scratch) / f"{size}-oft", size=size, chunk=OFT_CHUNK)
             for mode in modes:
-                run(name, model, mode, args)
+                rate = run(label, str(token), mode, args)
+                run_chunk(f"{label} OFT", str(oft), mode, args, rate)
     return 0
 
 
