@@ -319,25 +319,39 @@ class OpenVLAOFT(nn.Module):
         key_mask = torch.cat([inputs.attention_mask[:, :1], prefix_mask, inputs.attention_mask[:, 1:]], dim=1)
         return embeds, key_mask, prefix.shape[1]
 
-    def action_hidden_states(
+    def sequence_hidden_states(
         self, inputs: ChunkInputs, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Returns [B, A*K, D]: final-norm hidden states one position left of each placeholder."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Returns (final-norm hidden states [B, L + P, D], key mask [B, L + P], P) of the whole sequence."""
         embeds, key_mask, num_prefix = self.multimodal_inputs(inputs, pixel_values, proprio)
         mask = bidirectional_mask(key_mask, embeds.dtype)
         positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
         hidden = self.vla.language_model.model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state
+        return hidden, key_mask, num_prefix
+
+    def read_action_states(self, hidden: torch.Tensor, inputs: ChunkInputs, num_prefix: int) -> torch.Tensor:
+        """Returns [B, A*K, D]: the hidden states one position left of each placeholder."""
         # Placeholder j of row b sits at num_prefix + prompt_length_b + j; its state is read one to the left.
-        start = num_prefix + inputs.prompt_lengths.to(embeds.device) - 1
-        index = start[:, None] + torch.arange(self.spec.num_action_tokens, device=embeds.device)[None]
+        start = num_prefix + inputs.prompt_lengths.to(hidden.device) - 1
+        index = start[:, None] + torch.arange(self.spec.num_action_tokens, device=hidden.device)[None]
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    def action_hidden_states(
+        self, inputs: ChunkInputs, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Returns [B, A*K, D]: final-norm hidden states one position left of each placeholder."""
+        hidden, _, num_prefix = self.sequence_hidden_states(inputs, pixel_values, proprio)
+        return self.read_action_states(hidden, inputs, num_prefix)
+
+    def head_chunk(self, action_hidden: torch.Tensor) -> torch.Tensor:
+        """Returns the normalised chunk [B, K, A] (float32) of the action hidden states [B, A*K, D]."""
+        head_dtype = self.action_head.model.fc1.weight.dtype
+        return self.action_head(action_hidden.to(head_dtype)).float()
 
     def forward(
         self, inputs: ChunkInputs, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Returns the normalised chunk [B, K, A] (float32)."""
-        hidden = self.action_hidden_states(inputs, pixel_values, proprio)
-        head_dtype = self.action_head.model.fc1.weight.dtype
-        return self.action_head(hidden.to(head_dtype)).float()
+        return self.head_chunk(self.action_hidden_states(inputs, pixel_values, proprio))

@@ -14,6 +14,9 @@ Two layouts load through the same code:
   ``--official``): ``action_head.safetensors``, ``proprio_projector.safetensors``,
   ``film.safetensors``, with the layout in ``config.json["oft"]``.
 
+Either layout may also hold an energy model (``training/train_energy.py``): ``energy_model.safetensors``
+with its sizes in ``energy_model.json``, beside the head; :func:`load_energy_model` reads it.
+
 The action and proprio widths come from the head weights' shapes. The chunk size and the image count
 are not in any weight: they come from ``config.json`` (``oft.chunk`` / ``num_actions_chunk``,
 ``oft.num_images`` / ``num_images_in_input``), else from the published platforms' constants matched
@@ -33,6 +36,7 @@ import torch
 
 from openvla_ros.errors import CheckpointError
 from openvla_ros.model.configuration_openvla import OpenVLAConfig
+from openvla_ros.model.energy import EnergyModel, EnergySpec
 from openvla_ros.model.loading import load_model, official_to_internal_key, read_config
 from openvla_ros.model.oft import OFTSpec, OpenVLAOFT
 
@@ -41,6 +45,8 @@ logger = logging.getLogger(__name__)
 HEAD_NAME = "action_head.safetensors"
 PROPRIO_NAME = "proprio_projector.safetensors"
 FILM_NAME = "film.safetensors"
+ENERGY_NAME = "energy_model.safetensors"
+ENERGY_CONFIG_NAME = "energy_model.json"
 # Official run files: "<component>--<step>_checkpoint.pt" (or "...--latest_checkpoint.pt").
 OFFICIAL_COMPONENTS = ("action_head", "proprio_projector", "vision_backbone", "noisy_action_projector")
 # The published OFT repositories and the training step of their head files.
@@ -372,3 +378,68 @@ def save_oft_checkpoint(model: OpenVLAOFT, out_dir: Path, **kwargs: Any) -> Path
 
     model.vla.config.extra["oft"] = model.spec.to_dict()
     return save_checkpoint(model.vla, Path(out_dir), extra_weights=oft_state_files(model), **kwargs)
+
+
+def has_energy_model(checkpoint_dir: Path) -> bool:
+    """Returns True when the directory holds an energy model file."""
+    return (Path(checkpoint_dir) / ENERGY_NAME).is_file()
+
+
+def load_energy_model(checkpoint_dir: Path, spec: OFTSpec, context_dim: int,
+                      device: torch.device | str = "cpu") -> EnergyModel | None:
+    """Returns the directory's energy model (float32, eval mode, frozen) on ``device``; None without one.
+
+    Raises:
+        CheckpointError: the sizes file is missing or unreadable, or the model does not fit the OFT model
+            (hidden size, action width, chunk size) or its own sizes.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    weights = checkpoint_dir / ENERGY_NAME
+    if not weights.is_file():
+        return None
+    sizes = checkpoint_dir / ENERGY_CONFIG_NAME
+    try:
+        stated = json.loads(sizes.read_text())
+        energy_spec = EnergySpec.from_dict(stated["spec"])
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{weights} has no {ENERGY_CONFIG_NAME} beside it (the energy model's sizes); copy both files from "
+            "the energy training run"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{sizes} is unreadable or malformed: {exc}") from exc
+    found = (energy_spec.context_dim, energy_spec.action_dim, energy_spec.chunk)
+    expected = (context_dim, spec.action_dim, spec.chunk)
+    if found != expected:
+        raise CheckpointError(
+            f"{weights.name} was trained for hidden size {found[0]}, {found[1]}-D actions and chunks of {found[2]}, "
+            f"but this OFT model has hidden size {expected[0]}, {expected[1]}-D actions and chunks of {expected[2]}; "
+            "it belongs to another model: train one for this model (training/train_energy.py) or remove it"
+        )
+    model = EnergyModel(energy_spec)
+    load_component_state(model, _read_safetensors(weights), weights.name)
+    model.to(device=device, dtype=torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def save_energy_model(model: EnergyModel, directory: Path, info: dict[str, Any] | None = None) -> Path:
+    """Writes ``energy_model.safetensors`` and ``energy_model.json`` (sizes + ``info``) into ``directory``.
+
+    Each file is written beside its final name and renamed into place, so a reader never sees half a file.
+    Returns the weights' path.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / ENERGY_NAME
+    staging = directory / f".{ENERGY_NAME}.partial"
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging))
+    sizes = directory / ENERGY_CONFIG_NAME
+    sizes_staging = directory / f".{ENERGY_CONFIG_NAME}.partial"
+    sizes_staging.write_text(json.dumps({"spec": model.spec.to_dict(), **(info or {})}, indent=2))
+    sizes_staging.rename(sizes)
+    staging.rename(weights)
+    return weights
