@@ -1,0 +1,189 @@
+"""Energy training on a finished OFT model (fine-tuned here on a tiny RLDS dataset), on the CPU.
+
+One fixture fine-tunes a tiny OFT model (two cameras, proprio, K = 4) for a few steps, as
+training/finetune.py --action-head l1 does; the energy model then trains on its frozen hidden states.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from openvla_ros.dataset.rlds_writer import EpisodeStep, RldsWriter
+from openvla_ros.errors import TrainingError
+from openvla_ros.finetune.config import FinetuneConfig
+from openvla_ros.finetune.energy_training import EnergyTrainer, EnergyTrainingConfig, pair_metrics
+from openvla_ros.finetune.trainer import run_finetune
+from openvla_ros.model.oft_loading import ENERGY_CONFIG_NAME, ENERGY_NAME
+from openvla_ros.model.oft_policy import OFTPolicy
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "toy_energy"
+STEPS = 10
+CHUNK = 4
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 60)}
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _episode(index: int) -> list[EpisodeStep]:
+    colour = "red" if index % 2 == 0 else "green"
+    sign = 1.0 if colour == "red" else -1.0
+    steps = []
+    for t in range(STEPS):
+        image = np.full((224, 224, 3), 40, np.uint8)
+        image[90:140, 10 + 18 * t:50 + 18 * t] = COLOURS[colour]
+        wrist = np.full((224, 224, 3), 90, np.uint8)
+        wrist[:, : 20 + 20 * t] = COLOURS[colour]
+        action = np.array([0.01 * sign, 0.004 * np.cos(t), 0.002 * sign * t, 0.0, 0.0, 0.05 * sign,
+                           float(t >= STEPS // 2)])
+        steps.append(EpisodeStep(images={"image": _jpeg(image), "wrist_image": _jpeg(wrist)}, action=action,
+                                 instruction=f"move to the {colour} block",
+                                 state=np.array([t / STEPS, sign, 0.5 + 0.01 * index])))
+    return steps
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("rlds_energy")
+    with RldsWriter(data_dir, NAME, image_keys=["image", "wrist_image"]) as writer:
+        for index in range(6):
+            writer.add_episode(_episode(index), file_path=f"episode_{index}", start_time_ns=index)
+        writer.finish(val_fraction=0.34, seed=0)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def oft_model(tiny_checkpoint: Path, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished OFT model: the tiny checkpoint fine-tuned with the L1 head (two cameras, proprio)."""
+    out = tmp_path_factory.mktemp("oft_run") / "run"
+    run_finetune(FinetuneConfig(
+        vla_path=str(tiny_checkpoint), data_dir=str(dataset_dir), dataset_name=NAME, out=str(out), max_steps=6,
+        batch_size=4, learning_rate=2e-3, lora_rank=4, save_steps=100, eval_steps=0, log_steps=5, image_aug=False,
+        device="cpu", seed=3, action_head="l1", chunk=CHUNK, use_proprio=True, num_images=2,
+    ))
+    return out / "merged"
+
+
+def _config(model: Path, data: Path, out: Path, **overrides) -> EnergyTrainingConfig:
+    settings = dict(model=str(model), data_dir=str(data), dataset_name=NAME, out=str(out), max_steps=50,
+                    batch_size=8, learning_rate=2e-3, hidden_dim=32, num_heads=4, save_steps=25, eval_steps=50,
+                    eval_batches=2, log_steps=5, device="cpu", seed=1, write_to_model=False)
+    settings.update(overrides)
+    return EnergyTrainingConfig(**settings)
+
+
+def _copy(model: Path, target: Path) -> Path:
+    shutil.copytree(model, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def trained(oft_model: Path, dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("energy_run")
+    model = _copy(oft_model, root / "model")
+    trainer = EnergyTrainer(_config(model, dataset_dir, root / "run", write_to_model=True))
+    before = trainer.evaluate()
+    metrics = trainer.run()
+    return model, root / "run", before, metrics
+
+
+def test_pair_metrics_read_the_diagonal_as_the_true_pairs() -> None:
+    energies = torch.tensor([[0.2, 1.0, 1.0], [1.0, 0.3, 0.1], [1.0, 1.0, 0.5]])
+    values = pair_metrics(energies, temperature=0.5)
+    assert float(values["energy_positive"]) == pytest.approx((0.2 + 0.3 + 0.5) / 3)
+    assert float(values["energy_negative"]) == pytest.approx((1.0 * 5 + 0.1) / 6)
+    assert float(values["retrieval_accuracy"]) == pytest.approx(2 / 3), "row 1 prefers chunk 2"
+    logits = -energies / 0.5
+    expected = -torch.log_softmax(logits, dim=1).diagonal().mean()
+    assert float(values["loss"]) == pytest.approx(float(expected))
+
+
+def test_true_pairs_get_lower_energy_than_swapped_pairs_after_short_training(trained) -> None:
+    _, run, before, metrics = trained
+    assert metrics["val"]["energy_positive"] < metrics["val"]["energy_negative"], metrics
+    assert metrics["val"]["loss"] < before["loss"] - 0.1, (before, metrics)
+    assert metrics["val"]["retrieval_accuracy"] > before["retrieval_accuracy"], (before, metrics)
+    assert metrics["train"]["energy_positive"] < metrics["train"]["energy_negative"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {line["split"] for line in lines}
+    assert logged == {"train", "val"} and {"energy_positive", "energy_negative", "loss",
+                                           "retrieval_accuracy", "learning_rate"} <= set(lines[0])
+
+
+def test_the_energy_file_lands_beside_the_head_and_the_policy_refines_with_it(trained, dataset_dir: Path) -> None:
+    from openvla_ros.finetune.data import decode_image, load_frames, open_rlds
+
+    model, run, _, _ = trained
+    assert (model / ENERGY_NAME).is_file() and (run / "energy" / ENERGY_NAME).is_file()
+    sizes = json.loads((model / ENERGY_CONFIG_NAME).read_text())
+    assert sizes["spec"]["chunk"] == CHUNK and sizes["spec"]["action_dim"] == 7 and sizes["steps"] == 50
+    weights = load_file(str(model / ENERGY_NAME))
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+    policy = OFTPolicy.from_pretrained(str(model), device="cpu", energy_steps=1)
+    frame = load_frames(open_rlds(dataset_dir, NAME), "val")[0]
+    prediction = policy.predict(decode_image(frame.image), frame.instruction,
+                                wrist_images=[decode_image(frame.wrist_images[0])], proprio=frame.state)
+    assert prediction.problem is None and prediction.energy_after <= prediction.energy_before
+    assert np.all(np.isfinite(prediction.chunk))
+
+
+def test_resume_continues_the_energy_optimiser_exactly(oft_model: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    straight = EnergyTrainer(_config(oft_model, dataset_dir, tmp_path / "straight", max_steps=8, save_steps=4,
+                                     eval_steps=0))
+    straight.run()
+    interrupted = EnergyTrainer(_config(oft_model, dataset_dir, tmp_path / "resumed", max_steps=4, save_steps=4,
+                                        eval_steps=0))
+    interrupted.run()
+    with pytest.raises(TrainingError, match="--resume"):
+        EnergyTrainer(_config(oft_model, dataset_dir, tmp_path / "resumed", max_steps=8, eval_steps=0)).run()
+    resumed = EnergyTrainer(_config(oft_model, dataset_dir, tmp_path / "resumed", max_steps=8, save_steps=4,
+                                    eval_steps=0, resume=True))
+    resumed.run()
+    assert resumed.step == 8
+    moments = [state["step"] for state in resumed.optimizer.state_dict()["state"].values()]
+    assert moments and all(int(step) == 8 for step in moments), "AdamW's step count carried over"
+    for name, tensor in straight.energy.state_dict().items():
+        torch.testing.assert_close(resumed.energy.state_dict()[name], tensor, msg=name)
+    straight_exp = straight.optimizer.state_dict()["state"][0]["exp_avg_sq"]
+    torch.testing.assert_close(resumed.optimizer.state_dict()["state"][0]["exp_avg_sq"], straight_exp)
+
+
+def test_bad_settings_and_an_existing_energy_file_are_refused_naming_the_way_out(
+    trained, oft_model: Path, dataset_dir: Path, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    model = trained[0]
+    with pytest.raises(TrainingError, match="--overwrite"):
+        EnergyTrainer(_config(model, dataset_dir, tmp_path / "again", write_to_model=True))
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        _config(oft_model, dataset_dir, tmp_path / "one", batch_size=1)
+    with pytest.raises(TrainingError, match="not an OpenVLA-OFT model"):
+        EnergyTrainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "token"))
+
+
+def test_the_command_line_trains_and_reports_errors_in_one_line(oft_model: Path, dataset_dir: Path,
+                                                                tmp_path: Path) -> None:
+    command = [sys.executable, str(REPO / "training" / "train_energy.py"), "--model", str(oft_model), "--data-dir",
+               str(dataset_dir), "--dataset-name", NAME, "--out", str(tmp_path / "cli"), "--max-steps", "2",
+               "--batch-size", "4", "--hidden-dim", "32", "--num-heads", "4", "--device", "cpu",
+               "--no-write-to-model"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "cli" / "energy" / ENERGY_NAME).is_file()
+    assert not (oft_model / ENERGY_NAME).exists(), "--no-write-to-model leaves the model directory alone"
+    bad = subprocess.run([*command[:-1], "--batch-size", "1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: batch_size must be >= 2")
