@@ -231,3 +231,85 @@ def write_demo_bag(
             recording.bytes_written += len(data)
             writer.write(connections[topic], time_ns, data)
     return recording
+
+
+def write_episode_bag(
+    path: str | Path,
+    images: list[np.ndarray],
+    actions: list[np.ndarray],
+    instruction: str,
+    *,
+    states: list[np.ndarray] | None = None,
+    rate_hz: float = 10.0,
+    encoding: str = "rgb8",
+    storage: str = "mcap",
+    start_ns: int = 1_700_000_000_000_000_000,
+) -> Path:
+    """Writes one recorded episode as a rosbag2 bag, as a robot would have recorded it.
+
+    Step ``i`` publishes ``images[i]`` (RGB uint8 HxWx3) on /camera/image_raw at ``i / rate_hz`` s and,
+    10 ms later, ``actions[i]`` (7 values, Float64MultiArray on /teleop/action) and ``states[i]``
+    (JointState on /joint_states) when given; the instruction is latched at the start. ``encoding``
+    is the camera's: ``rgb8``, ``bgr8`` (channels stored reversed, as many drivers do) or ``jpeg``
+    (CompressedImage on /camera/image_raw/compressed).
+
+    Raises:
+        ValueError: images and actions of different lengths, or an unknown encoding.
+    """
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    if len(images) != len(actions) or (states is not None and len(states) != len(images)):
+        raise ValueError("write_episode_bag: images, actions (and states) must have one entry per step")
+    if encoding not in ("rgb8", "bgr8", "jpeg"):
+        raise ValueError(f"write_episode_bag: encoding must be rgb8, bgr8 or jpeg, got {encoding!r}")
+    typestore = get_typestore(Stores.LATEST)
+    types = typestore.types
+    image_topic = "/camera/image_raw/compressed" if encoding == "jpeg" else "/camera/image_raw"
+    image_type = "sensor_msgs/msg/CompressedImage" if encoding == "jpeg" else "sensor_msgs/msg/Image"
+
+    def header(time_ns: int, frame_id: str):
+        time = types["builtin_interfaces/msg/Time"](sec=time_ns // 1_000_000_000, nanosec=time_ns % 1_000_000_000)
+        return types["std_msgs/msg/Header"](stamp=time, frame_id=frame_id)
+
+    def image_message(image: np.ndarray, time_ns: int):
+        height, width = image.shape[:2]
+        if encoding == "jpeg":
+            import cv2
+
+            ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 95])
+            if not ok:
+                raise ValueError("write_episode_bag: JPEG encoding failed")
+            return types[image_type](header=header(time_ns, "camera"), format="jpeg", data=jpeg.reshape(-1))
+        pixels = image[..., ::-1] if encoding == "bgr8" else image
+        return types[image_type](header=header(time_ns, "camera"), height=height, width=width, encoding=encoding,
+                                 is_bigendian=0, step=width * 3, data=np.ascontiguousarray(pixels).reshape(-1))
+
+    period_ns = int(round(1e9 / rate_hz))
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    with Writer(Path(path), version=9, storage_plugin=plugin) as writer:
+        image_connection = writer.add_connection(image_topic, image_type, typestore=typestore)
+        action_connection = writer.add_connection("/teleop/action", "std_msgs/msg/Float64MultiArray",
+                                                  typestore=typestore)
+        text_connection = writer.add_connection("/instruction", "std_msgs/msg/String", typestore=typestore)
+        state_connection = None
+        if states is not None:
+            state_connection = writer.add_connection("/joint_states", "sensor_msgs/msg/JointState",
+                                                     typestore=typestore)
+        text = types["std_msgs/msg/String"](data=instruction)
+        writer.write(text_connection, start_ns, typestore.serialize_cdr(text, "std_msgs/msg/String"))
+        layout = types["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
+        for index, (image, action) in enumerate(zip(images, actions, strict=True)):
+            time_ns = start_ns + 5_000_000 + index * period_ns
+            writer.write(image_connection, time_ns,
+                         typestore.serialize_cdr(image_message(image, time_ns), image_type))
+            if state_connection is not None:
+                state = types["sensor_msgs/msg/JointState"](
+                    header=header(time_ns, "base_link"), name=[f"joint{i}" for i in range(len(states[index]))],
+                    position=np.asarray(states[index], dtype=np.float64), velocity=np.zeros(0), effort=np.zeros(0))
+                writer.write(state_connection, time_ns + 1_000_000,
+                             typestore.serialize_cdr(state, "sensor_msgs/msg/JointState"))
+            command = types["std_msgs/msg/Float64MultiArray"](layout=layout, data=np.asarray(action, np.float64))
+            writer.write(action_connection, time_ns + 10_000_000,
+                         typestore.serialize_cdr(command, "std_msgs/msg/Float64MultiArray"))
+    return Path(path)
