@@ -146,6 +146,8 @@ class OFTPolicy:
         if problem:
             raise CheckpointError(problem)
         self.last_prediction: ChunkPrediction | None = None
+        # A caller that reports fallbacks itself (the node) turns the policy's own warning off.
+        self.log_energy_fallback = True
         self._energy_warned = False
         self.tokenizer = tokenizer
         self.spec = model.spec
@@ -287,7 +289,7 @@ class OFTPolicy:
         chunk = uncorrected
         if result.problem is None:
             chunk = self._physical(result.chunk[0].cpu().numpy().astype(np.float64))
-        elif not self._energy_warned:
+        elif self.log_energy_fallback and not self._energy_warned:
             self._energy_warned = True
             logger.warning("energy refinement skipped, the uncorrected chunk is used: %s (said once)", result.problem)
         self.last_prediction = ChunkPrediction(chunk, uncorrected, float(result.energy_before[0]),

@@ -26,6 +26,7 @@ class ChunkModel:
     action_dim: int
     num_images: int
     proprio_dim: int
+    has_energy: bool = False  # an energy model for refinement (energy_steps > 0)
 
     @property
     def wrist_cameras(self) -> int:
@@ -41,7 +42,22 @@ def chunk_model_of(policy: Any) -> ChunkModel | None:
         action_dim=int(policy.action_dim),
         num_images=int(getattr(policy, "num_images", 1)),
         proprio_dim=int(getattr(policy, "proprio_dim", 0)),
+        has_energy=getattr(policy, "energy_model", None) is not None,
     )
+
+
+def energy_steps_problem(model: ChunkModel | None, steps: int) -> str | None:
+    """Returns why ``energy_steps`` cannot be used with ``model`` (None: a token policy), or None."""
+    if not steps:
+        return None
+    if model is None:
+        return f"energy_steps {steps} refines OpenVLA-OFT chunks; this is a token-by-token model: set energy_steps 0"
+    if not model.has_energy:
+        return (
+            f"energy_steps {steps} needs an energy model (energy_model.safetensors beside the OFT head), and this "
+            "model has none: train one with training/train_energy.py or set energy_steps 0"
+        )
+    return None
 
 
 def actions_per_inference_problem(requested: int, chunk_size: int) -> str | None:
@@ -65,6 +81,9 @@ def configuration_problems(model: ChunkModel | None, values: dict[str, Any]) -> 
     wrist_topics = list(values.get("wrist_image_topics") or [])
     proprio_topic = str(values.get("proprio_topic") or "")
     rate_hz = float(values["rate_hz"])
+    energy_problem = energy_steps_problem(model, int(values.get("energy_steps") or 0))
+    if energy_problem:
+        errors.append(energy_problem)
     if model is None:
         if rate_hz > MAX_RATE_HZ:
             errors.append(

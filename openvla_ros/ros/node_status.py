@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from diagnostic_msgs.msg import DiagnosticStatus
 
 # Problems that only mean "waiting": not yet an instruction or a first camera image.
@@ -29,3 +32,41 @@ def status_summary(
     if problems:
         return DiagnosticStatus.OK, "; ".join(problems.values())
     return DiagnosticStatus.OK, "running"
+
+
+class EnergyStats:
+    """What energy refinement did to the chunks, for ``/diagnostics`` (the worker records, the timer reads)."""
+
+    def __init__(self) -> None:
+        self.before = math.nan
+        self.after = math.nan
+        self.refined = 0
+        self.fallbacks = 0
+        self.problem = ""
+
+    def record(self, prediction: Any) -> bool:
+        """Adds one chunk's :class:`~openvla_ros.model.oft_policy.ChunkPrediction` (None or without energy: ignored).
+
+        Returns True when the correction was abandoned for this chunk (the uncorrected chunk was used).
+        """
+        if prediction is None or (prediction.energy_before is None and prediction.problem is None):
+            return False
+        self.before = math.nan if prediction.energy_before is None else float(prediction.energy_before)
+        self.after = math.nan if prediction.energy_after is None else float(prediction.energy_after)
+        if prediction.problem:
+            self.fallbacks += 1
+            self.problem = str(prediction.problem)
+            return True
+        self.refined += 1
+        return False
+
+    def values(self, steps: int) -> dict[str, str]:
+        """Returns the diagnostic key/values: energy of the last chunk before and after refinement, counts."""
+        return {
+            "energy_steps": str(steps),
+            "energy_before_last": f"{self.before:.6f}",
+            "energy_after_last": f"{self.after:.6f}",
+            "energy_refined_chunks": str(self.refined),
+            "energy_fallbacks": str(self.fallbacks),
+            "energy_last_problem": self.problem,
+        }

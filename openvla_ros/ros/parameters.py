@@ -243,7 +243,27 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "chunk_blend ensemble: prediction i (0 = oldest) weighs exp(-ensemble_decay * i); 0 = plain mean.",
         float_range=(0.0, 10.0),
     ),
+    # Energy-guided refinement (chunked models with an energy model beside the head; changeable at run time).
+    ParameterSpec(
+        "energy_steps",
+        0,
+        "Energy-descent steps on each chunk (0 = off); needs energy_model.safetensors beside the OFT head.",
+        integer_range=(0, 20),
+    ),
+    ParameterSpec(
+        "energy_step_size",
+        0.5,
+        "Step size alpha of a <- a - alpha * dE/da, in normalised action units.",
+        float_range=(0.0, 100.0),
+    ),
+    ParameterSpec(
+        "energy_max_step_fraction",
+        0.2,
+        "Each energy step moves the normalised chunk by at most this fraction of its norm.",
+        float_range=(0.0, 1.0),
+    ),
 )
+ENERGY_FIELDS = ("energy_steps", "energy_step_size", "energy_max_step_fraction")
 SPECS = {spec.name: spec for spec in PARAMETERS}
 CONTROL_FIELDS = tuple(field.name for field in fields(ControlSettings) if field.name in SPECS)
 

@@ -8,7 +8,9 @@ activates itself; it still publishes nothing until ``~/enable`` is called with `
 
 Token mode (OpenVLA): one inference per control tick on a worker thread. Chunk mode (a chunked
 policy, OpenVLA-OFT): one inference per chunk of K actions, one queued action per tick
-(:mod:`openvla_ros.ros.chunk_control`); a stop drops the queue.
+(:mod:`openvla_ros.ros.chunk_control`); a stop drops the queue. With ``energy_steps > 0`` (an OFT model
+with an energy model beside its head) each chunk is refined down the energy gradient before it is
+queued; /diagnostics reports the last chunk's energy before and after.
 
 Topics:
     in  ``image_topic`` (sensor_msgs/Image, or ``<image_topic>/compressed`` CompressedImage with
@@ -66,6 +68,7 @@ from openvla_ros.ros.chunk_mode import (
     chunk_model_of,
     chunk_problem,
     configuration_problems,
+    energy_steps_problem,
     proprio_from_array,
     proprio_from_joint_state,
 )
@@ -84,9 +87,10 @@ from openvla_ros.ros.control import (
 )
 from openvla_ros.ros.input_freshness import CAMERA, InputSource, proprio, wrist_camera
 from openvla_ros.ros.messages import action_array, delta_twist, timing_array, zero_delta
-from openvla_ros.ros.node_status import status_summary
+from openvla_ros.ros.node_status import EnergyStats, status_summary
 from openvla_ros.ros.parameters import (
     CONTROL_FIELDS,
+    ENERGY_FIELDS,
     PARAMETERS,
     SPECS,
     ParameterSpec,
@@ -172,6 +176,9 @@ def load_policy(values: dict[str, Any]) -> Any:
         center_crop=True if values["center_crop"] else (None if values["center_crop_auto"] else False),
         rotate_180=values["rotate_180"],
         decoding=values["decoding"],
+        energy_steps=values["energy_steps"],
+        energy_step_size=values["energy_step_size"],
+        energy_max_step_fraction=values["energy_max_step_fraction"],
     )
 
 
@@ -230,6 +237,8 @@ class PolicyNode(LifecycleNode):
         self._proprio_slot: LatestSlot[ProprioReading] = LatestSlot()
         self._proprio_source: InputSource | None = None
         self._chunk: ChunkControl | None = None  # the queue and its schedule, with a chunked model
+        self._energy = EnergyStats()
+        self._energy_warned = False
 
         self.add_pre_set_parameters_callback(whole_numbers_as_floats)
         self.add_on_set_parameters_callback(self._validate_parameters)
@@ -289,6 +298,8 @@ class PolicyNode(LifecycleNode):
             problem = value_problem(parameter.name, parameter.value)
             if problem is None and parameter.name == "actions_per_inference" and self._chunk_model is not None:
                 problem = actions_per_inference_problem(int(parameter.value), self._chunk_model.chunk_size)
+            if problem is None and parameter.name == "energy_steps" and self._policy is not None:
+                problem = energy_steps_problem(self._chunk_model, int(parameter.value))
             if problem:
                 return SetParametersResult(successful=False, reason=problem)
             candidate[parameter.name] = parameter.value
@@ -312,11 +323,30 @@ class PolicyNode(LifecycleNode):
             self._settings = self._settings_from(self._values)
             if self._chunk is not None:
                 self._chunk.set_blend(self._settings.chunk_blend, self._settings.ensemble_decay)
+            if any(parameter.name in ENERGY_FIELDS for parameter in parameters):
+                self._configure_energy()
             if self._control_timer is not None and self._settings.rate_hz != previous_rate:
                 self._control_timer.timer_period_ns = int(1e9 / self._settings.rate_hz)
                 self._control_timer.reset()
                 self._action_rate.reset()
                 self.get_logger().info(f"control rate changed to {self._settings.rate_hz:g} Hz")
+
+    def _configure_energy(self) -> None:
+        """Hands the energy parameters to a loaded chunked policy that refines (takes effect at the next chunk)."""
+        configure = getattr(self._policy, "configure_energy", None)
+        if configure is None:
+            return
+        try:
+            configure(*(self._values[name] for name in ENERGY_FIELDS))
+        except ValueError as exc:  # validated before, so only a policy that changed its mind gets here
+            self.get_logger().error(f"energy settings not applied: {exc}")
+            return
+        steps = int(self._values["energy_steps"])
+        self.get_logger().info(
+            f"energy refinement {'off' if not steps else f'on: {steps} step(s)'} (step size "
+            f"{self._values['energy_step_size']:g}, at most {self._values['energy_max_step_fraction']:g} of the "
+            "chunk's norm per step)"
+        )
 
     def _settings_from(self, values: dict[str, Any]) -> ControlSettings:
         """Returns the control settings of ``values`` under the loaded model's rate limit.
@@ -366,8 +396,11 @@ class PolicyNode(LifecycleNode):
             self._rate_limit_hz = MAX_RATE_HZ if chunk_model is None else MAX_CHUNK_RATE_HZ
             self._settings = self._settings_from(self._values)
             self._chunk = None if chunk_model is None else ChunkControl(chunk_model.chunk_size)
+            self._energy, self._energy_warned = EnergyStats(), False
             if self._chunk is not None:
                 self._chunk.set_blend(self._settings.chunk_blend, self._settings.ensemble_decay)
+        if hasattr(policy, "log_energy_fallback"):
+            policy.log_energy_fallback = False  # the node warns once itself, through its own logger
         self._policy = policy
         mode = "token mode" if chunk_model is None else (
             f"chunk mode: K = {chunk_model.chunk_size}, {chunk_model.num_images} image(s), "
@@ -742,6 +775,12 @@ class PolicyNode(LifecycleNode):
             self._stop_output("inference failed")
             return
         inferred = time.perf_counter()
+        if self._energy.record(getattr(policy, "last_prediction", None)) and not self._energy_warned:
+            self._energy_warned = True
+            self.get_logger().warning(
+                f"energy refinement skipped, the uncorrected chunk is used: {self._energy.problem} (said once; "
+                "energy_fallbacks in /diagnostics counts them)"
+            )
         problem = chunk_problem(chunk, model)
         if problem is not None:
             self._report("non_finite", f"chunk not used: {problem}")
@@ -952,6 +991,8 @@ class PolicyNode(LifecycleNode):
         if chunk is not None:
             with self._lock:
                 values |= chunk.diagnostic_values(self._settings.actions_per_inference)
+            if self._chunk_model is not None and self._chunk_model.has_energy:
+                values |= self._energy.values(int(self._values["energy_steps"]))
         array = DiagnosticArray()
         now = self.get_clock().now()
         newest = self._frames.peek()
