@@ -3,9 +3,11 @@
     python -m openvla_ros.predict --model DIR_OR_ID --image PATH --instruction TEXT
         [--unnorm-key K] [--quantization none|8bit|4bit] [--center-crop] [--decoding official] [--json]
         [--wrist-image PATH ...] [--proprio v1,v2,...]        (OpenVLA-OFT models)
+        [--energy-steps N [--energy-step-size A] [--energy-max-step-fraction F]]   (OFT + energy model)
 
 Prints the 7 action values [dx, dy, dz, droll, dpitch, dyaw, gripper] (a JSON list with --json); for an
-OpenVLA-OFT model the K x A chunk, one action per line (a JSON list of lists with --json).
+OpenVLA-OFT model the K x A chunk, one action per line (a JSON list of lists with --json); with
+--energy-steps the refined chunk, and the chunk's energy before and after on stderr.
 Exit status 0 on success, 2 with one error line on bad input.
 """
 
@@ -70,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wrist-image", action="append", type=Path, default=[],
                         help="wrist camera image (repeatable, in the model's camera order; OFT models)")
     parser.add_argument("--proprio", default=None, help="comma-separated proprio vector (OFT models trained with it)")
+    parser.add_argument("--energy-steps", type=int, default=0,
+                        help="energy refinement steps (OFT models with energy_model.safetensors; 0 = off)")
+    parser.add_argument("--energy-step-size", type=float, default=0.5, help="energy refinement step size")
+    parser.add_argument("--energy-max-step-fraction", type=float, default=0.2,
+                        help="each energy step moves the normalised chunk by at most this fraction of its norm")
     parser.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
 
@@ -98,9 +105,17 @@ def main(argv: list[str] | None = None) -> int:
             center_crop=args.center_crop,
             rotate_180=args.rotate_180,
             decoding=args.decoding,
+            energy_steps=args.energy_steps,
+            energy_step_size=args.energy_step_size,
+            energy_max_step_fraction=args.energy_max_step_fraction,
         )
         if getattr(policy, "is_chunked", False):
             chunk = policy.predict_chunk(image, args.instruction, wrist_images, proprio)
+            prediction = policy.last_prediction
+            if prediction is not None and prediction.energy_before is not None:
+                note = f" (not applied: {prediction.problem})" if prediction.problem else ""
+                print(f"energy: before {prediction.energy_before:.6f} after {prediction.energy_after:.6f}, "
+                      f"{args.energy_steps} step(s){note}", file=sys.stderr)
         else:
             if wrist_images or proprio is not None:
                 raise OpenVLAError(
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             chunk = None
             action = policy.predict_action(image, args.instruction)
-    except OpenVLAError as exc:
+    except (OpenVLAError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if chunk is not None:

@@ -187,3 +187,46 @@ def test_the_command_line_trains_and_reports_errors_in_one_line(oft_model: Path,
     assert not (oft_model / ENERGY_NAME).exists(), "--no-write-to-model leaves the model directory alone"
     bad = subprocess.run([*command[:-1], "--batch-size", "1"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: batch_size must be >= 2")
+
+
+def test_evaluate_reports_l1_with_and_without_the_correction_and_e_pos_against_e_neg(
+    trained, dataset_dir: Path, tmp_path: Path
+) -> None:
+    model = trained[0]
+    command = [sys.executable, str(REPO / "training" / "evaluate.py"), "--model", str(model), "--data-dir",
+               str(dataset_dir), "--dataset-name", NAME, "--device", "cpu", "--plot", str(tmp_path / "plot.png"),
+               "--energy-steps", "2", "--energy-step-size", "5.0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    energy = report["energy"]
+    assert energy["steps"] == 2 and energy["fallbacks"] == 0
+    assert energy["energy_positive"] < energy["energy_negative"], energy
+    assert energy["energy_refined_chunk"] < energy["energy_head_chunk"], "the correction lowers the energy"
+    assert energy["l1_corrected"] != energy["l1_uncorrected"]
+    assert report["l1_mean"] == pytest.approx(energy["l1_corrected"]), "the main figures are the corrected chunks'"
+    assert len(energy["l1_per_chunk_step_corrected"]) == CHUNK and energy["negatives_per_window"] >= 1
+
+
+def test_predict_refines_on_request_and_reports_the_energies(trained, dataset_dir: Path, tmp_path: Path) -> None:
+    from openvla_ros.finetune.data import load_frames, open_rlds
+    from openvla_ros.predict import main
+
+    model = trained[0]
+    frame = load_frames(open_rlds(dataset_dir, NAME), "val")[0]
+    paths = []
+    for name, data in (("image.jpg", frame.image), ("wrist.jpg", frame.wrist_images[0])):
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    proprio = ",".join(str(v) for v in frame.state)
+    base = ["--model", str(model), "--image", paths[0], "--wrist-image", paths[1], "--proprio", proprio,
+            "--instruction", frame.instruction, "--device", "cpu", "--json"]
+    assert main([*base, "--energy-steps", "1", "--energy-max-step-fraction", "3"]) == 2, "a fraction above 1"
+    done = subprocess.run([sys.executable, "-m", "openvla_ros.predict", *base, "--energy-steps", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    chunk = np.array(json.loads(done.stdout))
+    assert chunk.shape == (CHUNK, 7) and np.all(np.isfinite(chunk))
+    line = next(line for line in done.stderr.splitlines() if line.startswith("energy:"))
+    before, after = (float(line.split(word)[1].split()[0].rstrip(",")) for word in ("before", "after"))
+    assert after <= before and "2 step(s)" in line

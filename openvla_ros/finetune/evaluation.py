@@ -64,16 +64,83 @@ def plot_episode(frames: Sequence[Frame], predicted: np.ndarray, path: Path, tit
     return path
 
 
+def window_inputs(policy, window: ChunkWindow) -> dict[str, Any]:
+    """Returns the keyword arguments of ``policy.predict_chunk`` for a window's first frame."""
+    first = window.first
+    return {
+        "image": decode_image(first.image),
+        "instruction": first.instruction,
+        "wrist_images": [decode_image(data) for data in first.wrist_images[: policy.num_images - 1]],
+        "proprio": first.state if policy.proprio_dim else None,
+    }
+
+
 def predict_window_chunks(policy, windows: Sequence[ChunkWindow]) -> np.ndarray:
     """Returns the physical chunks [N, K, A] an OFT ``policy`` predicts at each window's first frame."""
-    chunks = []
-    for window in windows:
-        first = window.first
-        wrist = [decode_image(data) for data in first.wrist_images[: policy.num_images - 1]]
-        proprio = first.state if policy.proprio_dim else None
-        chunks.append(policy.predict_chunk(decode_image(first.image), first.instruction, wrist_images=wrist,
-                                           proprio=proprio))
-    return np.stack(chunks)
+    return np.stack([policy.predict_chunk(**window_inputs(policy, window)) for window in windows])
+
+
+def predict_window_details(policy, windows: Sequence[ChunkWindow]) -> list:
+    """Returns the :class:`~openvla_ros.model.oft_policy.ChunkPrediction` of an OFT ``policy`` at each window."""
+    return [policy.predict(**window_inputs(policy, window)) for window in windows]
+
+
+def energy_metrics(policy, windows: Sequence[ChunkWindow], predictions: Sequence | None = None,
+                   negatives: int = 7) -> dict[str, Any]:
+    """Returns what the energy model of an OFT ``policy`` says about ``windows``.
+
+    With ``policy.energy.steps > 0``: L1 (physical units) to the recorded chunk of the head's chunk and of
+    the refined one, and their mean energies. Always: E_pos, the energy of each window's recorded chunk
+    under its own observation, against E_neg, that of the recorded chunks of ``negatives`` other windows
+    (spread over the split), and how often the recorded chunk has the lowest energy of them.
+    ``predictions`` are :func:`predict_window_details` of the same windows (computed when not given).
+    """
+    if policy.energy.steps and predictions is None:
+        predictions = predict_window_details(policy, windows)
+    recorded = np.stack([[f.action for f in w.frames] for w in windows])
+    count = len(windows)
+    others = min(negatives, count - 1)
+    positive, negative, retrieved = [], [], 0
+    corrected, uncorrected, before, after, fallbacks = [], [], [], [], 0
+    for index, window in enumerate(windows):
+        inputs = window_inputs(policy, window)
+        chosen = [(index + 1 + round(k * (count - 1) / max(1, others))) % count for k in range(others)]
+        chosen = [c for c in dict.fromkeys(chosen) if c != index]
+        energies = policy.candidate_energies(inputs["image"], inputs["instruction"], recorded[[index, *chosen]],
+                                             wrist_images=inputs["wrist_images"], proprio=inputs["proprio"])
+        positive.append(float(energies[0]))
+        negative.extend(float(e) for e in energies[1:])
+        retrieved += int(len(energies) > 1 and energies[0] < energies[1:].min())
+        if policy.energy.steps:
+            prediction = predictions[index]
+            corrected.append(prediction.chunk)
+            uncorrected.append(prediction.uncorrected)
+            fallbacks += int(prediction.problem is not None)
+            if prediction.problem is None:
+                before.append(prediction.energy_before)
+                after.append(prediction.energy_after)
+    result: dict[str, Any] = {
+        "energy_positive": float(np.mean(positive)),
+        "energy_negative": float(np.mean(negative)) if negative else float("nan"),
+        "retrieval_accuracy": retrieved / count if others else float("nan"),
+        "negatives_per_window": others,
+        "steps": policy.energy.steps,
+    }
+    if policy.energy.steps:
+        corrected_error = np.abs(np.stack(corrected) - recorded)
+        uncorrected_error = np.abs(np.stack(uncorrected) - recorded)
+        result.update({
+            "step_size": policy.energy.step_size,
+            "max_step_fraction": policy.energy.max_step_fraction,
+            "l1_uncorrected": float(uncorrected_error.mean()),
+            "l1_corrected": float(corrected_error.mean()),
+            "l1_per_chunk_step_uncorrected": [float(v) for v in uncorrected_error.mean(axis=(0, 2))],
+            "l1_per_chunk_step_corrected": [float(v) for v in corrected_error.mean(axis=(0, 2))],
+            "energy_head_chunk": float(np.mean(before)) if before else float("nan"),
+            "energy_refined_chunk": float(np.mean(after)) if after else float("nan"),
+            "fallbacks": fallbacks,
+        })
+    return result
 
 
 def chunk_metrics(windows: Sequence[ChunkWindow], predicted: np.ndarray) -> dict[str, Any]:
