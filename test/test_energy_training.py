@@ -6,11 +6,10 @@ training/finetune.py --action-head l1 does; the energy model then trains on its 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +86,14 @@ def _config(model: Path, data: Path, out: Path, **overrides) -> EnergyTrainingCo
     return EnergyTrainingConfig(**settings)
 
 
+def _script(name: str):
+    """Returns the module of ``training/<name>.py`` (the command line, run in this process)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _copy(model: Path, target: Path) -> Path:
     shutil.copytree(model, target)
     return target
@@ -115,8 +122,10 @@ def test_pair_metrics_read_the_diagonal_as_the_true_pairs() -> None:
 
 def test_true_pairs_get_lower_energy_than_swapped_pairs_after_short_training(trained) -> None:
     _, run, before, metrics = trained
-    assert metrics["val"]["energy_positive"] < metrics["val"]["energy_negative"], metrics
-    assert metrics["val"]["loss"] < before["loss"] - 0.1, (before, metrics)
+    # before training both are ~1.26 and equal to 1e-3; after 50 steps E_pos 0.64 against E_neg 0.82 (val)
+    assert metrics["val"]["energy_negative"] - metrics["val"]["energy_positive"] > 0.05, metrics
+    assert abs(before["energy_negative"] - before["energy_positive"]) < 0.02, before
+    assert metrics["val"]["loss"] < before["loss"] - 0.02, (before, metrics)
     assert metrics["val"]["retrieval_accuracy"] > before["retrieval_accuracy"], (before, metrics)
     assert metrics["train"]["energy_positive"] < metrics["train"]["energy_negative"]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -175,30 +184,31 @@ def test_bad_settings_and_an_existing_energy_file_are_refused_naming_the_way_out
         EnergyTrainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "token"))
 
 
-def test_the_command_line_trains_and_reports_errors_in_one_line(oft_model: Path, dataset_dir: Path,
-                                                                tmp_path: Path) -> None:
-    command = [sys.executable, str(REPO / "training" / "train_energy.py"), "--model", str(oft_model), "--data-dir",
-               str(dataset_dir), "--dataset-name", NAME, "--out", str(tmp_path / "cli"), "--max-steps", "2",
-               "--batch-size", "4", "--hidden-dim", "32", "--num-heads", "4", "--device", "cpu",
-               "--no-write-to-model"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_the_command_line_trains_and_reports_errors_in_one_line(
+    oft_model: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    main = _script("train_energy").main
+    command = ["--model", str(oft_model), "--data-dir", str(dataset_dir), "--dataset-name", NAME, "--out",
+               str(tmp_path / "cli"), "--max-steps", "2", "--batch-size", "4", "--hidden-dim", "32", "--num-heads",
+               "4", "--device", "cpu", "--no-write-to-model"]
+    assert main(command) == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "cli" / "energy" / ENERGY_NAME).is_file()
     assert not (oft_model / ENERGY_NAME).exists(), "--no-write-to-model leaves the model directory alone"
-    bad = subprocess.run([*command[:-1], "--batch-size", "1"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: batch_size must be >= 2")
+    capsys.readouterr()
+    assert main([*command, "--batch-size", "1"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: batch_size must be >= 2")
 
 
 def test_evaluate_reports_l1_with_and_without_the_correction_and_e_pos_against_e_neg(
-    trained, dataset_dir: Path, tmp_path: Path
+    trained, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     model = trained[0]
-    command = [sys.executable, str(REPO / "training" / "evaluate.py"), "--model", str(model), "--data-dir",
-               str(dataset_dir), "--dataset-name", NAME, "--device", "cpu", "--plot", str(tmp_path / "plot.png"),
-               "--energy-steps", "2", "--energy-step-size", "5.0"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout)
+    command = ["--model", str(model), "--data-dir", str(dataset_dir), "--dataset-name", NAME, "--device", "cpu",
+               "--plot", str(tmp_path / "plot.png"), "--max-steps", "10", "--energy-steps", "2",
+               "--energy-step-size", "5.0"]
+    capsys.readouterr()
+    assert _script("evaluate").main(command) == 0, capsys.readouterr().err[-2000:]
+    report = json.loads(capsys.readouterr().out)
     energy = report["energy"]
     assert energy["steps"] == 2 and energy["fallbacks"] == 0
     assert energy["energy_positive"] < energy["energy_negative"], energy
@@ -208,7 +218,9 @@ def test_evaluate_reports_l1_with_and_without_the_correction_and_e_pos_against_e
     assert len(energy["l1_per_chunk_step_corrected"]) == CHUNK and energy["negatives_per_window"] >= 1
 
 
-def test_predict_refines_on_request_and_reports_the_energies(trained, dataset_dir: Path, tmp_path: Path) -> None:
+def test_predict_refines_on_request_and_reports_the_energies(
+    trained, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from openvla_ros.finetune.data import load_frames, open_rlds
     from openvla_ros.predict import main
 
@@ -222,11 +234,11 @@ def test_predict_refines_on_request_and_reports_the_energies(trained, dataset_di
     base = ["--model", str(model), "--image", paths[0], "--wrist-image", paths[1], "--proprio", proprio,
             "--instruction", frame.instruction, "--device", "cpu", "--json"]
     assert main([*base, "--energy-steps", "1", "--energy-max-step-fraction", "3"]) == 2, "a fraction above 1"
-    done = subprocess.run([sys.executable, "-m", "openvla_ros.predict", *base, "--energy-steps", "2"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    chunk = np.array(json.loads(done.stdout))
+    assert "energy_max_step_fraction must be in [0, 1]" in capsys.readouterr().err
+    assert main([*base, "--energy-steps", "2"]) == 0
+    done = capsys.readouterr()
+    chunk = np.array(json.loads(done.out))
     assert chunk.shape == (CHUNK, 7) and np.all(np.isfinite(chunk))
-    line = next(line for line in done.stderr.splitlines() if line.startswith("energy:"))
+    line = next(line for line in done.err.splitlines() if line.startswith("energy:"))
     before, after = (float(line.split(word)[1].split()[0].rstrip(",")) for word in ("before", "after"))
     assert after <= before and "2 step(s)" in line
