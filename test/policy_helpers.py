@@ -149,6 +149,7 @@ class Camera:
         self.stamp_offset_s = 0.0
         self.stamps: set[tuple[int, int]] = set()
         self.pixels = np.random.default_rng(1).integers(0, 256, size=IMAGE_SHAPE, dtype=np.uint8)
+        self.encoding = "rgb8"  # of the raw Image messages; ``pixels`` are sent as they are
         message_type = CompressedImage if compressed else Image
         self.publisher = node.create_publisher(message_type, topic, SENSOR_QOS)
         self.timer = node.create_timer(1.0 / hz, self._publish)
@@ -165,8 +166,8 @@ class Camera:
             message = CompressedImage(format="jpeg")
             message.data = self.jpeg if self.mode == "good" else b"\xff\xd8\xff\xe0 this is not a jpeg"
         else:
-            height, width, _ = IMAGE_SHAPE
-            message = Image(height=height, width=width, encoding="rgb8", step=width * 3)
+            height, width, _ = self.pixels.shape
+            message = Image(height=height, width=width, encoding=self.encoding, step=width * 3)
             data = self.pixels.tobytes()
             if self.mode == "bad_encoding":
                 message.encoding = "yuv422"

@@ -12,7 +12,8 @@ action tokens are ids 31744..31999. It carries ``norm_stats`` for the key ``tiny
 
 Random weights at the libraries' default initialisation make the image barely matter (LayerScale
 1e-5, unit norms, zero biases); those are redrawn so that images and instructions visibly change the
-output, and the action tokens' output rows are ordered by bin (see :func:`_order_action_rows`).
+output, the action tokens' output rows are ordered by bin (see :func:`_order_action_rows`) and the
+ViTs' position embeddings are a 2D sine-cosine grid (see :func:`grid_position_embedding`).
 
 With ``--prismatic`` the same model is written as a run directory of the original Prismatic training
 code instead (see :func:`make_tiny_prismatic_run`), the input of :mod:`openvla_ros.model.convert_prismatic`.
@@ -197,6 +198,33 @@ def _redraw_parameters(model: OpenVLAForActionPrediction, generator: torch.Gener
                 fan_in = parameter.shape[1]
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in**0.5)
         _order_action_rows(model.language_model.lm_head.weight, generator)
+        for vit in (model.vision_backbone.featurizer, model.vision_backbone.fused_featurizer):
+            if vit is not None:
+                vit.pos_embed.copy_(grid_position_embedding(vit.pos_embed.shape[1], vit.pos_embed.shape[2]))
+
+
+def grid_position_embedding(num_patches: int, dim: int) -> torch.Tensor:
+    """Returns [1, N, dim] 2D sine-cosine embeddings of a square patch grid (x in the first half, y in the second).
+
+    A random position embedding at the default scale (std 0.02) is drowned by the patch content, so a
+    random tower's features barely say where a patch is; a pretrained ViT's do. With these, where
+    something is in the image (left or right of the gripper, say) is readable from the features
+    after a short fine-tune, as it is for the real model.
+    """
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise ValueError(f"grid_position_embedding needs a square grid, got {num_patches} patches")
+    quarter = dim // 4
+    frequencies = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter)))
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coordinate in (xs.reshape(-1), ys.reshape(-1)):
+        angles = coordinate[:, None] * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    embedding = torch.cat(parts, dim=1)
+    padding = torch.zeros(num_patches, dim - embedding.shape[1], dtype=embedding.dtype)
+    return torch.cat([embedding, padding], dim=1).float()[None]
 
 
 def _order_action_rows(lm_head: torch.Tensor, generator: torch.Generator) -> None:
