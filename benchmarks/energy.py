@@ -81,7 +81,7 @@ def bench(label: str, model_dir: Path, args: argparse.Namespace, random_energy: 
     images = [rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8) for _ in range(policy.num_images)]
     proprio = rng.uniform(-0.5, 0.5, policy.proprio_dim) if policy.proprio_dim else None
     inputs = dict(image=images[0], instruction=INSTRUCTION, wrist_images=images[1:], proprio=proprio)
-    normalized, context, visible = policy._observe(**inputs, with_context=True)
+    normalized, context, visible = policy.observe(**inputs, with_context=True)
 
     def chunk(steps: int):
         def run() -> None:

@@ -253,9 +253,12 @@ class OFTPolicy:
                                           device=self.model.device)[None]
         return inputs, pixels, proprio_tensor
 
-    def _observe(self, image: np.ndarray, instruction: str, wrist_images: Sequence[np.ndarray], proprio: Any,
+    def observe(self, image: np.ndarray, instruction: str, wrist_images: Sequence[np.ndarray], proprio: Any,
                  with_context: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns (normalised chunk [1, K, A], context hidden states, visible mask); no context unless asked."""
+        """Returns (the head's normalised chunk [1, K, A], context hidden states [1, S, D], visible mask [1, S]).
+
+        The context and mask (the energy model's inputs) are None unless ``with_context``.
+        """
         with torch.inference_mode():
             inputs, pixels, proprio_tensor = self._model_inputs(image, instruction, wrist_images, proprio)
             hidden, key_mask, num_prefix = self.model.sequence_hidden_states(inputs, pixels, proprio_tensor)
@@ -278,7 +281,7 @@ class OFTPolicy:
         """
         energy = self.energy
         refine = energy.steps > 0 and self.energy_model is not None
-        normalized, context, visible = self._observe(image, instruction, wrist_images, proprio, refine)
+        normalized, context, visible = self.observe(image, instruction, wrist_images, proprio, refine)
         uncorrected = self._physical(normalized[0].cpu().numpy().astype(np.float64))
         if not np.all(np.isfinite(uncorrected)):
             raise OpenVLAError(f"the predicted chunk is not finite: {uncorrected.tolist()}")
@@ -314,7 +317,7 @@ class OFTPolicy:
         """
         if self.energy_model is None:
             raise CheckpointError(f"this OFT model has no energy model ({ENERGY_NAME})")
-        _, context, visible = self._observe(image, instruction, wrist_images, proprio, True)
+        _, context, visible = self.observe(image, instruction, wrist_images, proprio, True)
         candidates = np.asarray(candidates, dtype=np.float64)
         normalized = torch.tensor(self.normalizer.normalize(candidates), dtype=torch.float32,
                                   device=self.model.device)
@@ -332,6 +335,7 @@ class OFTPolicy:
 
     def release(self) -> None:
         self.model = None  # type: ignore[assignment]
+        self.energy_model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
