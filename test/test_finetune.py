@@ -246,8 +246,8 @@ def test_bad_datasets_and_settings(tiny_checkpoint: Path, dataset_dir: Path, tmp
     features.write_text(features.read_text().replace("language_instruction", "instruction_text"))
     with pytest.raises(DatasetError, match="does not have the RLDS step layout"):
         open_rlds(copy, NAME)
-    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
-        load_config(["--data-dir", "d", "--dataset-name", "n", "--lora-rank", "0"])
+    with pytest.raises(ValueError, match="lora_rank must be >= 0"):
+        load_config(["--data-dir", "d", "--dataset-name", "n", "--lora-rank", "-1"])
     settings = tmp_path / "settings.yaml"
     settings.write_text("data_dir: d\ndataset_name: n\nlearning_rate: 0.01\nbatch-size: 2\n")
     config = load_config(["--config", str(settings), "--batch-size", "3"])
@@ -306,3 +306,31 @@ def test_training_normalises_images_with_the_base_checkpoints_preprocessor_setti
     trainer.run()
     written = json.loads((tmp_path / "run" / "merged" / "preprocessor_config.json").read_text())
     assert written["means"] == settings["means"] and written["stds"] == settings["stds"]
+
+
+def test_full_fine_tuning_trains_every_weight_resumes_exactly_and_loads(tiny_checkpoint: Path, dataset_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    from openvla_ros.model.loading import load_model
+
+    settings = dict(max_steps=4, batch_size=2, save_steps=2, eval_steps=0, learning_rate=1e-3, lora_rank=0)
+    out = tmp_path / "full"
+    run_finetune(_config(tiny_checkpoint, dataset_dir, out, **settings))
+    assert not (out / "adapter").exists() and (out / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+    base = load_model(tiny_checkpoint, device="cpu").state_dict()
+    trained = load_model(out / "merged", device="cpu").state_dict()
+    for name in ("vision_backbone.featurizer.blocks.0.attn.qkv.weight", "projector.fc1.weight",
+                 "language_model.model.layers.0.mlp.down_proj.weight", "language_model.model.embed_tokens.weight"):
+        assert not torch.equal(base[name], trained[name]), f"{name} was not trained"
+    config = json.loads((out / "merged" / "config.json").read_text())
+    assert config["openvla_ros"]["training"] == "full" and NAME in config["norm_stats"]
+    # killed after step 2: resuming reproduces the uninterrupted weights
+    for name in ("checkpoints/step-000004", "merged"):
+        shutil.rmtree(out / name)
+    run_finetune(_config(tiny_checkpoint, dataset_dir, out, resume=True, **settings))
+    resumed = load_model(out / "merged", device="cpu").state_dict()
+    for name, value in trained.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6)
+    policy = OpenVLAPolicy.from_pretrained(str(out / "merged"), unnorm_key=NAME, device="cpu")
+    assert np.all(np.isfinite(policy.predict_action(np.zeros((64, 64, 3), np.uint8), "move to the red block")))
+    with pytest.raises(ValueError, match="cannot use a 4bit base"):
+        _config(tiny_checkpoint, dataset_dir, tmp_path / "q", lora_rank=0, quantization="4bit")

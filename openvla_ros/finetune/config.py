@@ -33,7 +33,8 @@ class FinetuneConfig:
         lr_schedule: constant, linear or cosine decay after warmup.
         warmup_steps: linear warmup steps.
         max_grad_norm: gradient clipping norm (0 disables).
-        lora_rank, lora_alpha, lora_dropout: LoRA settings (alpha defaults to min(rank, 16)).
+        lora_rank, lora_alpha, lora_dropout: LoRA settings (alpha defaults to min(rank, 16)); rank 0
+            trains every weight instead (full fine-tuning, as for pretraining; no quantisation).
         quantization: none (LoRA on a full-precision base), 8bit or 4bit (QLoRA).
         dtype: base weights dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32.
         device: auto, cpu, cuda or cuda:N.
@@ -91,12 +92,12 @@ class FinetuneConfig:
             raise ValueError("data_dir is required: the directory that holds the RLDS dataset")
         if not self.dataset_name:
             raise ValueError("dataset_name is required: the RLDS dataset's name")
-        positive = ("max_steps", "batch_size", "grad_accumulation_steps", "lora_rank", "save_steps", "log_steps",
+        positive = ("max_steps", "batch_size", "grad_accumulation_steps", "save_steps", "log_steps",
                     "keep_checkpoints")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_steps", "eval_batches", "warmup_steps"):
+        for name in ("eval_steps", "eval_batches", "warmup_steps", "lora_rank"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -121,8 +122,11 @@ class FinetuneConfig:
                 raise ValueError(
                     f"{', '.join('--' + n.replace('_', '-') for n in given)} need the OFT head: add --action-head l1"
                 )
+        if self.lora_rank == 0 and self.quantization != "none":
+            raise ValueError("full fine-tuning (lora_rank 0) trains the weights themselves and cannot use a "
+                             f"{self.quantization} base; use LoRA (lora_rank > 0) for QLoRA")
         if self.lora_alpha is None:
-            self.lora_alpha = float(min(self.lora_rank, 16))
+            self.lora_alpha = float(min(self.lora_rank, 16) or 16)
 
     @property
     def out_dir(self) -> Path:

@@ -69,6 +69,7 @@ from openvla_ros.model.policy import attach_adapter
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
+FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's checkpoint weights (LoRA runs keep adapter/)
 
 
 @dataclass
@@ -136,9 +137,17 @@ def load_base(config: FinetuneConfig, checkpoint_dir: Path, device: str, quantiz
 
 
 def add_lora(base: OpenVLAForActionPrediction, config: FinetuneConfig):
-    """Returns a peft model with fresh LoRA weights on ``base`` (modified in place)."""
+    """Returns a peft model with fresh LoRA weights on ``base`` (modified in place).
+
+    With ``lora_rank: 0`` it returns ``base`` itself with every weight trainable (full fine-tuning).
+    """
     from peft import LoraConfig, get_peft_model
 
+    if config.lora_rank == 0:
+        base.requires_grad_(True)
+        if config.gradient_checkpointing:
+            base.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return base
     for module in base.modules():
         # bitsandbytes' CPU 4-bit path repacks weights in place after any no-grad forward, which breaks
         # later gradients; training never uses that path.
@@ -288,6 +297,7 @@ class Trainer:
         self.val_frames: list[Frame] = load_frames(builder, "val") if "val" in builder.info.splits else []
         self.tokenizer = load_tokenizer(self.checkpoint_dir)
         self.chunked = config.action_head == "l1"
+        self.full = config.lora_rank == 0
         vla, base_oft = load_base(config, self.checkpoint_dir, str(device))
         self.model = add_lora(vla, config)
         # The base checkpoint's preprocessor settings, exactly as the policy will apply them.
@@ -323,7 +333,8 @@ class Trainer:
         self.forward_model: nn.Module = self.network
         if self.dist.world_size > 1:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(
-                self.network, device_ids=[device.index] if device.type == "cuda" else None
+                self.network, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=self.full,  # a full fine-tune holds weights the forward never uses
             )
 
     # ----------------------------------------------------------------------------------- data
@@ -464,7 +475,7 @@ class Trainer:
             if not final.exists():
                 staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
                 try:
-                    self.model.save_pretrained(str(staging / "adapter"))
+                    self._save_weights(staging)
                     if self.chunked:
                         self._save_heads(staging / "heads")
                     torch.save({
@@ -494,12 +505,21 @@ class Trainer:
         latest = checkpoints[-1]
         try:
             state = torch.load(latest / "training_state.pt", map_location="cpu", weights_only=False)
-            adapter_weights = load_file(str(latest / "adapter" / "adapter_model.safetensors"))
+            if self.full:
+                weights = load_file(str(latest / FULL_WEIGHTS))
+            else:
+                weights = load_file(str(latest / "adapter" / "adapter_model.safetensors"))
         except Exception as exc:  # torch/safetensors raise several types for damaged files
             raise TrainingError(f"checkpoint {latest} is unreadable ({exc}); remove it to resume from the one before") from exc
-        result = set_peft_model_state_dict(self.model, adapter_weights)
-        if getattr(result, "unexpected_keys", None):
-            raise TrainingError(f"checkpoint {latest} does not fit this model: unexpected {result.unexpected_keys[:3]}")
+        if self.full:
+            result = self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=False)
+            if result.unexpected_keys or set(result.missing_keys) - set(self._tied_names()):
+                raise TrainingError(f"checkpoint {latest} does not fit this model: missing "
+                                    f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+        else:
+            result = set_peft_model_state_dict(self.model, weights)
+            if getattr(result, "unexpected_keys", None):
+                raise TrainingError(f"checkpoint {latest} does not fit this model: unexpected {result.unexpected_keys[:3]}")
         if self.chunked:
             self._load_heads(latest / "heads")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -509,6 +529,29 @@ class Trainer:
         random.setstate(state["python_rng"])
         self.step = int(state["step"])
         logger.info("resumed from %s at step %d", latest, self.step)
+
+    def _tied_names(self) -> list[str]:
+        """Returns the names of parameters that share storage with an earlier one (not saved twice)."""
+        seen: dict[int, str] = {}
+        tied = []
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            key = tensor.data_ptr()
+            if key in seen:
+                tied.append(name)
+            else:
+                seen[key] = name
+        return tied
+
+    def _save_weights(self, staging: Path) -> None:
+        """Writes the adapter (LoRA) or every weight (full fine-tuning) of the run into ``staging``."""
+        if not self.full:
+            self.model.save_pretrained(str(staging / "adapter"))
+            return
+        from safetensors.torch import save_file
+
+        tied = set(self._tied_names())
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items() if k not in tied}
+        save_file(state, str(staging / FULL_WEIGHTS))
 
     def _save_heads(self, directory: Path) -> None:
         from safetensors.torch import save_file
@@ -536,24 +579,29 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- outputs
     def _write_outputs(self) -> None:
-        """Writes adapter/, merged/ (full precision base + adapter) and dataset_statistics.json."""
-        adapter_dir = self.out / "adapter"
-        staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.out))
-        self.model.save_pretrained(str(staging))
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        staging.rename(adapter_dir)
+        """Writes adapter/ (LoRA runs), merged/ (full precision base + adapter, or the fully trained
+        model) and dataset_statistics.json."""
         statistics = {self.config.dataset_name: self.statistics}
         (self.out / "dataset_statistics.json").write_text(json.dumps(statistics, indent=2))
-        merged_dtype = "float32" if self.device.type == "cpu" else "bfloat16"
-        base, _ = load_base(self.config, self.checkpoint_dir, "cpu", quantization="none", dtype=merged_dtype)
-        merged = attach_adapter(base, adapter_dir, merge=True)
+        if self.full:
+            merged = self.model.to("cpu")
+        else:
+            adapter_dir = self.out / "adapter"
+            staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.out))
+            self.model.save_pretrained(str(staging))
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            staging.rename(adapter_dir)
+            merged_dtype = "float32" if self.device.type == "cpu" else "bfloat16"
+            base, _ = load_base(self.config, self.checkpoint_dir, "cpu", quantization="none", dtype=merged_dtype)
+            merged = attach_adapter(base, adapter_dir, merge=True)
         merged.config.norm_stats = {**merged.config.norm_stats, **statistics}
         merged.config.extra["openvla_ros"] = {
             "base_model": self.config.vla_path,
             "dataset_name": self.config.dataset_name,
             "trained_with_image_aug": self.config.image_aug,
             "steps": self.step,
+            "training": "full" if self.full else f"lora rank {self.config.lora_rank}",
         }
         # Written beside the previous merged model and swapped in at the end, so a failure or Ctrl-C while
         # saving never leaves the run without a loadable merged model.
