@@ -1,0 +1,49 @@
+"""Offline expert demonstrations: bags the converter reads with the pipeline's config, contents as simulated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from openvla_ros.dataset import convert_bags, load_config
+from openvla_ros.finetune.data import decode_image, load_frames, open_rlds
+from openvla_ros.sim import ScriptedExpert, TabletopRenderer, TabletopScene
+from openvla_ros.sim.demos import record_expert_episodes, scene_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_expert_episodes_convert_with_the_pipeline_config_step_for_step(tmp_path: Path) -> None:
+    from openvla_ros.model.processor import ImageTransform
+
+    seed = (0, 0)
+    episodes = record_expert_episodes(tmp_path / "bags", [seed, (0, 1)], task="reach")
+    assert [e.seed for e in episodes] == [seed, (0, 1)] and all(e.success for e in episodes)
+    config = load_config(REPO / "config" / "pipeline.yaml", val_fraction=0.0)
+    assert convert_bags([episodes[0].path], tmp_path / "data", "sim_demo", config).episodes == 1
+    frames = load_frames(open_rlds(tmp_path / "data", "sim_demo"), "train")
+    # the episode again, step by step, as the expert ran it
+    scene, renderer, expert = TabletopScene(), TabletopRenderer(), ScriptedExpert()
+    task = scene.reset(seed=seed, task="reach")
+    expert.reset(seed=seed)
+    images, actions, states = [], [], []
+    while scene.status == "running":
+        images.append(renderer.render(scene))
+        states.append(scene_state(scene))
+        actions.append(expert.act(scene))
+        scene.apply_action(actions[-1])
+    assert len(frames) == len(actions) == episodes[0].steps, "every step is kept, none shifted"
+    assert all(f.instruction == task.instruction for f in frames)
+    np.testing.assert_allclose(np.stack([f.action for f in frames]), np.stack(actions), atol=1e-9)
+    np.testing.assert_allclose(np.stack([f.state for f in frames]), np.stack(states), atol=1e-6)
+    transform = ImageTransform()
+    for frame, image in zip(frames, images, strict=True):
+        stored = decode_image(frame.image).astype(float)
+        assert np.abs(stored - transform.model_image(image).astype(float)).mean() < 3.0, "the rendered frame (JPEG)"
+
+
+def test_failed_expert_episodes_are_left_out_unless_asked(tmp_path: Path) -> None:
+    kept = record_expert_episodes(tmp_path / "a", [(0, 3)], task="reach", expert_noise=0.5)
+    every = record_expert_episodes(tmp_path / "b", [(0, 3)], task="reach", expert_noise=0.5, keep_failures=True)
+    assert len(every) == 1 and len(kept) == (1 if every[0].success else 0)
