@@ -200,11 +200,17 @@ def test_the_real_node_over_dds_follows_the_cue_from_a_bgr8_camera(merged: Path,
                 driver.camera.encoding = "bgr8"
                 driver.camera.mode = "good"
                 switched = driver.wait_for_actions(1)
-                driver.wait_for_actions(4)  # the chunk planned before the switch has run out
-                latest = np.array(driver.actions.since(switched)[-1][1].data)
+                driver.wait_for_actions(7)
+                # the first actions may come from the chunk planned before the switch; a zero delta is a
+                # stop (e.g. a frame late on a busy machine), not a prediction
+                after = [np.array(a.data) for _, a in driver.actions.since(switched)][3:]
+                moving = [a for a in after if np.any(a[:3] != 0.0)]
+                assert moving, f"{cue}: only stops after the switch; log:\n{node_process.log()[-2000:]}"
+                latest = np.median(np.stack(moving), axis=0)
                 target = cue_action(*cue)
                 assert abs(latest[0] - target[0]) < STEP / 2 and (latest[6] > 0.5) == (target[6] > 0.5), (
-                    f"{cue}: the node published {np.round(latest, 3).tolist()}"
+                    f"{cue}: the node published {np.round(np.stack(after), 3).tolist()}; "
+                    f"log:\n{node_process.log()[-2000:]}"
                 )
         finally:
             driver.camera.mode = "stopped"
