@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch
 from openvla_ros.errors import OpenVLAError, TrainingError
 from openvla_ros.finetune.chunks import ChunkBatch, ChunkSampleBuilder, check_chunk_data, collate_chunks
 from openvla_ros.finetune.data import epoch_order, load_frames, open_rlds, sample_rng
+from openvla_ros.finetune.trainer import CHECKPOINT_PATTERN
 from openvla_ros.model.action_codec import select_unnorm_key
 from openvla_ros.model.energy import EnergyModel, EnergySpec, energy_context_mask
 from openvla_ros.model.loading import (
@@ -60,7 +60,6 @@ from openvla_ros.model.policy import default_unnorm_key
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 STATE_NAME = "training_state.pt"
 
 

@@ -39,8 +39,8 @@ def action_metrics(policy: OpenVLAPolicy, frames: Sequence[Frame], ids: np.ndarr
     }
 
 
-def plot_episode(frames: Sequence[Frame], predicted: np.ndarray, path: Path, title: str) -> Path:
-    """Writes a PNG with one panel per action dimension: recorded vs predicted over the episode."""
+def _plot_actions(frames: Sequence[Frame], path: Path, title: str, xlabel: str, draw) -> Path:
+    """Writes a PNG with one panel per action dimension: the recorded episode plus what ``draw(axis, index)`` adds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,20 +48,29 @@ def plot_episode(frames: Sequence[Frame], predicted: np.ndarray, path: Path, tit
 
     recorded = np.stack([f.action for f in frames])
     figure, axes = plt.subplots(len(ACTION_NAMES), 1, figsize=(8, 12), sharex=True)
-    steps = np.arange(len(frames))
     for index, (axis, name) in enumerate(zip(axes, ACTION_NAMES, strict=True)):
-        axis.plot(steps, recorded[:, index], label="recorded", color="black")
-        axis.plot(steps, predicted[:, index], label="predicted", color="tab:orange", linestyle="--")
+        axis.plot(np.arange(len(frames)), recorded[:, index], label="recorded", color="black")
+        draw(axis, index)
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
     axes[0].legend(loc="upper right")
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel(xlabel)
     figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
+
+
+def plot_episode(frames: Sequence[Frame], predicted: np.ndarray, path: Path, title: str) -> Path:
+    """Writes a PNG with one panel per action dimension: recorded vs predicted over the episode."""
+    steps = np.arange(len(frames))
+
+    def draw(axis, index: int) -> None:
+        axis.plot(steps, predicted[:, index], label="predicted", color="tab:orange", linestyle="--")
+
+    return _plot_actions(frames, path, title, "step", draw)
 
 
 def window_inputs(policy, window: ChunkWindow) -> dict[str, Any]:
@@ -160,27 +169,12 @@ def chunk_metrics(windows: Sequence[ChunkWindow], predicted: np.ndarray) -> dict
 def plot_episode_chunks(frames: Sequence[Frame], starts: Sequence[int], chunks: np.ndarray, path: Path,
                         title: str) -> Path:
     """Writes a PNG with one panel per dimension: the recorded episode and each predicted chunk from its start."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recorded = np.stack([f.action for f in frames])
-    figure, axes = plt.subplots(len(ACTION_NAMES), 1, figsize=(8, 12), sharex=True)
-    for index, (axis, name) in enumerate(zip(axes, ACTION_NAMES, strict=True)):
-        axis.plot(np.arange(len(frames)), recorded[:, index], label="recorded", color="black")
+    def draw(axis, index: int) -> None:
         for number, (start, chunk) in enumerate(zip(starts, chunks, strict=True)):
             steps = np.arange(start, start + chunk.shape[0])
             axis.plot(steps, chunk[:, index], color="tab:orange", linestyle="--", marker=".",
                       label="predicted chunks" if number == 0 else None)
             axis.axvline(start, color="tab:orange", alpha=0.15)
-        axis.set_ylabel(name)
-        axis.grid(alpha=0.3)
-    axes[0].legend(loc="upper right")
-    axes[-1].set_xlabel("step (each chunk is predicted from the observation at its first step)")
-    figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+
+    return _plot_actions(frames, path, title,
+                         "step (each chunk is predicted from the observation at its first step)", draw)
