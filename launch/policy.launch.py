@@ -11,7 +11,8 @@ and ``use_sim_time`` always applies. The node configures and activates itself (`
         wrist_image_topics:=wrist/image_raw proprio_topic:=joint_states
 
 runs an OpenVLA-OFT checkpoint in chunk mode (one inference per chunk of K actions, one action per tick)
-with one wrist camera and the joint states as proprio.
+with one wrist camera and the joint states as proprio. ``energy_steps:=1`` adds the energy model's
+correction to each chunk (a model trained with ``training/train_energy.py``).
 
     ros2 launch openvla_ros policy.launch.py model:=/path/to/checkpoint namespace:=robot1
 
@@ -47,6 +48,12 @@ LAUNCH_ARGUMENTS = (
      "empty keeps the parameter file's value."),
     ("chunk_blend", "", "Chunk mode: none or ensemble (temporal ensembling); empty keeps the parameter file's "
      "value."),
+    ("energy_steps", "", "Chunk mode: energy-model correction steps per chunk, 0 = off (needs an energy model "
+     "beside the head); empty keeps the parameter file's value."),
+    ("energy_step_size", "", "Chunk mode: step size of each energy correction step, in normalised action units; "
+     "empty keeps the parameter file's value."),
+    ("energy_max_step_fraction", "", "Chunk mode: largest correction step as a fraction of the chunk's norm; "
+     "empty keeps the parameter file's value."),
     ("params_file", "", "Parameter file; empty for the package's config/policy.yaml."),
     ("namespace", "", "Namespace of the node: its outputs and services, and its inputs when their names "
      "are relative, move under it (e.g. robot1)."),
@@ -55,8 +62,11 @@ LAUNCH_ARGUMENTS = (
 )
 OPTIONAL_OVERRIDES = (
     "model", "quantization", "unnorm_key", "image_topic", "instruction_topic", "rate_hz", "wrist_image_topics",
-    "proprio_topic", "actions_per_inference", "chunk_blend",
+    "proprio_topic", "actions_per_inference", "chunk_blend", "energy_steps", "energy_step_size",
+    "energy_max_step_fraction",
 )
+INTEGER_ARGUMENTS = ("actions_per_inference", "energy_steps")
+NUMBER_ARGUMENTS = ("energy_step_size", "energy_max_step_fraction")
 
 
 def parameter_overrides(arguments: dict[str, str]) -> dict[str, object]:
@@ -77,13 +87,16 @@ def parameter_overrides(arguments: dict[str, str]) -> dict[str, object]:
                 overrides[name] = float(value)
             except ValueError:
                 raise ValueError(f"launch argument rate_hz must be a number of Hz, got {value!r}") from None
-        elif name == "actions_per_inference":
+        elif name in INTEGER_ARGUMENTS:
             try:
                 overrides[name] = int(value)
             except ValueError:
-                raise ValueError(
-                    f"launch argument actions_per_inference must be a whole number, got {value!r}"
-                ) from None
+                raise ValueError(f"launch argument {name} must be a whole number, got {value!r}") from None
+        elif name in NUMBER_ARGUMENTS:
+            try:
+                overrides[name] = float(value)
+            except ValueError:
+                raise ValueError(f"launch argument {name} must be a number, got {value!r}") from None
         elif name == "wrist_image_topics":
             overrides[name] = [topic.strip() for topic in value.split(",") if topic.strip()]
         else:

@@ -466,6 +466,9 @@ LAUNCH_ARGUMENTS = {
     "proprio_topic",
     "actions_per_inference",
     "chunk_blend",
+    "energy_steps",
+    "energy_step_size",
+    "energy_max_step_fraction",
     "params_file",
     "namespace",
     "log_level",
@@ -539,3 +542,11 @@ def test_launch_arguments_override_the_parameter_file_only_when_given() -> None:
     }
     with pytest.raises(ValueError, match="actions_per_inference must be a whole number, got 'all'"):
         parameter_overrides(dict(defaults, actions_per_inference="all"))
+    energy = dict(defaults, energy_steps="3", energy_step_size="0.05", energy_max_step_fraction="0.1")
+    assert parameter_overrides(energy) == {
+        "energy_steps": 3, "energy_step_size": 0.05, "energy_max_step_fraction": 0.1, "use_sim_time": False,
+    }
+    with pytest.raises(ValueError, match="energy_steps must be a whole number, got '1.5'"):
+        parameter_overrides(dict(defaults, energy_steps="1.5"))
+    with pytest.raises(ValueError, match="energy_step_size must be a number, got 'big'"):
+        parameter_overrides(dict(defaults, energy_step_size="big"))
