@@ -42,6 +42,13 @@ test: lint ros2-tooling
 tiny: $(STAMP)
 	$(PY) -m openvla_ros.tiny artifacts/tiny
 
+# The pretrained tiny base (built once, cached; an interrupted build resumes, a corrupt one is rebuilt).
+# make pretrained [PRETRAIN_ARGS="--steps 1500 --episodes 300 --tasks reach"]
+PRETRAIN_ARGS ?=
+.PHONY: pretrained
+pretrained: $(STAMP)
+	$(PY) -m openvla_ros.tiny artifacts/tiny-pretrained --pretrain $(PRETRAIN_ARGS)
+
 # make demo [MODEL=checkpoint-dir-or-hub-id] [DEMO_ARGS="--duration 10 --task pick"]
 demo: $(STAMP)
 	$(PY) -m openvla_ros.demo $(if $(MODEL),--model "$(MODEL)") $(DEMO_ARGS)

@@ -383,8 +383,20 @@ def main(argv: list[str] | None = None) -> int:
     oft.add_argument("--film", action="store_true", help="FiLM in every ViT block")
     oft.add_argument("--ours", action="store_true",
                      help="write this package's OFT layout (safetensors heads) instead of the official one")
+    pretrain = parser.add_argument_group("pretrained base (--pretrain; see openvla_ros.pretrain)")
+    pretrain.add_argument("--pretrain", action="store_true",
+                          help="train the tiny OFT model fully on a broad simulated dataset; reuses a finished "
+                          "OUT_DIR, resumes an interrupted build, rebuilds a corrupt one")
+    pretrain.add_argument("--tasks", default="", help="task families, comma-separated (default: reach)")
+    pretrain.add_argument("--episodes", type=int, default=0, help="expert episodes (default 300)")
+    pretrain.add_argument("--steps", type=int, default=0, help="training steps (default 1500)")
+    pretrain.add_argument("--eval-episodes", type=int, default=-1,
+                          help="closed-loop episodes per task after training (default 20)")
     args = parser.parse_args(argv)
     from openvla_ros.errors import OpenVLAError
+
+    if args.pretrain:
+        return _pretrain_main(parser, args)
 
     if args.oft and args.prismatic:
         parser.error("--oft and --prismatic exclude each other")
@@ -408,6 +420,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)
+    return 0
+
+
+def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--pretrain``: builds (or reuses) the pretrained base and prints its success rates."""
+    from openvla_ros.pretrain import PretrainError, PretrainSettings, ensure_pretrained
+
+    if args.oft or args.prismatic:
+        parser.error("--pretrain builds an OFT model of its own; drop --oft/--prismatic")
+    given = {"seed": args.seed, "size": args.size}
+    if args.tasks:
+        given["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    for name in ("episodes", "steps"):
+        if getattr(args, name):
+            given[name] = getattr(args, name)
+    if args.eval_episodes >= 0:
+        given["eval_episodes"] = args.eval_episodes
+    try:
+        manifest = ensure_pretrained(args.out_dir, PretrainSettings(**given))
+    except PretrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for task, result in manifest["success"].items():
+        print(f"{task}: success {result['successes']}/{result['episodes']} on fresh episodes")
+    print(args.out_dir)
     return 0
 
 

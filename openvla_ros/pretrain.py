@@ -1,0 +1,364 @@
+"""A pretrained tiny base: the tiny OpenVLA-OFT trained fully on a broad simulated dataset.
+
+    python -m openvla_ros.tiny artifacts/tiny-pretrained --pretrain      (or: make pretrained)
+
+The analogue of OpenVLA's Open X-Embodiment pretraining, small enough for a CPU. It runs the same
+stages a user's data goes through:
+
+1. ``demos/``: the scripted expert's episodes of every pretraining task family, every block colour
+   and every phrasing, written as rosbag2 bags (:func:`openvla_ros.sim.demos.record_expert_episodes`);
+2. ``data/``: those bags converted to RLDS by the converter, with ``config/pipeline.yaml``'s layout;
+3. ``train/``: the trainer, all weights trained (``lora_rank 0``) with the L1 chunk head and proprio;
+4. ``eval.json``: closed-loop success on fresh episodes of each pretraining task;
+5. the merged model moves to ``OUT`` with ``pretrain.json``, which records the settings, the success
+   rates and the SHA-256 of every file.
+
+All stages work in ``OUT.build/``. Each finished stage leaves a marker, so an interrupted build picks up
+at the first unfinished stage (training from its last checkpoint). ``OUT`` appears only when
+everything is done (one rename), so a half-written base is never taken for finished; a cached base
+whose files no longer match ``pretrain.json`` is reported as corrupt and rebuilt by
+:func:`ensure_pretrained`. Deterministic for a seed on a given machine and thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from openvla_ros.errors import OpenVLAError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "pretrain.json"
+MANIFEST_VERSION = 1
+DATASET_NAME = "sim_pretrain"
+REPO = Path(__file__).resolve().parents[1]
+CONVERSION_CONFIG = REPO / "config" / "pipeline.yaml"
+
+
+class PretrainError(OpenVLAError):
+    """A pretraining build failed, or a cached base is missing or corrupt."""
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """What the pretrained base is trained on and how long.
+
+    Attributes:
+        tasks: task families of the dataset, one after the other by episode.
+        episodes: expert episodes written (failed expert episodes are not kept).
+        steps, batch_size, learning_rate: full training of every weight.
+        chunk: actions per chunk of the L1 head.
+        expert_noise: the expert's per-step noise (metres at full speed), for state coverage.
+        eval_episodes: closed-loop episodes per task on fresh seeds.
+        seed: seeds the model, the episodes and the training.
+        size: the tiny config to start from.
+    """
+
+    tasks: tuple[str, ...] = ("reach",)
+    episodes: int = 300
+    steps: int = 1500
+    batch_size: int = 16
+    learning_rate: float = 5e-4
+    chunk: int = 8
+    expert_noise: float = 0.004
+    eval_episodes: int = 20
+    seed: int = 0
+    size: str = "tiny"
+
+    def __post_init__(self) -> None:
+        from openvla_ros.sim.scene import TASKS
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if not self.tasks or unknown:
+            raise PretrainError(f"pretraining tasks must be among {', '.join(TASKS)}, got {list(self.tasks)}")
+        for name in ("episodes", "steps", "batch_size", "chunk"):
+            if getattr(self, name) < 1:
+                raise PretrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_episodes < 0:
+            raise PretrainError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
+
+    def as_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["tasks"] = list(self.tasks)
+        return values
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_hashes(directory: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(directory)): _sha256(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def verify_pretrained(path: str | Path) -> dict[str, Any]:
+    """Returns the manifest of a finished pretrained base after checking every file against it.
+
+    Raises:
+        PretrainError: when ``path`` is missing, unfinished or corrupt (the message says which file).
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise PretrainError(f"no pretrained base at {path}; build it with `make pretrained`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PretrainError(f"{path} is not a finished pretrained base ({manifest_path.name}: {exc}); "
+                            "remove it and run `make pretrained`") from None
+    expected = manifest.get("files") or {}
+    if manifest.get("version") != MANIFEST_VERSION or not expected:
+        raise PretrainError(f"{manifest_path} is not a pretrained-base manifest of this version; rebuild it")
+    actual = _file_hashes(path)
+    for name, digest in expected.items():
+        if name not in actual:
+            raise PretrainError(f"pretrained base {path} is corrupt: {name} is missing; rebuild it")
+        if actual[name] != digest:
+            raise PretrainError(f"pretrained base {path} is corrupt: {name} does not match its recorded "
+                                "SHA-256; rebuild it")
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        raise PretrainError(f"pretrained base {path} holds files it was not built with ({', '.join(extra[:3])}); "
+                            "rebuild it")
+    return manifest
+
+
+class _Stages:
+    """Markers of the finished stages of one build directory, tied to the settings they were made with."""
+
+    def __init__(self, build: Path, settings: PretrainSettings) -> None:
+        self.build = build
+        self.file = build / "stages.json"
+        wanted = settings.as_dict()
+        state = json.loads(self.file.read_text()) if self.file.exists() else {}
+        if state.get("settings") != wanted:
+            if build.exists():
+                logger.info("discarding %s: it was started with other settings", build)
+                shutil.rmtree(build)
+            state = {"settings": wanted, "done": {}}
+        build.mkdir(parents=True, exist_ok=True)
+        self.state = state
+        self._save()
+
+    def _save(self) -> None:
+        scratch = self.file.with_suffix(".tmp")
+        scratch.write_text(json.dumps(self.state, indent=1))
+        scratch.replace(self.file)
+
+    def done(self, name: str) -> dict[str, Any] | None:
+        return self.state["done"].get(name)
+
+    def finish(self, name: str, facts: dict[str, Any]) -> None:
+        self.state["done"][name] = facts
+        self._save()
+
+
+def _stage_dir(stages: _Stages, name: str) -> Path:
+    """Returns the stage's directory, emptied when the stage had started but not finished."""
+    directory = stages.build / name
+    if directory.exists():
+        shutil.rmtree(directory)
+    return directory
+
+
+def episode_seeds(settings: PretrainSettings, offset: int = 0) -> list[tuple[int, ...]]:
+    """Returns the scene seeds of the pretraining episodes (``offset`` 1 gives the evaluation seeds)."""
+    return [(settings.seed, 7000 + offset, index) for index in range(settings.episodes)]
+
+
+def build_pretrained(out: str | Path, settings: PretrainSettings | None = None,
+                     progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Builds the pretrained base in ``out`` (resuming an interrupted build) and returns its manifest.
+
+    Raises:
+        PretrainError: when ``out`` exists already, or a stage fails (the message names it).
+    """
+    settings = settings or PretrainSettings()
+    out = Path(out)
+    if out.exists():
+        raise PretrainError(f"{out} exists; remove it to rebuild, or use ensure_pretrained() to reuse it")
+    build = out.with_name(out.name + ".build")
+    stages = _Stages(build, settings)
+    started = time.monotonic()
+    elapsed = dict(stages.state.get("elapsed_s", {}))
+
+    def timed(name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        facts = stages.done(name)
+        if facts is not None:
+            progress(f"[pretrain] {name}: done before, kept")
+            return facts
+        progress(f"[pretrain] {name} ...")
+        start = time.monotonic()
+        facts = work()
+        elapsed[name] = round(time.monotonic() - start, 1)
+        stages.state["elapsed_s"] = elapsed
+        stages.finish(name, facts)
+        progress(f"[pretrain] {name}: {elapsed[name]} s")
+        return facts
+
+    timed("base", lambda: _make_base(stages, settings))
+    demos = timed("demos", lambda: _record(stages, settings))
+    data = timed("data", lambda: _convert(stages, settings, demos))
+    training = timed("train", lambda: _train(stages, settings, progress))
+    evaluation = timed("eval", lambda: _evaluate(build / "train" / "merged", settings, data["name"]))
+
+    staging = build / "final"
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(build / "train" / "merged", staging)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "settings": settings.as_dict(),
+        "dataset": data,
+        "demos": {k: v for k, v in demos.items() if k != "bags"},
+        "training": training,
+        "success": evaluation,
+        "elapsed_s": elapsed,
+        "build_s_this_run": round(time.monotonic() - started, 1),
+        "files": _file_hashes(staging),
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    staging.rename(out)
+    shutil.rmtree(build, ignore_errors=True)
+    return manifest
+
+
+def ensure_pretrained(out: str | Path, settings: PretrainSettings | None = None,
+                      progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Returns the manifest of the base in ``out``, building it first when missing and rebuilding it when corrupt.
+
+    A finished base built with other settings is kept (its manifest says which); remove it to rebuild.
+    """
+    out = Path(out)
+    if out.exists():
+        try:
+            return verify_pretrained(out)
+        except PretrainError as exc:
+            progress(f"[pretrain] {exc}: rebuilding")
+            shutil.rmtree(out)
+    return build_pretrained(out, settings, progress)
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+def _make_base(stages: _Stages, settings: PretrainSettings) -> dict[str, Any]:
+    from openvla_ros.model.tiny import make_tiny_checkpoint
+
+    directory = _stage_dir(stages, "base")
+    make_tiny_checkpoint(directory, seed=settings.seed, size=settings.size)
+    return {"size": settings.size, "seed": settings.seed}
+
+
+def _record(stages: _Stages, settings: PretrainSettings) -> dict[str, Any]:
+    from openvla_ros.sim.demos import record_expert_episodes
+
+    directory = _stage_dir(stages, "demos")
+    seeds = episode_seeds(settings)
+    written = []
+    for number, task in enumerate(settings.tasks):
+        mine = seeds[number::len(settings.tasks)]
+        written += record_expert_episodes(directory / task, mine, task=task, expert_noise=settings.expert_noise)
+    if not written:
+        raise PretrainError("the expert solved none of the pretraining episodes; nothing to train on")
+    instructions = sorted({episode.instruction for episode in written})
+    return {
+        "bags": [str(episode.path) for episode in written],
+        "episodes": len(written),
+        "expert_failures": settings.episodes - len(written),
+        "steps": sum(episode.steps for episode in written),
+        "instructions": instructions,
+    }
+
+
+def _convert(stages: _Stages, settings: PretrainSettings, demos: dict[str, Any]) -> dict[str, Any]:
+    from openvla_ros.dataset import convert_bags, load_config
+
+    directory = _stage_dir(stages, "data")
+    report = convert_bags(demos["bags"], directory, DATASET_NAME, load_config(CONVERSION_CONFIG))
+    return {"name": DATASET_NAME, "episodes": report.episodes, "steps": report.steps,
+            "splits": dict(report.splits)}
+
+
+def _train(stages: _Stages, settings: PretrainSettings, progress: Callable[[str], None]) -> dict[str, Any]:
+    from openvla_ros.finetune.config import FinetuneConfig
+    from openvla_ros.finetune.trainer import Trainer
+
+    directory = stages.build / "train"
+    resume = (directory / "checkpoints").is_dir() and any((directory / "checkpoints").iterdir())
+    if not resume and directory.exists():
+        shutil.rmtree(directory)
+    config = FinetuneConfig(
+        vla_path=str(stages.build / "base"), data_dir=str(stages.build / "data"), dataset_name=DATASET_NAME,
+        out=str(directory), max_steps=settings.steps, batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, lr_schedule="cosine", warmup_steps=min(50, settings.steps // 10),
+        lora_rank=0, image_aug=False, device="cpu", save_steps=max(1, min(250, settings.steps)),
+        eval_steps=max(1, settings.steps // 4), eval_batches=4, log_steps=max(1, min(100, settings.steps // 10)),
+        keep_checkpoints=1, seed=settings.seed, resume=resume, action_head="l1", chunk=settings.chunk,
+        use_proprio=True,
+    )
+    if resume:
+        progress(f"[pretrain] train: resuming from {directory / 'checkpoints'}")
+    start = time.monotonic()
+    last = Trainer(config).run()
+    return {"steps": settings.steps, "batch_size": settings.batch_size, "seconds": round(time.monotonic() - start, 1),
+            "last": last}
+
+
+def rollout_success(policy: Any, seeds: Sequence[tuple[int, ...]], task: str,
+                    actions_per_chunk: int | None = None) -> list[dict[str, Any]]:
+    """Runs closed-loop episodes of an OFT ``policy`` in the sim and returns one outcome per seed.
+
+    Each chunk is predicted from the camera image and the robot state the demonstrations record, and
+    its first ``actions_per_chunk`` actions (default: half the chunk) are applied before the next.
+    """
+    from openvla_ros.sim import TabletopRenderer, TabletopScene
+    from openvla_ros.sim.demos import scene_state
+
+    scene, renderer = TabletopScene(), TabletopRenderer()
+    execute = actions_per_chunk or max(1, policy.chunk_size // 2)
+    outcomes = []
+    for seed in seeds:
+        episode = scene.reset(seed=seed, task=task)
+        state = scene.evaluate()
+        while scene.status == "running":
+            chunk = policy.predict_chunk(renderer.render(scene), episode.instruction, proprio=scene_state(scene))
+            for action in chunk[:execute]:
+                state = scene.apply_action(action)
+                if scene.status != "running":
+                    break
+        outcomes.append({"seed": list(seed), "instruction": episode.instruction, "success": scene.status == "success",
+                         "steps": state.steps, "final_distance_m": round(float(state.goal_distance), 4)})
+    return outcomes
+
+
+def _evaluate(model: Path, settings: PretrainSettings, unnorm_key: str) -> dict[str, Any]:
+    from openvla_ros.model.oft_policy import OFTPolicy
+
+    if settings.eval_episodes == 0:
+        return {}
+    policy = OFTPolicy.from_pretrained(str(model), device="cpu", unnorm_key=unnorm_key)
+    results = {}
+    for number, task in enumerate(settings.tasks):
+        seeds = [(settings.seed, 9000 + number, index) for index in range(settings.eval_episodes)]
+        outcomes = rollout_success(policy, seeds, task)
+        successes = sum(o["success"] for o in outcomes)
+        results[task] = {"successes": successes, "episodes": len(outcomes), "rate": successes / len(outcomes),
+                         "final_distance_m": [o["final_distance_m"] for o in outcomes]}
+    return results

@@ -1,0 +1,134 @@
+"""The pretrained tiny base: built through the converter and trainer, resumable, verified, rebuilt when corrupt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openvla_ros.pretrain import (
+    MANIFEST,
+    PretrainError,
+    PretrainSettings,
+    build_pretrained,
+    ensure_pretrained,
+    verify_pretrained,
+)
+
+# A build small enough for the test suite: the same stages as the default, a few episodes and steps.
+SMALL = PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1)
+
+
+class InterruptError(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, list[str], dict]:
+    """Builds a small base, interrupted once just before its evaluation, then finished by a second call."""
+    out = tmp_path_factory.mktemp("pretrain") / "base"
+    messages: list[str] = []
+
+    def interrupt_before_eval(message: str) -> None:
+        messages.append(message)
+        if message == "[pretrain] eval ...":
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        build_pretrained(out, SMALL, progress=interrupt_before_eval)
+    assert not out.exists(), "an interrupted build must not leave a base that looks finished"
+    assert (out.parent / "base.build" / "stages.json").exists()
+    resumed: list[str] = []
+    manifest = build_pretrained(out, SMALL, progress=resumed.append)
+    return out, resumed, manifest
+
+
+def test_an_interrupted_build_resumes_at_the_unfinished_stage(built) -> None:
+    out, resumed, manifest = built
+    for stage in ("base", "demos", "data", "train"):
+        assert f"[pretrain] {stage}: done before, kept" in resumed
+    assert "[pretrain] eval ..." in resumed
+    assert not (out.parent / "base.build").exists(), "the build directory is removed once the base is in place"
+    assert verify_pretrained(out)["files"] == manifest["files"]
+
+
+def test_the_base_records_its_data_training_and_success(built) -> None:
+    out, _, manifest = built
+    assert manifest["settings"]["steps"] == 3 and manifest["settings"]["tasks"] == ["reach"]
+    assert manifest["dataset"]["episodes"] == manifest["demos"]["episodes"] >= 3
+    assert manifest["demos"]["instructions"] and all(i.startswith("move to the ") for i in manifest["demos"]["instructions"])
+    assert manifest["training"]["steps"] == 3
+    reach = manifest["success"]["reach"]
+    assert reach["episodes"] == 1 and 0 <= reach["successes"] <= 1
+    assert any(name.endswith(".safetensors") for name in manifest["files"])
+    config = json.loads((out / "config.json").read_text())
+    assert "sim_pretrain" in config["norm_stats"]
+
+
+def test_the_base_loads_as_an_oft_policy_with_proprio(built) -> None:
+    from openvla_ros.model.oft_policy import OFTPolicy, load_policy_auto
+    from openvla_ros.sim import TabletopRenderer, TabletopScene
+    from openvla_ros.sim.demos import scene_state
+
+    out, _, _ = built
+    policy = load_policy_auto(str(out), device="cpu")
+    assert isinstance(policy, OFTPolicy)
+    assert policy.proprio_dim == 5 and policy.chunk_size == SMALL.chunk
+    scene = TabletopScene()
+    episode = scene.reset(seed=(3, 3), task="reach")
+    chunk = policy.predict_chunk(TabletopRenderer().render(scene), episode.instruction, proprio=scene_state(scene))
+    assert chunk.shape == (SMALL.chunk, 7) and np.isfinite(chunk).all()
+
+
+def test_a_finished_base_is_reused_and_another_target_refused(built) -> None:
+    out, _, manifest = built
+    messages: list[str] = []
+    assert ensure_pretrained(out, SMALL, progress=messages.append) == manifest
+    assert messages == [], "a verified base is reused without any stage running"
+    with pytest.raises(PretrainError, match="exists; remove it to rebuild"):
+        build_pretrained(out, SMALL, progress=messages.append)
+
+
+def test_a_corrupt_or_unfinished_base_is_detected(built, tmp_path) -> None:
+    out, _, manifest = built
+    weights = sorted(name for name in manifest["files"] if name.endswith(".safetensors"))[0]
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(out, corrupt)
+    data = bytearray((corrupt / weights).read_bytes())
+    data[-1] ^= 0xFF
+    (corrupt / weights).write_bytes(bytes(data))
+    with pytest.raises(PretrainError, match=f"corrupt: {weights} does not match"):
+        verify_pretrained(corrupt)
+    (corrupt / weights).unlink()
+    with pytest.raises(PretrainError, match=f"corrupt: {weights} is missing"):
+        verify_pretrained(corrupt)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(out, unfinished)
+    (unfinished / MANIFEST).unlink()
+    with pytest.raises(PretrainError, match="not a finished pretrained base"):
+        verify_pretrained(unfinished)
+    with pytest.raises(PretrainError, match="no pretrained base at"):
+        verify_pretrained(tmp_path / "absent")
+
+
+def test_a_corrupt_base_is_rebuilt(built, tmp_path) -> None:
+    out, _, manifest = built
+    target = tmp_path / "base"
+    shutil.copytree(out, target)
+    (target / "config.json").write_text("{}")
+    messages: list[str] = []
+    rebuilt = ensure_pretrained(target, SMALL, progress=messages.append)
+    assert any("config.json does not match" in m and "rebuilding" in m for m in messages)
+    assert "[pretrain] train ..." in messages
+    assert verify_pretrained(target) == rebuilt
+    assert json.loads((target / "config.json").read_text())["norm_stats"]
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(PretrainError, match="tasks must be among"):
+        PretrainSettings(tasks=("fly",))
+    with pytest.raises(PretrainError, match="steps must be >= 1"):
+        PretrainSettings(steps=0)
