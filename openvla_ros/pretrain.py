@@ -182,8 +182,12 @@ def episode_seeds(settings: PretrainSettings, offset: int = 0) -> list[tuple[int
     return [(settings.seed, 7000 + offset, index) for index in range(settings.episodes)]
 
 
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
 def build_pretrained(out: str | Path, settings: PretrainSettings | None = None,
-                     progress: Callable[[str], None] = print) -> dict[str, Any]:
+                     progress: Callable[[str], None] = _print) -> dict[str, Any]:
     """Builds the pretrained base in ``out`` (resuming an interrupted build) and returns its manifest.
 
     Raises:
@@ -240,7 +244,7 @@ def build_pretrained(out: str | Path, settings: PretrainSettings | None = None,
 
 
 def ensure_pretrained(out: str | Path, settings: PretrainSettings | None = None,
-                      progress: Callable[[str], None] = print) -> dict[str, Any]:
+                      progress: Callable[[str], None] = _print) -> dict[str, Any]:
     """Returns the manifest of the base in ``out``, building it first when missing and rebuilding it when corrupt.
 
     A finished base built with other settings is kept (its manifest says which); remove it to rebuild.
