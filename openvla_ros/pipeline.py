@@ -44,8 +44,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("artifacts") / "pipeline"
 DEFAULT_BASE = Path("artifacts") / "tiny"
+DEFAULT_PRETRAINED = Path("artifacts") / "tiny-pretrained"
 DEFAULT_CONFIG = REPO / "config" / "pipeline.yaml"
 MARKER = ".openvla_pipeline"
+# Energy refinement in the closed-loop comparison: the node's and the policy's defaults.
+ENERGY_STEP_SIZE = 0.5
+ENERGY_MAX_STEP_FRACTION = 0.2
 SIM_NODE = "sim_scene"
 TRAINER_LOGGER = "openvla_ros.finetune.trainer"
 QUICK = {"episodes": 3, "eval_episodes": 2, "steps": 3, "batch_size": 2, "node_episodes": 0}
@@ -71,6 +75,8 @@ class PipelineSettings:
     learning_rate: float = 3e-3
     lora_rank: int = 32
     image_aug: bool = False
+    energy_steps: int = 0
+    energy_train_steps: int = 300
     expert_rate_hz: float = 10.0
     record_seed: int = 0
     eval_seed: int = 1
@@ -86,8 +92,9 @@ class PipelineSettings:
         for name in ("eval_episodes", "steps", "batch_size", "lora_rank"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.node_episodes < 0:
-            raise PipelineError(f"node_episodes must be >= 0, got {self.node_episodes}")
+        for name in ("node_episodes", "energy_steps", "energy_train_steps"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.record_seed == self.eval_seed:
             raise PipelineError("eval_seed must differ from record_seed: evaluation needs episodes never recorded")
 
@@ -121,6 +128,7 @@ class Report:
     offline: dict[str, Any] = field(default_factory=dict)
     closed_loop: dict[str, Any] = field(default_factory=dict)
     node_check: dict[str, Any] = field(default_factory=dict)
+    energy: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -383,18 +391,34 @@ class _TrainerLog(logging.Handler):
         self.curve.append({"step": int(step), "split": split, **values})
 
 
+def base_spec(base: Path) -> Any:
+    """Returns the OFT layout (chunk, proprio, images) of an OpenVLA-OFT base, or None for a token model."""
+    from openvla_ros.model.loading import read_config
+    from openvla_ros.model.oft_loading import is_oft_checkpoint, read_oft_spec
+
+    config = read_config(base)
+    return read_oft_spec(base, config) if is_oft_checkpoint(base, config) else None
+
+
 def finetune(settings: PipelineSettings, data_dir: Path, out: Path) -> dict[str, Any]:
-    """LoRA fine-tunes the base on the dataset (outputs in ``out``); returns metrics and the curve."""
+    """LoRA fine-tunes the base on the dataset (outputs in ``out``); returns metrics and the curve.
+
+    An OpenVLA-OFT base is fine-tuned with its own L1 head, chunk and proprio layout (heads trained
+    fully, the VLA through LoRA), as ``training/finetune.py --action-head l1`` does.
+    """
     from openvla_ros.finetune.config import FinetuneConfig
     from openvla_ros.finetune.trainer import Trainer
 
+    spec = base_spec(settings.base)
+    oft = {} if spec is None else {"action_head": "l1", "chunk": spec.chunk, "use_proprio": bool(spec.proprio_dim),
+                                   "num_images": spec.num_images, "film": spec.film}
     config = FinetuneConfig(
         vla_path=str(settings.base), data_dir=str(data_dir), dataset_name=settings.dataset_name, out=str(out),
         max_steps=settings.steps, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
         lr_schedule="cosine", warmup_steps=min(20, settings.steps // 10), lora_rank=settings.lora_rank,
         image_aug=settings.image_aug, device="cpu", save_steps=settings.steps,
         eval_steps=max(1, settings.steps // 4), eval_batches=4, log_steps=max(1, min(10, settings.steps // 10)),
-        keep_checkpoints=1, seed=settings.train_seed,
+        keep_checkpoints=1, seed=settings.train_seed, **oft,
     )
     handler = _TrainerLog()
     logger = logging.getLogger(TRAINER_LOGGER)
@@ -422,7 +446,26 @@ def finetune(settings: PipelineSettings, data_dir: Path, out: Path) -> dict[str,
         "last": last,
         "curve": handler.curve,
         "merged": str(out / "merged"),
+        "action_head": "l1" if spec is not None else "tokens",
     }
+
+
+def train_energy(settings: PipelineSettings, merged: Path, data_dir: Path, out: Path) -> dict[str, Any]:
+    """Trains the energy model of the fine-tuned OFT model (VLA frozen) and writes it beside its head.
+
+    The machinery of ``training/train_energy.py``; returns its last train and val metrics.
+    """
+    from openvla_ros.finetune.energy_training import EnergyTrainingConfig, run_energy_training
+
+    steps = settings.energy_train_steps
+    config = EnergyTrainingConfig(
+        model=str(merged), data_dir=str(data_dir), dataset_name=settings.dataset_name, out=str(out),
+        max_steps=steps, save_steps=max(1, steps), eval_steps=max(1, steps // 2), log_steps=max(1, steps // 10),
+        batch_size=16, learning_rate=2e-3, hidden_dim=64, num_heads=4, device="cpu", seed=settings.train_seed,
+    )
+    start = time.monotonic()
+    metrics = run_energy_training(config)
+    return {"steps": steps, "seconds": round(time.monotonic() - start, 1), "last": metrics}
 
 
 def offline_evaluation(settings: PipelineSettings, model: Path, data_dir: Path, plot: Path,
@@ -437,6 +480,8 @@ def offline_evaluation(settings: PipelineSettings, model: Path, data_dir: Path, 
                "--device", "cpu", "--plot", str(plot)]
     if settings.image_aug:
         command.append("--center-crop")
+    if settings.energy_steps:
+        command += ["--energy-steps", str(settings.energy_steps)]
     print("  " + " ".join(command[1:]), flush=True)
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     (log_dir / "evaluate.log").write_text(result.stdout + result.stderr)
@@ -445,23 +490,35 @@ def offline_evaluation(settings: PipelineSettings, model: Path, data_dir: Path, 
     return json.loads(result.stdout[result.stdout.index("{"):])
 
 
-def rollout(policy: Any, seed: tuple[int, int], task: str) -> EpisodeResult:
+def rollout(policy: Any, seed: tuple[int, ...], task: str) -> EpisodeResult:
     """Runs one closed-loop episode of ``policy`` in the pure-Python sim and returns its outcome.
 
-    Each step renders the overhead camera exactly as the ``sim_scene`` node publishes it and calls
-    ``policy.predict_action(rgb, instruction)``, as the policy node does.
+    Each step renders the overhead camera exactly as the ``sim_scene`` node publishes it. A token
+    policy is called once per step (``policy.predict_action(rgb, instruction)``, as the policy node
+    does); an OFT policy predicts a chunk from the frame and the robot state the demonstrations record
+    (as the node's chunk mode does with ``proprio_topic``), and its first half is applied before the next.
     """
     from openvla_ros.sim import TabletopRenderer, TabletopScene
+    from openvla_ros.sim.demos import scene_state
 
     scene = TabletopScene()
     renderer = TabletopRenderer()
     episode = scene.reset(seed=seed, task=task)
     path = [scene.ee_position[:2].tolist()]
     state = scene.evaluate()
+    chunked = hasattr(policy, "predict_chunk")
     while scene.status == "running":
-        action = policy.predict_action(renderer.render(scene), episode.instruction)
-        state = scene.apply_action(action)
-        path.append(scene.ee_position[:2].tolist())
+        if chunked:
+            proprio = scene_state(scene) if policy.proprio_dim else None
+            chunk = policy.predict_chunk(renderer.render(scene), episode.instruction, proprio=proprio)
+            actions = chunk[: max(1, policy.chunk_size // 2)]
+        else:
+            actions = [policy.predict_action(renderer.render(scene), episode.instruction)]
+        for action in actions:
+            state = scene.apply_action(action)
+            path.append(scene.ee_position[:2].tolist())
+            if scene.status != "running":
+                break
     return EpisodeResult(
         seed=list(seed), instruction=episode.instruction, success=scene.status == "success", steps=state.steps,
         final_distance_m=round(float(state.goal_distance), 4), path_xy=path,
@@ -484,33 +541,56 @@ def expert_path(seed: tuple[int, int], task: str) -> list[list[float]]:
 
 
 def closed_loop(settings: PipelineSettings, merged: Path) -> dict[str, Any]:
-    """Evaluates the untrained base and the fine-tuned model on the same fresh episodes.
+    """Evaluates the base and the fine-tuned model on the same fresh episodes.
 
-    The untrained model un-normalises with the dataset's statistics too, so both act in the same
-    physical units.
+    A token base un-normalises with the dataset's statistics, so both act in the same physical units;
+    an OFT base keeps its own statistics (those of its pretraining data, in the same units). With
+    ``energy_steps`` > 0 the fine-tuned OFT model runs the same episodes a second time with energy
+    refinement on (``fine_tuned_energy``).
     """
-    from openvla_ros.model.policy import OpenVLAPolicy
+    from openvla_ros.model.oft_policy import OFTPolicy, load_policy_auto
 
-    tuned = OpenVLAPolicy.from_pretrained(str(merged), unnorm_key=settings.dataset_name, device="cpu",
-                                          center_crop=settings.image_aug)
-    untrained = OpenVLAPolicy.from_pretrained(str(settings.base), device="cpu")
-    untrained.normalizer = tuned.normalizer
+    tuned = load_policy_auto(str(merged), unnorm_key=settings.dataset_name, device="cpu",
+                             center_crop=settings.image_aug)
+    base = load_policy_auto(str(settings.base), device="cpu")
+    if not isinstance(base, OFTPolicy):
+        base.normalizer = tuned.normalizer
     seeds = [(settings.eval_seed, index) for index in range(settings.eval_episodes)]
-    results: dict[str, Any] = {"seeds": [list(s) for s in seeds], "mode": "in-process"}
-    for label, policy in (("untrained", untrained), ("fine_tuned", tuned)):
+    results: dict[str, Any] = {"seeds": [list(s) for s in seeds], "mode": "in-process",
+                               "policy": "chunks (half of each applied)" if isinstance(tuned, OFTPolicy)
+                               else "one action per step"}
+    runs: list[tuple[str, Any, int]] = [("base", base, 0), ("fine_tuned", tuned, 0)]
+    if settings.energy_steps:
+        runs.append(("fine_tuned_energy", tuned, settings.energy_steps))
+    for label, policy, energy_steps in runs:
+        if isinstance(policy, OFTPolicy) and policy.energy_model is not None:
+            policy.configure_energy(energy_steps, ENERGY_STEP_SIZE, ENERGY_MAX_STEP_FRACTION)
         start = time.monotonic()
         episodes = [rollout(policy, seed, settings.task) for seed in seeds]
         steps = sum(e.steps for e in episodes)
         successes = sum(e.success for e in episodes)
+        low, high = wilson_interval(successes, len(episodes))
         results[label] = {
             "success_rate": successes / len(episodes),
             "successes": successes,
+            "ci95": [round(low, 3), round(high, 3)],
+            "energy_steps": energy_steps,
             "episodes": [asdict(e) for e in episodes],
             "ms_per_step": round(1000 * (time.monotonic() - start) / max(1, steps), 1),
         }
-        print(f"  {label:<10} success {successes}/{len(episodes)}  "
-              f"({results[label]['ms_per_step']} ms per step, in process)", flush=True)
+        print(f"  {label:<17} success {successes}/{len(episodes)} (95% CI {100 * low:.0f}-{100 * high:.0f} %, "
+              f"{results[label]['ms_per_step']} ms per step, in process)", flush=True)
     return results
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Returns the Wilson score interval (95% for the default z) of a success rate."""
+    if trials == 0:
+        return 0.0, 1.0
+    rate = successes / trials
+    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def node_check(settings: PipelineSettings, merged: Path, log_dir: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -528,6 +608,9 @@ def node_check(settings: PipelineSettings, merged: Path, log_dir: Path, env: dic
                    "-p", f"unnorm_key:={settings.dataset_name}", "-p", f"rate_hz:={rate_hz}", "-p", "device:=cpu"]
     if settings.image_aug:
         policy_args += ["-p", "center_crop:=true"]
+    spec = base_spec(merged)
+    if spec is not None and spec.proprio_dim:
+        policy_args += ["-p", "proprio_topic:=/joint_states", "-p", "proprio_type:=joint_state"]
     policy = ChildProcess("policy_node_check", "openvla_ros.policy_node", policy_args, log_dir, env)
 
     def alive() -> None:
@@ -584,7 +667,6 @@ def plot_trajectories(results: dict[str, Any], task: str, path: Path, max_panels
         if index >= count:
             axis.axis("off")
             continue
-        untrained = results["untrained"]["episodes"][index]
         tuned = results["fine_tuned"]["episodes"][index]
         half_x, half_y = scene_config.x_half_extent, scene_config.y_half_extent
         axis.add_patch(Rectangle((-half_x, -half_y), 2 * half_x, 2 * half_y, fill=False, color="0.6"))
@@ -595,7 +677,10 @@ def plot_trajectories(results: dict[str, Any], task: str, path: Path, max_panels
         axis.add_patch(Circle(target, scene_config.reach_tolerance, fill=False, linestyle=":", color="black"))
         reference = np.array(expert_path(tuple(tuned["seed"]), task))
         axis.plot(reference[:, 0], reference[:, 1], color="black", linewidth=0.8, linestyle=":", label="expert")
-        for episode, label, color in ((untrained, "untrained", "tab:gray"), (tuned, "fine-tuned", "tab:orange")):
+        for key, color in (("base", "tab:gray"), ("fine_tuned", "tab:orange"), ("fine_tuned_energy", "tab:green")):
+            if key not in results:
+                continue
+            episode, label = results[key]["episodes"][index], key.replace("_", "-")
             xy = np.array(episode["path_xy"])
             outcome = "ok" if episode["success"] else "fail"
             axis.plot(xy[:, 0], xy[:, 1], color=color, linewidth=1.5, label=f"{label} ({outcome})")
@@ -623,12 +708,16 @@ def plot_training_curve(curve: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    # token models: loss, action-token accuracy, L1; OFT models: L1 loss, first and last chunk step
+    keys = ("loss", "action_accuracy", "l1_normalized")
+    if curve and not any("action_accuracy" in point for point in curve):
+        keys = ("loss", "l1_first_step", "l1_last_step")
     for split, style in (("train", "-"), ("val", "o--")):
         points = [p for p in curve if p["split"] == split]
         if not points:
             continue
         steps = [p["step"] for p in points]
-        for axis, key in zip(axes, ("loss", "action_accuracy", "l1_normalized"), strict=True):
+        for axis, key in zip(axes, keys, strict=True):
             axis.plot(steps, [p.get(key, float("nan")) for p in points], style, label=split)
             axis.set_title(key)
             axis.set_xlabel("step")
@@ -658,27 +747,50 @@ def format_table(report: Report) -> str:
         last = training["last"]
         train, val = last.get("train", {}), last.get("val", {})
         before = training["val_before"]
-        lines.append(f"training: {training['steps']} steps x batch {training['batch_size']} "
-                     f"({training['epochs']} epochs of {training['train_frames']} frames, "
+        lines.append(f"training ({training.get('action_head', 'tokens')} head): {training['steps']} steps x batch "
+                     f"{training['batch_size']} ({training['epochs']} epochs of {training['train_frames']} frames, "
                      f"{training['samples_per_s']} samples/s)")
-        lines.append(f"  val loss {before['loss']:.3f} -> {val.get('loss', float('nan')):.3f}; "
-                     f"val action-token accuracy {before['action_accuracy']:.3f} -> "
-                     f"{val.get('action_accuracy', float('nan')):.3f}; val L1 (normalised) "
-                     f"{before['l1_normalized']:.3f} -> {val.get('l1_normalized', float('nan')):.3f}")
-        lines.append(f"  last train loss {train.get('loss', float('nan')):.3f}, "
-                     f"accuracy {train.get('action_accuracy', float('nan')):.3f}")
+        line = f"  val loss {before['loss']:.3f} -> {val.get('loss', float('nan')):.3f}"
+        if "action_accuracy" in before:
+            line += (f"; val action-token accuracy {before['action_accuracy']:.3f} -> "
+                     f"{val.get('action_accuracy', float('nan')):.3f}")
+        line += (f"; val L1 (normalised) {before['l1_normalized']:.3f} -> "
+                 f"{val.get('l1_normalized', float('nan')):.3f}")
+        lines.append(line)
+        lines.append(f"  last train loss {train.get('loss', float('nan')):.3f}")
     if report.offline:
-        lines.append(f"offline (training/evaluate.py, val): L1 mean {report.offline['l1_mean']:.4f}, "
-                     f"token accuracy {report.offline['token_accuracy']:.3f} over {report.offline['num_steps']} steps")
+        offline = report.offline
+        per_dimension = offline.get("l1_per_dimension")
+        text = f"offline (training/evaluate.py, val): L1 mean {offline['l1_mean']:.4f}"
+        if "token_accuracy" in offline:
+            text += f", token accuracy {offline['token_accuracy']:.3f}"
+        if "num_windows" in offline:
+            text += f" over {offline['num_windows']} chunk windows of {offline['chunk_size']} steps"
+        else:
+            text += f" over {offline['num_steps']} steps"
+        lines.append(text)
+        if isinstance(per_dimension, dict):
+            lines.append("  L1 per dimension: " + ", ".join(f"{k} {v:.4f}" for k, v in per_dimension.items()))
+        energy = offline.get("energy") or {}
+        if "l1_corrected" in energy:
+            lines.append(f"  with {energy['steps']} energy step(s): L1 {energy['l1_uncorrected']:.4f} -> "
+                         f"{energy['l1_corrected']:.4f}")
+    if report.energy:
+        val = report.energy["last"].get("val") or report.energy["last"].get("train", {})
+        lines.append(f"energy model: {report.energy['steps']} steps; E_pos {val.get('energy_positive', float('nan')):.3f} "
+                     f"vs E_neg {val.get('energy_negative', float('nan')):.3f}, retrieval accuracy "
+                     f"{val.get('retrieval_accuracy', float('nan')):.3f}")
     loop = report.closed_loop
     if loop:
         total = len(loop["seeds"])
-        lines.append(f"closed loop ({loop['mode']}: policy.predict_action on the rendered frame, "
-                     f"{total} fresh episodes):")
-        for label in ("untrained", "fine_tuned"):
+        lines.append(f"closed loop ({loop['mode']}, {loop['policy']}, {total} fresh episodes):")
+        for label in ("base", "fine_tuned", "fine_tuned_energy"):
+            if label not in loop:
+                continue
             entry = loop[label]
-            lines.append(f"  {label:<10} success {entry['successes']:>3}/{total} = {100 * entry['success_rate']:5.1f} %"
-                         f"   ({entry['ms_per_step']} ms/step)")
+            low, high = entry["ci95"]
+            lines.append(f"  {label:<17} success {entry['successes']:>3}/{total} = {100 * entry['success_rate']:5.1f} %"
+                         f"  (95% CI {100 * low:.0f}-{100 * high:.0f} %, {entry['ms_per_step']} ms/step)")
     if report.node_check:
         check = report.node_check
         lines.append(f"node check ({check['mode']}): fine-tuned success {check['successes']}/{len(check['episodes'])}")
@@ -692,8 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = PipelineSettings.__dataclass_fields__
     parser = argparse.ArgumentParser(prog="python -m openvla_ros.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (emptied first)")
-    parser.add_argument("--base", type=Path, default=DEFAULT_BASE,
-                        help="checkpoint to fine-tune (the tiny one, built there if missing)")
+    parser.add_argument("--base", type=Path, default=None,
+                        help=f"checkpoint to fine-tune (default: the pretrained tiny base {DEFAULT_PRETRAINED} when "
+                             f"`make pretrained` built it, else the random tiny model {DEFAULT_BASE}, built if missing)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="topics and conversion YAML")
     parser.add_argument("--task", default="reach", help="reach, pick or stack")
     for name, help_text in (
@@ -705,6 +818,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("lora_rank", "LoRA rank"),
         ("record_seed", "sim seed of the recorded episodes"),
         ("eval_seed", "sim seed of the evaluation episodes (must differ)"),
+        ("energy_steps", "OFT bases: also train an energy model and evaluate with this many refinement steps "
+                         "(0: off)"),
+        ("energy_train_steps", "energy model training steps (with --energy-steps)"),
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name].default, help=help_text)
     parser.add_argument("--learning-rate", type=float, default=defaults["learning_rate"].default)
@@ -716,6 +832,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_base() -> Path:
+    """Returns the pretrained tiny base when a finished, intact one is cached, else the random tiny model's path."""
+    from openvla_ros.pretrain import PretrainError, verify_pretrained
+
+    if DEFAULT_PRETRAINED.exists():
+        try:
+            verify_pretrained(DEFAULT_PRETRAINED)
+            return DEFAULT_PRETRAINED
+        except PretrainError as exc:
+            print(f"note: not using {DEFAULT_PRETRAINED}: {exc}", flush=True)
+    print(f"note: starting from the random tiny model {DEFAULT_BASE} (`make pretrained` builds the pretrained base)",
+          flush=True)
+    return DEFAULT_BASE
+
+
 def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     """Returns the settings of parsed arguments (``--quick`` replaces the sizes).
 
@@ -723,11 +854,12 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
         PipelineError: for invalid values.
     """
     values = {
-        "out": args.out, "base": args.base, "config": args.config, "task": args.task, "episodes": args.episodes,
+        "out": args.out, "base": args.base if args.base is not None else default_base(), "config": args.config, "task": args.task, "episodes": args.episodes,
         "eval_episodes": args.eval_episodes, "node_episodes": args.node_episodes, "steps": args.steps,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lora_rank": args.lora_rank,
         "image_aug": args.image_aug, "expert_rate_hz": args.expert_rate, "record_seed": args.record_seed,
-        "eval_seed": args.eval_seed,
+        "eval_seed": args.eval_seed, "energy_steps": args.energy_steps,
+        "energy_train_steps": args.energy_train_steps,
     }
     if args.quick:
         values.update(QUICK)
@@ -761,6 +893,10 @@ def run(settings: PipelineSettings) -> Report:
             from openvla_ros.model.tiny import make_tiny_checkpoint
 
             make_tiny_checkpoint(settings.base, seed=0)
+    oft = base_spec(settings.base) is not None
+    if settings.energy_steps and not oft:
+        raise PipelineError(f"--energy-steps refines OpenVLA-OFT chunks; {settings.base} is a token-by-token model "
+                            f"(use an OFT base such as {DEFAULT_PRETRAINED}, or --energy-steps 0)")
 
     with stage(report, "record", f"recording {settings.episodes} expert episodes through sim_scene"):
         recording = record_demonstrations(settings, out / "bags", log_dir, env)
@@ -769,11 +905,15 @@ def run(settings: PipelineSettings) -> Report:
         report.dataset.update(bags=len(recording["bags"]), bag_megabytes=recording["megabytes"],
                               messages=recording["messages"], expert_steps=recording["expert_steps"],
                               expert_failures=recording["expert_failures"])
-    with stage(report, "finetune", f"fine-tuning {settings.base} (LoRA rank {settings.lora_rank})"):
+    head = "L1 chunk head" if oft else "token head"
+    with stage(report, "finetune", f"fine-tuning {settings.base} (LoRA rank {settings.lora_rank}, {head})"):
         report.training = finetune(settings, out / "data", out)
         report.files["training_curve"] = str(plot_training_curve(report.training["curve"],
                                                                  out / "training_curve.png"))
     merged = out / "merged"
+    if settings.energy_steps:
+        with stage(report, "energy", f"training the energy model ({settings.energy_train_steps} steps, VLA frozen)"):
+            report.energy = train_energy(settings, merged, out / "data", out / "energy")
     with stage(report, "evaluate_offline", "offline evaluation (training/evaluate.py, val split)"):
         report.offline = offline_evaluation(settings, merged, out / "data", out / "evaluate_val.png", log_dir)
         report.files["evaluate_plot"] = report.offline["plot"]
