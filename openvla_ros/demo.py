@@ -37,6 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path("artifacts")
 TINY_DIR = "tiny"
+PRETRAINED_DIR = "tiny-pretrained"
 FINE_TUNED_DIR = Path("pipeline") / "merged"
 POLICY_NODE = "openvla_policy"
 SIM_NODE = "sim_scene"
@@ -52,19 +53,32 @@ class ModelChoice:
     """The model the demo runs and why it was chosen."""
 
     model: str
-    source: str  # "argument", "fine-tuned" or "tiny"
+    source: str  # "argument", "fine-tuned", "pretrained" or "tiny"
     needs_build: bool = False
 
 
 def resolve_model(model: str | None, artifacts: Path = ARTIFACTS) -> ModelChoice:
-    """Returns the model to run: ``model`` if given, else the pipeline's fine-tuned model, else the tiny one."""
+    """Returns the model to run: ``model`` if given, else the pipeline's fine-tuned model, else the
+    pretrained tiny base (``make pretrained``), else the random tiny one."""
     if model:
         return ModelChoice(model, "argument")
     fine_tuned = artifacts / FINE_TUNED_DIR
     if (fine_tuned / "config.json").is_file():
         return ModelChoice(str(fine_tuned), "fine-tuned")
+    pretrained = artifacts / PRETRAINED_DIR
+    if (pretrained / "pretrain.json").is_file():
+        return ModelChoice(str(pretrained), "pretrained")
     tiny = artifacts / TINY_DIR
     return ModelChoice(str(tiny), "tiny", needs_build=not (tiny / "config.json").is_file())
+
+
+def model_proprio_dim(model: str) -> int:
+    """Returns the proprio length an OpenVLA-OFT checkpoint takes (0 for none, a token model or a hub id)."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int((config.get("oft") or {}).get("proprio_dim") or 0)
 
 
 def resolve_unnorm_key(model: str) -> str:
@@ -419,6 +433,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int:
     children = processes.children
     choice = resolve_model(args.model)
+    if choice.source == "pretrained":
+        from openvla_ros.pretrain import PretrainError, verify_pretrained
+
+        try:
+            verify_pretrained(choice.model)
+        except PretrainError as exc:
+            print(f"not using the pretrained base: {exc}", flush=True)
+            tiny = Path(choice.model).with_name(TINY_DIR)
+            choice = ModelChoice(str(tiny), "tiny", needs_build=not (tiny / "config.json").is_file())
     if choice.needs_build:
         from openvla_ros.model.tiny import make_tiny_checkpoint
 
@@ -428,6 +451,7 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
     description = {
         "argument": "given",
         "fine-tuned": "fine-tuned by make pipeline",
+        "pretrained": "the pretrained tiny base of make pretrained",
         "tiny": "tiny, untrained",
     }
     print(
@@ -461,6 +485,9 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
     policy_args += ["-p", f"rate_hz:={args.rate_hz}"]
     if unnorm_key:
         policy_args += ["-p", f"unnorm_key:={unnorm_key}"]
+    if model_proprio_dim(choice.model):
+        # the sim's gantry joint states are the robot state the demonstrations record
+        policy_args += ["-p", "proprio_topic:=/joint_states", "-p", "proprio_type:=joint_state"]
     children.append(start_child(POLICY_NODE, "openvla_ros.policy_node", policy_args, args.out, env))
     print(f"started {', '.join(f'{c.name} (pid {c.process.pid})' for c in children)}", flush=True)
 
@@ -499,6 +526,7 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
     print(f"policy ready after {time.monotonic() - started_loading:.1f} s; control enabled", flush=True)
 
     start = time.monotonic()
+    episode_start, episodes, reported = start, [], set()
     next_line = start + 1.0
     while time.monotonic() - start < args.duration:
         if should_stop():
@@ -507,13 +535,30 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
         if now >= next_line:
             print(live_line(now - start, monitor.readings, now), flush=True)
             next_line += 1.0
+        with monitor.readings.lock:
+            task = dict(monitor.readings.task_status)
+        if task.get("status") in ("success", "timeout") and task.get("episode") not in reported:
+            reported.add(task.get("episode"))
+            # the episode is over: report it and start the next one (its new instruction is latched)
+            episodes.append(task)
+            print(f'episode {len(episodes)}: "{instruction}" -> {task["status"]} after {task.get("steps", "?")} steps',
+                  flush=True)
+            if time.monotonic() - start > args.duration - 3.0:
+                break
+            monitor.call(monitor.enable_client, SetBool.Request(data=False), 10.0, should_stop)
+            reset = monitor.call(monitor.reset_client, Trigger.Request(), 10.0, should_stop)
+            if reset is None:
+                break
+            instruction, episode_start = reset.message, time.monotonic()
+            print(f'episode {len(episodes) + 1}: "{instruction}"', flush=True)
+            monitor.call(monitor.enable_client, SetBool.Request(data=True), 10.0, should_stop)
         time.sleep(0.02)
     elapsed = time.monotonic() - start
     if not stop.is_set():
         monitor.call(monitor.enable_client, SetBool.Request(data=False), 10.0, should_stop)
 
-    _print_summary(monitor.readings, start, elapsed, args.rate_hz, choice)
-    png = save_episode_png(args.out / "episode.png", monitor.readings, instruction, start, args.rate_hz)
+    _print_summary(monitor.readings, start, elapsed, args.rate_hz, choice, episodes)
+    png = save_episode_png(args.out / "episode.png", monitor.readings, instruction, episode_start, args.rate_hz)
     print(f"saved {png}", flush=True)
     return _interrupted(stop) if stop.is_set() else 0
 
@@ -525,7 +570,8 @@ def _interrupted(stop: _Stop) -> int:
 
 
 def _print_summary(
-    readings: Readings, start: float, elapsed: float, rate_hz: float, choice: ModelChoice
+    readings: Readings, start: float, elapsed: float, rate_hz: float, choice: ModelChoice,
+    finished: list[dict[str, str]] = (),
 ) -> None:
     with readings.lock:
         times = [t for t, _ in readings.actions if t >= start]
@@ -539,15 +585,20 @@ def _print_summary(
         f"image-to-action median {float(policy.get('image_to_action_latency_ms_median', 'nan')):.1f} ms, "
         f"dropped camera frames {policy.get('dropped_frames', '?')}, skipped ticks {policy.get('skipped_ticks', '?')}"
     )
-    outcome = task.get("status", "?")
-    print(
-        f'  episode "{task.get("instruction", "?")}": {outcome} after {task.get("steps", "?")} steps, '
-        f"goal distance {task.get('goal_distance_m', '?')} m"
-    )
+    successes = sum(episode.get("status") == "success" for episode in finished)
+    for number, episode in enumerate(finished, start=1):
+        print(f'  episode {number} "{episode.get("instruction", "?")}": {episode.get("status")} after '
+              f"{episode.get('steps', '?')} steps")
+    if finished:
+        print(f"  success {successes}/{len(finished)} finished episodes")
+    if task and task.get("episode") not in {episode.get("episode") for episode in finished}:
+        print(f'  episode "{task.get("instruction", "?")}" (unfinished at the end): {task.get("status", "?")} '
+              f"after {task.get('steps', '?')} steps, goal distance {task.get('goal_distance_m', '?')} m")
     if choice.source == "tiny":
         print(
             "  (the tiny model is random and untrained: it is not expected to solve the task; "
-            "make pipeline fine-tunes it on expert demonstrations)"
+            "make pretrained builds a pretrained tiny base, make pipeline fine-tunes a model on expert "
+            "demonstrations; either is used by make demo once it exists)"
         )
     sys.stdout.flush()
 

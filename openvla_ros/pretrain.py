@@ -63,15 +63,15 @@ class PretrainSettings:
     """
 
     tasks: tuple[str, ...] = ("reach",)
-    episodes: int = 300
-    steps: int = 1500
+    episodes: int = 2000
+    steps: int = 4000
     batch_size: int = 16
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     chunk: int = 8
     expert_noise: float = 0.004
     eval_episodes: int = 20
     seed: int = 0
-    size: str = "tiny"
+    size: str = "small"
 
     def __post_init__(self) -> None:
         from openvla_ros.sim.scene import TASKS

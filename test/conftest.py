@@ -24,3 +24,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from openvla_ros.model.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-openvla", seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Returns a pretrained tiny base (an OFT model with proprio) from a build small enough for tests.
+
+    The same stages as ``make pretrained`` (expert bags, converter, full training, evaluation) with a few
+    episodes and steps: its layout is the real one, its skill is not.
+    """
+    from openvla_ros.pretrain import PretrainSettings, build_pretrained
+
+    out = tmp_path_factory.mktemp("pretrained") / "tiny-pretrained"
+    build_pretrained(out, PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1), progress=lambda _: None)
+    return out

@@ -15,7 +15,7 @@ import cv2
 import pytest
 from ros_helpers import reserve_domain_id
 
-from openvla_ros.demo import resolve_model, resolve_unnorm_key
+from openvla_ros.demo import ModelChoice, model_proprio_dim, resolve_model, resolve_unnorm_key
 
 REPO = Path(__file__).resolve().parents[1]
 LIVE_LINE = re.compile(
@@ -51,11 +51,38 @@ def test_model_choice_prefers_argument_then_fine_tuned_then_tiny(tmp_path: Path)
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "config.json").write_text("{}")
     assert not resolve_model(None, tmp_path).needs_build
+    pretrained = tmp_path / "tiny-pretrained"
+    pretrained.mkdir()
+    (pretrained / "config.json").write_text("{}")
+    assert resolve_model(None, tmp_path).source == "tiny", "a base without its manifest is not finished"
+    (pretrained / "pretrain.json").write_text("{}")
+    assert resolve_model(None, tmp_path) == ModelChoice(str(pretrained), "pretrained")
     merged = tmp_path / "pipeline" / "merged"
     merged.mkdir(parents=True)
     (merged / "config.json").write_text("{}")
     assert resolve_model(None, tmp_path).model == str(merged)
     assert resolve_model("openvla/openvla-7b", tmp_path).model == "openvla/openvla-7b"
+
+
+def test_an_oft_model_with_proprio_runs_episode_after_episode_on_the_sim_state(
+    small_pretrained_base: Path, tmp_path: Path
+) -> None:
+    """The pretrained base is an OFT model with proprio: the demo feeds it the sim's joint states and
+    starts a new episode whenever one ends, each outcome on its own line and counted in the summary."""
+    assert model_proprio_dim(str(small_pretrained_base)) == 5 and model_proprio_dim(str(tmp_path)) == 0
+    out = tmp_path / "demo"
+    command = ["make", "-s", "demo", f"MODEL={small_pretrained_base}",
+               f"DEMO_ARGS=--duration 14 --out {out} --task reach --seed 4 --rate-hz 20"]
+    result = subprocess.run(command, cwd=REPO, env=demo_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "proprio 5" in (out / "openvla_policy.log").read_text()
+    finished = re.findall(r'^episode (\d+): "move to the \w+ block" -> (success|timeout) after (\d+) steps$',
+                          result.stdout, flags=re.MULTILINE)
+    assert len(finished) >= 2, output
+    assert [int(number) for number, _, _ in finished] == list(range(1, len(finished) + 1))
+    successes = sum(outcome == "success" for _, outcome, _ in finished)
+    assert f"success {successes}/{len(finished)} finished episodes" in result.stdout
 
 
 def test_unnorm_key_is_the_fine_tuned_dataset_when_there_are_several(

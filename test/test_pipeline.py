@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ros_helpers import reserve_domain_id
 
@@ -87,17 +88,20 @@ def test_report_has_success_rates_timings_and_plots(quick_run: tuple[Path, str])
     loop = report["closed_loop"]
     recorded_seeds = {(0, index) for index in range(3)}
     assert len(loop["seeds"]) == 2 and not recorded_seeds & {tuple(seed) for seed in loop["seeds"]}
-    for label in ("untrained", "fine_tuned"):
+    for label in ("base", "fine_tuned"):
         episodes = loop[label]["episodes"]
         assert len(episodes) == 2
         assert loop[label]["success_rate"] == sum(e["success"] for e in episodes) / 2
         assert all(len(e["path_xy"]) == e["steps"] + 1 for e in episodes)
+        low, high = loop[label]["ci95"]
+        assert 0.0 <= low <= loop[label]["success_rate"] <= high <= 1.0
+    assert "fine_tuned_energy" not in loop, "energy refinement is off unless asked for"
     assert report["training"]["steps"] == 3 and report["training"]["curve"]
     assert 0.0 <= report["offline"]["token_accuracy"] <= 1.0
     for name in ("trajectories.png", "training_curve.png", "evaluate_val.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert "closed loop (in-process" in stdout and "untrained  success" in stdout
-    assert "fine_tuned success" in stdout and "stage timings" in stdout
+    assert "closed loop (in-process, one action per step" in stdout and "base              success" in stdout
+    assert "fine_tuned        success" in stdout and "stage timings" in stdout
 
 
 def test_refuses_an_output_directory_it_did_not_create(tmp_path: Path) -> None:
@@ -117,3 +121,69 @@ def test_rejects_evaluation_on_recorded_seeds() -> None:
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 2 and "eval_seed must differ" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def oft_run(small_pretrained_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The pipeline on a pretrained (OFT, proprio) base with energy refinement and one episode through the node."""
+    out = tmp_path_factory.mktemp("pipeline_oft") / "out"
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(reserve_domain_id()))
+    result = subprocess.run(
+        [sys.executable, "-m", "openvla_ros.pipeline", "--out", str(out), "--base", str(small_pretrained_base),
+         "--episodes", "3", "--eval-episodes", "2", "--steps", "3", "--batch-size", "2", "--node-episodes", "1",
+         "--energy-steps", "1", "--energy-train-steps", "4"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_an_oft_base_is_fine_tuned_with_its_own_head_and_layout(oft_run: tuple[Path, str],
+                                                                  small_pretrained_base: Path) -> None:
+    from openvla_ros.model.oft_policy import OFTPolicy, load_policy_auto
+
+    out, stdout = oft_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["action_head"] == "l1" and "L1 chunk head" in stdout
+    tuned = load_policy_auto(str(out / "merged"), unnorm_key="sim_reach", device="cpu")
+    base = load_policy_auto(str(small_pretrained_base), device="cpu")
+    assert isinstance(tuned, OFTPolicy) and isinstance(base, OFTPolicy)
+    assert (tuned.chunk_size, tuned.proprio_dim) == (base.chunk_size, base.proprio_dim) == (8, 5)
+    assert set(report["offline"]["l1_per_dimension"]) == {"dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"}
+    assert "L1 per dimension: dx" in stdout
+    assert [p["step"] for p in report["training"]["curve"] if p["split"] == "val"], "val L1 on the curve"
+
+
+def test_energy_refinement_is_trained_and_evaluated_beside_the_plain_chunks(oft_run: tuple[Path, str]) -> None:
+    out, stdout = oft_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["energy"]["steps"] == 4 and (out / "merged" / "energy_model.safetensors").is_file()
+    loop = report["closed_loop"]
+    assert loop["policy"] == "chunks (half of each applied)"
+    assert [loop[label]["energy_steps"] for label in ("base", "fine_tuned", "fine_tuned_energy")] == [0, 0, 1]
+    for label in ("base", "fine_tuned", "fine_tuned_energy"):
+        episodes = loop[label]["episodes"]
+        assert [e["seed"] for e in episodes] == loop["seeds"], "every policy runs the same fresh episodes"
+        assert all(len(e["path_xy"]) == e["steps"] + 1 for e in episodes)
+    energy = report["offline"]["energy"]
+    assert energy["steps"] == 1 and np.isfinite([energy["l1_uncorrected"], energy["l1_corrected"]]).all()
+    assert "fine_tuned_energy success" in stdout and "with 1 energy step(s): L1" in stdout
+
+
+def test_the_fine_tuned_oft_model_runs_through_the_node_with_proprio(oft_run: tuple[Path, str]) -> None:
+    out, _ = oft_run
+    check = json.loads((out / "report.json").read_text())["node_check"]
+    assert len(check["episodes"]) == 1 and check["episodes"][0]["status"] in ("success", "timeout")
+    assert check["episodes"][0]["steps"] > 0, "the node's chunks moved the sim"
+    log = (out / "logs" / "policy_node_check.log").read_text()
+    assert "chunk mode: K = 8, 1 image(s), proprio 5" in log
+
+
+def test_energy_steps_are_refused_for_a_token_base(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(tmp_path / "out"),
+         "--base", str(tiny_checkpoint), "--energy-steps", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 1 and "refines OpenVLA-OFT chunks" in result.stderr
+    assert not (tmp_path / "out" / "bags").exists(), "refused before anything is recorded"

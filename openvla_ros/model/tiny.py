@@ -101,6 +101,21 @@ def tiny_config() -> OpenVLAConfig:
     )
 
 
+def small_config() -> OpenVLAConfig:
+    """Returns the tiny config with a 4-layer Llama: the pretrained base's size.
+
+    Reaching the named block needs a few hops (the instruction's colour word to the matching patches to
+    their position): with 2 layers the trained tiny model pointed at the named block no more often than
+    at another one; with 4 it starts to bind them.
+    """
+    config = tiny_config()
+    text = dict(TINY_TEXT_CONFIG)
+    text.update(num_hidden_layers=4)
+    config.text_config = make_text_config(text)
+    config.llm_backbone_id = "small-llama"
+    return config
+
+
 def mid_config() -> OpenVLAConfig:
     """Returns a ~200M-parameter config for benchmarks: ViT-S-sized backbones, an 8-layer 1024-wide Llama."""
     config = tiny_config()
@@ -116,7 +131,7 @@ def mid_config() -> OpenVLAConfig:
     return config
 
 
-SIZES = {"tiny": tiny_config, "mid": mid_config}
+SIZES = {"tiny": tiny_config, "small": small_config, "mid": mid_config}
 
 
 def _training_text(rng: np.random.Generator) -> list[str]:
@@ -368,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openvla_ros.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="directory to create (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny (tests) or mid (~200M, benchmarks)")
+    parser.add_argument("--size", default=None, choices=sorted(SIZES),
+                        help="tiny (tests, the default), small (4 Llama layers: the --pretrain default) or mid "
+                             "(~200M, benchmarks)")
     parser.add_argument(
         "--prismatic", action="store_true",
         help="write a Prismatic training run directory (config.json, dataset_statistics.json, "
@@ -388,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="train the tiny OFT model fully on a broad simulated dataset; reuses a finished "
                           "OUT_DIR, resumes an interrupted build, rebuilds a corrupt one")
     pretrain.add_argument("--tasks", default="", help="task families, comma-separated (default: reach)")
-    pretrain.add_argument("--episodes", type=int, default=0, help="expert episodes (default 300)")
-    pretrain.add_argument("--steps", type=int, default=0, help="training steps (default 1500)")
+    pretrain.add_argument("--episodes", type=int, default=0, help="expert episodes (default 2000)")
+    pretrain.add_argument("--steps", type=int, default=0, help="training steps (default 4000)")
     pretrain.add_argument("--eval-episodes", type=int, default=-1,
                           help="closed-loop episodes per task after training (default 20)")
     args = parser.parse_args(argv)
@@ -407,12 +424,12 @@ def main(argv: list[str] | None = None) -> int:
             from openvla_ros.model.tiny_oft import make_tiny_oft_checkpoint
 
             path = make_tiny_oft_checkpoint(
-                args.out_dir, seed=args.seed, size=args.size, chunk=args.chunk, proprio_dim=args.proprio_dim,
+                args.out_dir, seed=args.seed, size=args.size or "tiny", chunk=args.chunk, proprio_dim=args.proprio_dim,
                 num_images=args.images, film=args.film, official=not args.ours,
             )
         else:
             make = make_tiny_prismatic_run if args.prismatic else make_tiny_checkpoint
-            path = make(args.out_dir, seed=args.seed, size=args.size)
+            path = make(args.out_dir, seed=args.seed, size=args.size or "tiny")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -429,7 +446,9 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
     if args.oft or args.prismatic:
         parser.error("--pretrain builds an OFT model of its own; drop --oft/--prismatic")
-    given = {"seed": args.seed, "size": args.size}
+    given = {"seed": args.seed}
+    if args.size:
+        given["size"] = args.size
     if args.tasks:
         given["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     for name in ("episodes", "steps"):
