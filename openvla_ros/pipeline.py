@@ -437,6 +437,7 @@ def finetune(settings: PipelineSettings, data_dir: Path, out: Path) -> dict[str,
     samples = settings.steps * settings.batch_size
     return {
         "train_frames": len(trainer.train_frames),
+        "train_samples": len(trainer.train_items),  # chunk windows for an OFT model
         "val_frames": len(trainer.val_frames),
         "steps": settings.steps,
         "batch_size": settings.batch_size,
@@ -450,10 +451,12 @@ def finetune(settings: PipelineSettings, data_dir: Path, out: Path) -> dict[str,
     }
 
 
-def train_energy(settings: PipelineSettings, merged: Path, data_dir: Path, out: Path) -> dict[str, Any]:
+def train_energy(settings: PipelineSettings, merged: Path, data_dir: Path, out: Path,
+                 train_windows: int) -> dict[str, Any]:
     """Trains the energy model of the fine-tuned OFT model (VLA frozen) and writes it beside its head.
 
-    The machinery of ``training/train_energy.py``; returns its last train and val metrics.
+    The machinery of ``training/train_energy.py``; returns its last train and val metrics. A batch
+    holds up to 16 chunk windows (each row's negatives are the others), fewer on a small dataset.
     """
     from openvla_ros.finetune.energy_training import EnergyTrainingConfig, run_energy_training
 
@@ -461,7 +464,7 @@ def train_energy(settings: PipelineSettings, merged: Path, data_dir: Path, out: 
     config = EnergyTrainingConfig(
         model=str(merged), data_dir=str(data_dir), dataset_name=settings.dataset_name, out=str(out),
         max_steps=steps, save_steps=max(1, steps), eval_steps=max(1, steps // 2), log_steps=max(1, steps // 10),
-        batch_size=16, learning_rate=2e-3, hidden_dim=64, num_heads=4, device="cpu", seed=settings.train_seed,
+        batch_size=max(2, min(16, train_windows)), learning_rate=2e-3, hidden_dim=64, num_heads=4, device="cpu", seed=settings.train_seed,
     )
     start = time.monotonic()
     metrics = run_energy_training(config)
@@ -913,7 +916,8 @@ def run(settings: PipelineSettings) -> Report:
     merged = out / "merged"
     if settings.energy_steps:
         with stage(report, "energy", f"training the energy model ({settings.energy_train_steps} steps, VLA frozen)"):
-            report.energy = train_energy(settings, merged, out / "data", out / "energy")
+            report.energy = train_energy(settings, merged, out / "data", out / "energy",
+                                         report.training["train_samples"])
     with stage(report, "evaluate_offline", "offline evaluation (training/evaluate.py, val split)"):
         report.offline = offline_evaluation(settings, merged, out / "data", out / "evaluate_val.png", log_dir)
         report.files["evaluate_plot"] = report.offline["plot"]
