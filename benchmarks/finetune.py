@@ -2,6 +2,12 @@
 
     python benchmarks/finetune.py                 # tiny and mid-size (~200M) random models, CPU
     python benchmarks/finetune.py --sizes mid --modes 4bit --steps 5
+    python benchmarks/finetune.py --adaptation    # the pretrained base and make pipeline's outcome
+
+``--adaptation`` prints the figures the last runs recorded (nothing is trained): the time to build
+the pretrained tiny base and its closed-loop success (``artifacts/tiny-pretrained/pretrain.json``),
+and the pipeline's base against fine-tuned (and energy-refined) success with 95% Wilson intervals
+(``artifacts/pipeline/report.json``).
 
 Each (size, mode) runs in its own process so that peak memory (max RSS on CPU, max allocated on CUDA)
 belongs to that configuration alone. A step is a real training step of the fine-tuning code: batch
@@ -84,14 +90,62 @@ def measure(size: str, mode: str, steps: int, batch_size: int, scratch: Path) ->
     }
 
 
+def adaptation(base_dir: Path, pipeline_dir: Path) -> int:
+    """Prints the pretrained base's build time and success, and the pipeline's success per policy."""
+    from openvla_ros.pipeline import wilson_interval
+    from openvla_ros.pretrain import PretrainError, verify_pretrained
+
+    print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  {platform.machine()}, {os.cpu_count()} CPUs")
+    try:
+        manifest = verify_pretrained(base_dir)
+    except PretrainError as exc:
+        print(f"pretrained base: {exc}")
+    else:
+        settings = manifest["settings"]
+        print(f"pretrained base {base_dir}: size {settings['size']}, {manifest['demos']['episodes']} episodes, "
+              f"{settings['steps']} steps; built in {sum(manifest['elapsed_s'].values()):.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in manifest['elapsed_s'].items())})")
+        for task, result in manifest["success"].items():
+            low, high = wilson_interval(result["successes"], result["episodes"])
+            print(f"  {task}: success {result['successes']}/{result['episodes']} (95% CI {100 * low:.0f}-{100 * high:.0f} %)")
+    report_path = pipeline_dir / "report.json"
+    if not report_path.is_file():
+        print(f"pipeline: no {report_path}; run make pipeline")
+        return 0
+    report = json.loads(report_path.read_text())
+    loop = report["closed_loop"]
+    print(f"pipeline {report_path}: base {report['settings']['base']}, task {report['settings']['task']}, "
+          f"{report['dataset']['episodes']} demos, {report['training']['steps']} steps "
+          f"({report['training'].get('action_head', 'tokens')} head), total {sum(report['timings_s'].values()):.0f} s")
+    for label in ("base", "fine_tuned", "fine_tuned_energy"):
+        if label in loop:
+            entry = loop[label]
+            low, high = wilson_interval(entry["successes"], len(entry["episodes"]))
+            print(f"  {label:<17} success {entry['successes']}/{len(entry['episodes'])} "
+                  f"(95% CI {100 * low:.0f}-{100 * high:.0f} %)")
+    if report.get("node_check"):
+        check = report["node_check"]
+        print(f"  through the node:  success {check['successes']}/{len(check['episodes'])}")
+    per_dimension = report.get("offline", {}).get("l1_per_dimension", {})
+    if per_dimension:
+        print("  val L1 per dimension: " + ", ".join(f"{k} {v:.4f}" for k, v in per_dimension.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adaptation", action="store_true",
+                        help="print the pretrained base's and the pipeline's recorded figures instead")
+    parser.add_argument("--base-dir", type=Path, default=Path("artifacts") / "tiny-pretrained")
+    parser.add_argument("--pipeline-dir", type=Path, default=Path("artifacts") / "pipeline")
     parser.add_argument("--sizes", default="tiny,mid")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--one", nargs=3, metavar=("SIZE", "MODE", "SCRATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.adaptation:
+        return adaptation(args.base_dir, args.pipeline_dir)
     if args.one:
         size, mode, scratch = args.one
         print(json.dumps(measure(size, mode, args.steps, args.batch_size, Path(scratch))))
