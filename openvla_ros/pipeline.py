@@ -77,6 +77,7 @@ class PipelineSettings:
     image_aug: bool = False
     energy_steps: int = 0
     energy_train_steps: int = 300
+    camera_upside_down: bool = False
     expert_rate_hz: float = 10.0
     record_seed: int = 0
     eval_seed: int = 1
@@ -299,6 +300,7 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
     sim = ChildProcess(SIM_NODE, "openvla_ros.sim_scene_node", [
         "-p", f"task:={settings.task}", "-p", f"seed:={settings.record_seed}", "-p", "reset_on_start:=false",
         "-p", "publish_compressed:=true", "-p", f"expert_rate_hz:={settings.expert_rate_hz}",
+        "-p", f"camera_upside_down:={str(settings.camera_upside_down).lower()}",
     ], log_dir, env)
     session = RosSession("pipeline_recorder")
     alive = sim.check_alive
@@ -493,19 +495,20 @@ def offline_evaluation(settings: PipelineSettings, model: Path, data_dir: Path, 
     return json.loads(result.stdout[result.stdout.index("{"):])
 
 
-def rollout(policy: Any, seed: tuple[int, ...], task: str) -> EpisodeResult:
+def rollout(policy: Any, seed: tuple[int, ...], task: str, upside_down: bool = False) -> EpisodeResult:
     """Runs one closed-loop episode of ``policy`` in the pure-Python sim and returns its outcome.
 
     Each step renders the overhead camera exactly as the ``sim_scene`` node publishes it. A token
     policy is called once per step (``policy.predict_action(rgb, instruction)``, as the policy node
     does); an OFT policy predicts a chunk from the frame and the robot state the demonstrations record
     (as the node's chunk mode does with ``proprio_topic``), and its first half is applied before the next.
+    ``upside_down``: the camera mounted rotated by 180 degrees (the sim's ``camera_upside_down``).
     """
-    from openvla_ros.sim import TabletopRenderer, TabletopScene
+    from openvla_ros.sim import CameraModel, TabletopRenderer, TabletopScene
     from openvla_ros.sim.demos import scene_state
 
     scene = TabletopScene()
-    renderer = TabletopRenderer()
+    renderer = TabletopRenderer(CameraModel(upside_down=upside_down))
     episode = scene.reset(seed=seed, task=task)
     path = [scene.ee_position[:2].tolist()]
     state = scene.evaluate()
@@ -569,7 +572,7 @@ def closed_loop(settings: PipelineSettings, merged: Path) -> dict[str, Any]:
         if isinstance(policy, OFTPolicy) and policy.energy_model is not None:
             policy.configure_energy(energy_steps, ENERGY_STEP_SIZE, ENERGY_MAX_STEP_FRACTION)
         start = time.monotonic()
-        episodes = [rollout(policy, seed, settings.task) for seed in seeds]
+        episodes = [rollout(policy, seed, settings.task, settings.camera_upside_down) for seed in seeds]
         steps = sum(e.steps for e in episodes)
         successes = sum(e.success for e in episodes)
         low, high = wilson_interval(successes, len(episodes))
@@ -606,6 +609,7 @@ def node_check(settings: PipelineSettings, merged: Path, log_dir: Path, env: dic
     rate_hz = 5.0
     sim = ChildProcess("sim_scene_check", "openvla_ros.sim_scene_node", [
         "-p", f"task:={settings.task}", "-p", f"seed:={settings.eval_seed + 1}", "-p", "reset_on_start:=false",
+        "-p", f"camera_upside_down:={str(settings.camera_upside_down).lower()}",
     ], log_dir, env)
     policy_args = ["--params-file", str(REPO / "config" / "policy.yaml"), "-p", f"model:={merged}",
                    "-p", f"unnorm_key:={settings.dataset_name}", "-p", f"rate_hz:={rate_hz}", "-p", "device:=cpu"]
@@ -830,6 +834,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--expert-rate", type=float, default=defaults["expert_rate_hz"].default,
                         help="scripted expert rate (Hz); the conversion rate of the config must match")
     parser.add_argument("--image-aug", action="store_true", help="train with crop/colour augmentation")
+    parser.add_argument("--camera-upside-down", action=argparse.BooleanOptionalAction, default=None,
+                        help="record and evaluate with the sim's camera mounted rotated by 180 degrees, a camera "
+                             "pose the pretrained base never saw (default: on for an OpenVLA-OFT base such as the "
+                             "pretrained one, off for a token model)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke-test sizes ({', '.join(f'{k} {v}' for k, v in QUICK.items())})")
     return parser
@@ -856,13 +864,17 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     Raises:
         PipelineError: for invalid values.
     """
+    base = args.base if args.base is not None else default_base()
+    upside_down = args.camera_upside_down
+    if upside_down is None:
+        upside_down = (base / "config.json").is_file() and base_spec(base) is not None
     values = {
-        "out": args.out, "base": args.base if args.base is not None else default_base(), "config": args.config, "task": args.task, "episodes": args.episodes,
+        "out": args.out, "base": base, "config": args.config, "task": args.task, "episodes": args.episodes,
         "eval_episodes": args.eval_episodes, "node_episodes": args.node_episodes, "steps": args.steps,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lora_rank": args.lora_rank,
         "image_aug": args.image_aug, "expert_rate_hz": args.expert_rate, "record_seed": args.record_seed,
         "eval_seed": args.eval_seed, "energy_steps": args.energy_steps,
-        "energy_train_steps": args.energy_train_steps,
+        "energy_train_steps": args.energy_train_steps, "camera_upside_down": upside_down,
     }
     if args.quick:
         values.update(QUICK)
@@ -888,7 +900,8 @@ def run(settings: PipelineSettings) -> Report:
     log_dir.mkdir()
     report = Report(settings={k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()})
     env = ros_environment()
-    print(f"pipeline: task {settings.task}, {settings.episodes} demos, {settings.steps} steps, "
+    print(f"pipeline: task {settings.task}{' (camera upside down)' if settings.camera_upside_down else ''}, "
+          f"{settings.episodes} demos, {settings.steps} steps, "
           f"{settings.eval_episodes} eval episodes; ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}; output {out}", flush=True)
 
     if not (settings.base / "config.json").is_file():

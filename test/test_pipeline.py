@@ -97,6 +97,8 @@ def test_report_has_success_rates_timings_and_plots(quick_run: tuple[Path, str])
         assert 0.0 <= low <= loop[label]["success_rate"] <= high <= 1.0
     assert "fine_tuned_energy" not in loop, "energy refinement is off unless asked for"
     assert report["training"]["steps"] == 3 and report["training"]["curve"]
+    assert report["settings"]["camera_upside_down"] is False, "a token base keeps the camera it was made for"
+    assert _first_frame_orientation(out / "data") == "upright"
     assert 0.0 <= report["offline"]["token_accuracy"] <= 1.0
     for name in ("trajectories.png", "training_curve.png", "evaluate_val.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -138,6 +140,26 @@ def oft_run(small_pretrained_base: Path, tmp_path_factory: pytest.TempPathFactor
     return out, result.stdout
 
 
+def _first_frame_orientation(data_dir: Path) -> str:
+    """Returns which camera ("upright" or "upside down") best explains a recorded episode's first frame."""
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    from openvla_ros.sim import CameraModel, TabletopRenderer, TabletopScene
+
+    episode = next(iter(tfds.as_numpy(tfds.builder("sim_reach", data_dir=str(data_dir)).as_dataset(split="train"))))
+    frame = next(iter(episode["steps"]))["observation"]["image"].astype(np.float32)
+    errors = {}
+    for name, upside_down in (("upright", False), ("upside down", True)):
+        renderer = TabletopRenderer(CameraModel(upside_down=upside_down))
+        for index in range(5):  # the recorded episodes' seeds are (record_seed 0, k); failures are skipped
+            scene = TabletopScene()
+            scene.reset(seed=(0, index), task="reach")
+            image = np.asarray(Image.fromarray(renderer.render(scene)).resize((224, 224), Image.BICUBIC), np.float32)
+            errors[(name, index)] = float(np.abs(image - frame).mean())
+    return min(errors, key=errors.get)[0]
+
+
 def test_an_oft_base_is_fine_tuned_with_its_own_head_and_layout(oft_run: tuple[Path, str],
                                                                   small_pretrained_base: Path) -> None:
     from openvla_ros.model.oft_policy import OFTPolicy, load_policy_auto
@@ -145,6 +167,9 @@ def test_an_oft_base_is_fine_tuned_with_its_own_head_and_layout(oft_run: tuple[P
     out, stdout = oft_run
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["action_head"] == "l1" and "L1 chunk head" in stdout
+    # the held-out variation by default for an OFT base: a camera pose the base never saw
+    assert report["settings"]["camera_upside_down"] is True and "task reach (camera upside down)" in stdout
+    assert _first_frame_orientation(out / "data") == "upside down", "the demonstrations come from that camera"
     tuned = load_policy_auto(str(out / "merged"), unnorm_key="sim_reach", device="cpu")
     base = load_policy_auto(str(small_pretrained_base), device="cpu")
     assert isinstance(tuned, OFTPolicy) and isinstance(base, OFTPolicy)

@@ -10,6 +10,7 @@ import pytest
 from openvla_ros.sim import (
     COLORS,
     TASKS,
+    CameraModel,
     ExpertConfig,
     SceneConfig,
     SceneError,
@@ -336,3 +337,24 @@ def test_scripted_expert_moves_smoothly(task: str) -> None:
 def test_expert_refuses_a_scene_without_a_task() -> None:
     with pytest.raises(ValueError, match="no task"):
         ScriptedExpert().act(TabletopScene())
+
+
+def test_an_upside_down_camera_sees_the_scene_rotated_by_180_degrees() -> None:
+    scene = TabletopScene()
+    scene.reset(seed=(2, 7), task="reach")
+    upright = TabletopRenderer().render(scene)
+    camera = CameraModel(upside_down=True)
+    rotated = TabletopRenderer(camera).render(scene)
+    height, width = upright.shape[:2]
+    for color in scene.blocks:
+        top = np.array(COLORS[color])
+        centres = []
+        for image in (upright, rotated):
+            rows, cols = np.nonzero(np.all(image == top, axis=-1))
+            assert rows.size > 50, f"the {color} block's top is visible"
+            centres.append((cols.mean(), rows.mean()))
+        (u, v), (u_rotated, v_rotated) = centres
+        assert abs(u_rotated - (width - 1 - u)) <= 1.5 and abs(v_rotated - (height - 1 - v)) <= 1.5
+    x, y, _ = scene.ee_position
+    assert camera.project(x, y, 0.0) == pytest.approx((width - CameraModel().project(x, y, 0.0)[0],
+                                                       height - CameraModel().project(x, y, 0.0)[1]))

@@ -102,6 +102,7 @@ PARAMETERS: tuple[SimParameter, ...] = (
     SimParameter("image_height", 480, "Camera image height in pixels.", integer_range=(48, 1080)),
     SimParameter("camera_rate_hz", 30.0, "Camera frame rate.", read_only=False, float_range=(1.0, 60.0)),
     SimParameter("camera_frame_id", "overhead_camera", "frame_id of the camera images."),
+    SimParameter("camera_upside_down", False, "The camera mounted rotated by 180 degrees about its optical axis."),
     SimParameter("frame_id", "table", "frame_id of the end-effector pose (the table frame, z up)."),
     SimParameter(
         "action_topic", "/openvla_policy/action", "7-DoF delta actions to apply (Float64MultiArray)."
@@ -153,7 +154,8 @@ class SimSceneNode(Node):
 
         self.scene = TabletopScene()
         self.renderer = TabletopRenderer(
-            CameraModel(width=value("image_width"), height=value("image_height"))
+            CameraModel(width=value("image_width"), height=value("image_height"),
+                        upside_down=value("camera_upside_down"))
         )
         self.expert = ScriptedExpert(ExpertConfig(noise=value("expert_noise")), seed=value("seed"))
         self.episode = -1

@@ -39,6 +39,8 @@ class CameraModel:
     camera_height: float = 1.0
     # Metres of table visible across the image width at z = 0.
     table_width: float = 0.6
+    # Mounted rotated by 180 degrees about its optical axis (x to the left and y down in the image).
+    upside_down: bool = False
 
     @property
     def focal(self) -> float:
@@ -47,6 +49,8 @@ class CameraModel:
     def project(self, x: float, y: float, z: float) -> tuple[float, float]:
         """Returns the pixel (u, v) of the world point (x, y, z); z must stay below the camera."""
         scale = self.focal / (self.camera_height - z)
+        if self.upside_down:
+            return self.width / 2 - scale * x, self.height / 2 + scale * y
         return self.width / 2 + scale * x, self.height / 2 - scale * y
 
     def pixels_per_metre(self, z: float) -> float:
