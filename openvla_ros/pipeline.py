@@ -1,16 +1,20 @@
 """``make pipeline``: demonstrations -> RLDS -> fine-tune -> closed-loop evaluation, end to end.
 
-    python -m openvla_ros.pipeline [--episodes 40] [--eval-episodes 10] [--steps 150] [--quick]
+    python -m openvla_ros.pipeline [--base DIR] [--episodes 80] [--eval-episodes 20] [--steps 800]
+                                   [--energy-steps N] [--camera-upside-down] [--quick]
 
 1. record: starts the ``sim_scene`` node (child process, JPEG camera stream, scripted expert at
    ``--expert-rate`` Hz) and records each expert episode into its own rosbag2 bag with
    :class:`~openvla_ros.ros.record.BagRecorder`, over DDS, exactly as ``python -m openvla_ros.ros.record``
    would (topics of ``config/pipeline.yaml``);
 2. convert: the bags -> the RLDS dataset ``sim_<task>`` with :func:`~openvla_ros.dataset.convert_bags`;
-3. fine-tune: LoRA on the tiny checkpoint with :class:`~openvla_ros.finetune.trainer.Trainer` (the
-   machinery of ``training/finetune.py``), writing ``<out>/merged`` (the model ``make demo`` picks up);
+3. fine-tune: LoRA on the base (the pretrained tiny base when cached, else the random tiny model) with
+   :class:`~openvla_ros.finetune.trainer.Trainer` (the machinery of ``training/finetune.py``; an
+   OpenVLA-OFT base keeps its L1 head, chunk and proprio), writing ``<out>/merged`` (the model
+   ``make demo`` picks up); with ``--energy-steps`` an energy model is trained on it too;
 4. evaluate offline: ``training/evaluate.py`` on the val split (JSON + its PNG);
-5. evaluate closed loop: the untrained tiny model and the fine-tuned one on ``--eval-episodes`` fresh
+5. evaluate closed loop: the base and the fine-tuned model (and, with ``--energy-steps``, the fine-tuned
+   model with energy refinement) on ``--eval-episodes`` fresh
    episodes (seeds never recorded), in process against the same sim, renderer and image path as the
    node (``predict_action`` on the rendered RGB frame); optionally ``--node-episodes`` more through the
    real ``sim_scene`` + ``policy_node`` processes.
@@ -50,6 +54,7 @@ MARKER = ".openvla_pipeline"
 # Energy refinement in the closed-loop comparison: the node's and the policy's defaults.
 ENERGY_STEP_SIZE = 0.5
 ENERGY_MAX_STEP_FRACTION = 0.2
+OFT_LEARNING_RATE = 1e-3
 SIM_NODE = "sim_scene"
 TRAINER_LOGGER = "openvla_ros.finetune.trainer"
 QUICK = {"episodes": 3, "eval_episodes": 2, "steps": 3, "batch_size": 2, "node_episodes": 0}
@@ -67,10 +72,10 @@ class PipelineSettings:
     base: Path = DEFAULT_BASE
     config: Path = DEFAULT_CONFIG
     task: str = "reach"
-    episodes: int = 40
-    eval_episodes: int = 10
-    node_episodes: int = 1
-    steps: int = 600
+    episodes: int = 80
+    eval_episodes: int = 20
+    node_episodes: int = 10
+    steps: int = 800
     batch_size: int = 8
     learning_rate: float = 3e-3
     lora_rank: int = 32
@@ -830,7 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("energy_train_steps", "energy model training steps (with --energy-steps)"),
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name].default, help=help_text)
-    parser.add_argument("--learning-rate", type=float, default=defaults["learning_rate"].default)
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help=f"fine-tuning learning rate (default {OFT_LEARNING_RATE:g} for an OpenVLA-OFT base, whose "
+                             f"heads train fully, {defaults['learning_rate'].default:g} for a token model)")
     parser.add_argument("--expert-rate", type=float, default=defaults["expert_rate_hz"].default,
                         help="scripted expert rate (Hz); the conversion rate of the config must match")
     parser.add_argument("--image-aug", action="store_true", help="train with crop/colour augmentation")
@@ -865,17 +872,20 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
         PipelineError: for invalid values.
     """
     base = args.base if args.base is not None else default_base()
-    upside_down = args.camera_upside_down
-    if upside_down is None:
-        upside_down = (base / "config.json").is_file() and base_spec(base) is not None
+    oft = (base / "config.json").is_file() and base_spec(base) is not None
+    upside_down = oft if args.camera_upside_down is None else args.camera_upside_down
     values = {
         "out": args.out, "base": base, "config": args.config, "task": args.task, "episodes": args.episodes,
         "eval_episodes": args.eval_episodes, "node_episodes": args.node_episodes, "steps": args.steps,
-        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "lora_rank": args.lora_rank,
+        "batch_size": args.batch_size, "lora_rank": args.lora_rank,
         "image_aug": args.image_aug, "expert_rate_hz": args.expert_rate, "record_seed": args.record_seed,
         "eval_seed": args.eval_seed, "energy_steps": args.energy_steps,
         "energy_train_steps": args.energy_train_steps, "camera_upside_down": upside_down,
     }
+    if args.learning_rate is not None:
+        values["learning_rate"] = args.learning_rate
+    elif oft:
+        values["learning_rate"] = OFT_LEARNING_RATE
     if args.quick:
         values.update(QUICK)
     return PipelineSettings(**values)
