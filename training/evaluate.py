@@ -98,9 +98,16 @@ def main(argv: list[str] | None = None) -> int:
                 metrics["energy"] = energy_metrics(policy, windows, predictions)
             else:
                 metrics = chunk_metrics(windows, predict_window_chunks(policy, windows))
-            episode_frames = [frames[i] for i in episode]
+            shown = args.episode
+            if not any(w.first.episode == shown for w in windows):
+                # too short for one chunk: plot the first episode that has one (the metrics cover them all)
+                shown = windows[0].first.episode
+                print(f"note: episode {args.episode} is shorter than a chunk ({policy.chunk_size} steps); "
+                      f"plotting episode {shown}", file=sys.stderr)
+                title = f"{args.dataset_name} {args.split} episode {shown}"
+            episode_frames = [f for f in frames if f.episode == shown]
             starts = list(range(0, len(episode_frames) - policy.chunk_size + 1, policy.chunk_size))
-            plotted = [w for w in windows if w.first.episode == args.episode and w.first.step in starts]
+            plotted = [w for w in windows if w.first.episode == shown and w.first.step in starts]
             plot_episode_chunks(episode_frames, starts, predict_window_chunks(policy, plotted), plot_path, title)
         else:
             ids, actions = predict_frames(policy, frames)
