@@ -204,7 +204,7 @@ def test_evaluate_reports_l1_with_and_without_the_correction_and_e_pos_against_e
 ) -> None:
     model = trained[0]
     command = ["--model", str(model), "--data-dir", str(dataset_dir), "--dataset-name", NAME, "--device", "cpu",
-               "--plot", str(tmp_path / "plot.png"), "--max-steps", "10", "--energy-steps", "2",
+               "--plot", str(tmp_path / "plot.png"), "--max-steps", "40", "--energy-steps", "2",
                "--energy-step-size", "5.0"]
     capsys.readouterr()
     assert _script("evaluate").main(command) == 0, capsys.readouterr().err[-2000:]

@@ -33,7 +33,7 @@ STEP = 0.04
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 CUES = [(left, colour) for left in (True, False) for colour in COLOURS]
 INSTRUCTION = "follow the square"
-STEPS = 300
+STEPS = 450
 
 
 def cue_frame(left: bool, colour: str, rng: np.random.Generator) -> np.ndarray:
