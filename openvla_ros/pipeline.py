@@ -43,7 +43,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from openvla_ros.pipeline_report import (
+    POLICY_RUNS,
+    format_table,
+    plot_training_curve,
+    plot_trajectories,
+    wilson_interval,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("artifacts") / "pipeline"
@@ -407,16 +413,16 @@ def base_spec(base: Path) -> Any:
     return read_oft_spec(base, config) if is_oft_checkpoint(base, config) else None
 
 
-def finetune(settings: PipelineSettings, data_dir: Path, out: Path) -> dict[str, Any]:
+def finetune(settings: PipelineSettings, spec: Any, data_dir: Path, out: Path) -> dict[str, Any]:
     """LoRA fine-tunes the base on the dataset (outputs in ``out``); returns metrics and the curve.
 
     An OpenVLA-OFT base is fine-tuned with its own L1 head, chunk and proprio layout (heads trained
-    fully, the VLA through LoRA), as ``training/finetune.py --action-head l1`` does.
+    fully, the VLA through LoRA), as ``training/finetune.py --action-head l1`` does; ``spec`` is its
+    layout (:func:`base_spec`; None for a token model).
     """
     from openvla_ros.finetune.config import FinetuneConfig
     from openvla_ros.finetune.trainer import Trainer
 
-    spec = base_spec(settings.base)
     oft = {} if spec is None else {"action_head": "l1", "chunk": spec.chunk, "use_proprio": bool(spec.proprio_dim),
                                    "num_images": spec.num_images, "film": spec.film}
     config = FinetuneConfig(
@@ -538,19 +544,6 @@ def rollout(policy: Any, seed: tuple[int, ...], task: str, upside_down: bool = F
     )
 
 
-def expert_path(seed: tuple[int, int], task: str) -> list[list[float]]:
-    """Returns the noise-free expert's fingertip x/y path on an episode (the reference in the plot)."""
-    from openvla_ros.sim import ScriptedExpert, TabletopScene
-
-    scene, expert = TabletopScene(), ScriptedExpert()
-    scene.reset(seed=seed, task=task)
-    path = [scene.ee_position[:2].tolist()]
-    while scene.status == "running":
-        scene.apply_action(expert.act(scene))
-        path.append(scene.ee_position[:2].tolist())
-    return path
-
-
 def closed_loop(settings: PipelineSettings, merged: Path) -> dict[str, Any]:
     """Evaluates the base and the fine-tuned model on the same fresh episodes.
 
@@ -570,10 +563,13 @@ def closed_loop(settings: PipelineSettings, merged: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"seeds": [list(s) for s in seeds], "mode": "in-process",
                                "policy": "chunks (half of each applied)" if isinstance(tuned, OFTPolicy)
                                else "one action per step"}
-    runs: list[tuple[str, Any, int]] = [("base", base, 0), ("fine_tuned", tuned, 0)]
+    runs: dict[str, tuple[Any, int]] = {"base": (base, 0), "fine_tuned": (tuned, 0)}
     if settings.energy_steps:
-        runs.append(("fine_tuned_energy", tuned, settings.energy_steps))
-    for label, policy, energy_steps in runs:
+        runs["fine_tuned_energy"] = (tuned, settings.energy_steps)
+    for label, _ in POLICY_RUNS:
+        if label not in runs:
+            continue
+        policy, energy_steps = runs[label]
         if isinstance(policy, OFTPolicy) and policy.energy_model is not None:
             policy.configure_energy(energy_steps, ENERGY_STEP_SIZE, ENERGY_MAX_STEP_FRACTION)
         start = time.monotonic()
@@ -594,20 +590,12 @@ def closed_loop(settings: PipelineSettings, merged: Path) -> dict[str, Any]:
     return results
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """Returns the Wilson score interval (95% for the default z) of a success rate."""
-    if trials == 0:
-        return 0.0, 1.0
-    rate = successes / trials
-    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * np.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def node_check(settings: PipelineSettings, merged: Path, log_dir: Path, env: dict[str, str]) -> dict[str, Any]:
+def node_check(settings: PipelineSettings, spec: Any, merged: Path, log_dir: Path,
+               env: dict[str, str]) -> dict[str, Any]:
     """Runs the fine-tuned model through the real ``sim_scene`` and ``policy_node`` processes.
 
-    Episodes use seeds ``(eval_seed + 1, k)``, never recorded. Returns per-episode outcomes.
+    Episodes use seeds ``(eval_seed + 1, k)``, never recorded. ``spec`` is the OFT layout the model kept
+    from its base (None for a token model). Returns per-episode outcomes.
     """
     from std_srvs.srv import SetBool, Trigger
 
@@ -620,7 +608,6 @@ def node_check(settings: PipelineSettings, merged: Path, log_dir: Path, env: dic
                    "-p", f"unnorm_key:={settings.dataset_name}", "-p", f"rate_hz:={rate_hz}", "-p", "device:=cpu"]
     if settings.image_aug:
         policy_args += ["-p", "center_crop:=true"]
-    spec = base_spec(merged)
     if spec is not None and spec.proprio_dim:
         policy_args += ["-p", "proprio_topic:=/joint_states", "-p", "proprio_type:=joint_state"]
     policy = ChildProcess("policy_node_check", "openvla_ros.policy_node", policy_args, log_dir, env)
@@ -655,160 +642,6 @@ def node_check(settings: PipelineSettings, merged: Path, log_dir: Path, env: dic
     successes = sum(e["status"] == "success" for e in episodes)
     return {"mode": f"sim_scene + policy_node over DDS at {rate_hz:g} Hz", "episodes": episodes,
             "successes": successes, "success_rate": successes / max(1, len(episodes))}
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-
-def plot_trajectories(results: dict[str, Any], task: str, path: Path, max_panels: int = 8) -> Path:
-    """Writes overhead x/y paths of both policies and the expert against the blocks, one panel per episode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Circle, Rectangle
-
-    from openvla_ros.sim import COLORS, SceneConfig
-
-    scene_config = SceneConfig()
-    count = min(max_panels, len(results["seeds"]))
-    columns = min(4, count)
-    rows = (count + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False)
-    for index, axis in enumerate(axes.flat):
-        if index >= count:
-            axis.axis("off")
-            continue
-        tuned = results["fine_tuned"]["episodes"][index]
-        half_x, half_y = scene_config.x_half_extent, scene_config.y_half_extent
-        axis.add_patch(Rectangle((-half_x, -half_y), 2 * half_x, 2 * half_y, fill=False, color="0.6"))
-        size = scene_config.block_size
-        for color, (x, y) in tuned["blocks"].items():
-            axis.add_patch(Rectangle((x - size / 2, y - size / 2), size, size, color=np.array(COLORS[color]) / 255))
-        target = tuned["target_xy"]
-        axis.add_patch(Circle(target, scene_config.reach_tolerance, fill=False, linestyle=":", color="black"))
-        reference = np.array(expert_path(tuple(tuned["seed"]), task))
-        axis.plot(reference[:, 0], reference[:, 1], color="black", linewidth=0.8, linestyle=":", label="expert")
-        for key, color in (("base", "tab:gray"), ("fine_tuned", "tab:orange"), ("fine_tuned_energy", "tab:green")):
-            if key not in results:
-                continue
-            episode, label = results[key]["episodes"][index], key.replace("_", "-")
-            xy = np.array(episode["path_xy"])
-            outcome = "ok" if episode["success"] else "fail"
-            axis.plot(xy[:, 0], xy[:, 1], color=color, linewidth=1.5, label=f"{label} ({outcome})")
-            axis.plot(xy[-1, 0], xy[-1, 1], marker="x", color=color)
-        axis.plot(*tuned["path_xy"][0], marker="o", color="black")
-        axis.set_title(f"{tuned['instruction']}\nseed {tuple(tuned['seed'])}", fontsize=8)
-        axis.set_xlim(-half_x - 0.01, half_x + 0.01)
-        axis.set_ylim(-half_y - 0.01, half_y + 0.01)
-        axis.set_aspect("equal")
-        axis.tick_params(labelsize=6)
-        axis.legend(fontsize=6, loc="lower left")
-    figure.suptitle("closed loop, overhead view (x right, y up, metres): start o, end x, target circle")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
-
-
-def plot_training_curve(curve: list[dict[str, Any]], path: Path) -> Path:
-    """Writes loss and action-token accuracy against the step, train and val."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    # token models: loss, action-token accuracy, L1; OFT models: L1 loss, first and last chunk step
-    keys = ("loss", "action_accuracy", "l1_normalized")
-    if curve and not any("action_accuracy" in point for point in curve):
-        keys = ("loss", "l1_first_step", "l1_last_step")
-    for split, style in (("train", "-"), ("val", "o--")):
-        points = [p for p in curve if p["split"] == split]
-        if not points:
-            continue
-        steps = [p["step"] for p in points]
-        for axis, key in zip(axes, keys, strict=True):
-            axis.plot(steps, [p.get(key, float("nan")) for p in points], style, label=split)
-            axis.set_title(key)
-            axis.set_xlabel("step")
-            axis.grid(alpha=0.3)
-    axes[0].legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
-
-
-# ------------------------------------------------------------------------------------------ report
-
-
-def format_table(report: Report) -> str:
-    """Returns the final summary table."""
-    lines = ["", "=" * 72, "pipeline summary", "=" * 72, "stage timings (s):"]
-    lines += [f"  {name:<22} {seconds:8.1f}" for name, seconds in report.timings_s.items()]
-    dataset = report.dataset
-    if dataset:
-        lines.append(f"dataset: {dataset['name']}: {dataset['episodes']} episodes, {dataset['steps']} steps "
-                     f"(train {dataset['splits'].get('train', 0)} / val {dataset['splits'].get('val', 0)} "
-                     f"episodes), bags {dataset.get('bag_megabytes', 0):.1f} MB")
-    training = report.training
-    if training:
-        last = training["last"]
-        train, val = last.get("train", {}), last.get("val", {})
-        before = training["val_before"]
-        lines.append(f"training ({training.get('action_head', 'tokens')} head): {training['steps']} steps x batch "
-                     f"{training['batch_size']} ({training['epochs']} epochs of {training['train_frames']} frames, "
-                     f"{training['samples_per_s']} samples/s)")
-        line = f"  val loss {before['loss']:.3f} -> {val.get('loss', float('nan')):.3f}"
-        if "action_accuracy" in before:
-            line += (f"; val action-token accuracy {before['action_accuracy']:.3f} -> "
-                     f"{val.get('action_accuracy', float('nan')):.3f}")
-        line += (f"; val L1 (normalised) {before['l1_normalized']:.3f} -> "
-                 f"{val.get('l1_normalized', float('nan')):.3f}")
-        lines.append(line)
-        lines.append(f"  last train loss {train.get('loss', float('nan')):.3f}")
-    if report.offline:
-        offline = report.offline
-        per_dimension = offline.get("l1_per_dimension")
-        text = f"offline (training/evaluate.py, val): L1 mean {offline['l1_mean']:.4f}"
-        if "token_accuracy" in offline:
-            text += f", token accuracy {offline['token_accuracy']:.3f}"
-        if "num_windows" in offline:
-            text += f" over {offline['num_windows']} chunk windows of {offline['chunk_size']} steps"
-        else:
-            text += f" over {offline['num_steps']} steps"
-        lines.append(text)
-        if isinstance(per_dimension, dict):
-            lines.append("  L1 per dimension: " + ", ".join(f"{k} {v:.4f}" for k, v in per_dimension.items()))
-        energy = offline.get("energy") or {}
-        if "l1_corrected" in energy:
-            lines.append(f"  with {energy['steps']} energy step(s): L1 {energy['l1_uncorrected']:.4f} -> "
-                         f"{energy['l1_corrected']:.4f}")
-    if report.energy:
-        val = report.energy["last"].get("val") or report.energy["last"].get("train", {})
-        lines.append(f"energy model: {report.energy['steps']} steps; E_pos {val.get('energy_positive', float('nan')):.3f} "
-                     f"vs E_neg {val.get('energy_negative', float('nan')):.3f}, retrieval accuracy "
-                     f"{val.get('retrieval_accuracy', float('nan')):.3f}")
-    loop = report.closed_loop
-    if loop:
-        total = len(loop["seeds"])
-        lines.append(f"closed loop ({loop['mode']}, {loop['policy']}, {total} fresh episodes):")
-        for label in ("base", "fine_tuned", "fine_tuned_energy"):
-            if label not in loop:
-                continue
-            entry = loop[label]
-            low, high = entry["ci95"]
-            lines.append(f"  {label:<17} success {entry['successes']:>3}/{total} = {100 * entry['success_rate']:5.1f} %"
-                         f"  (95% CI {100 * low:.0f}-{100 * high:.0f} %, {entry['ms_per_step']} ms/step)")
-    if report.node_check:
-        check = report.node_check
-        lines.append(f"node check ({check['mode']}): fine-tuned success {check['successes']}/{len(check['episodes'])}")
-    lines.append(f"total: {sum(report.timings_s.values()):.1f} s")
-    lines += [f"{name}: {path}" for name, path in report.files.items()]
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -919,7 +752,8 @@ def run(settings: PipelineSettings) -> Report:
             from openvla_ros.model.tiny import make_tiny_checkpoint
 
             make_tiny_checkpoint(settings.base, seed=0)
-    oft = base_spec(settings.base) is not None
+    spec = base_spec(settings.base)
+    oft = spec is not None
     if settings.energy_steps and not oft:
         raise PipelineError(f"--energy-steps refines OpenVLA-OFT chunks; {settings.base} is a token-by-token model "
                             f"(use an OFT base such as {DEFAULT_PRETRAINED}, or --energy-steps 0)")
@@ -933,7 +767,7 @@ def run(settings: PipelineSettings) -> Report:
                               expert_failures=recording["expert_failures"])
     head = "L1 chunk head" if oft else "token head"
     with stage(report, "finetune", f"fine-tuning {settings.base} (LoRA rank {settings.lora_rank}, {head})"):
-        report.training = finetune(settings, out / "data", out)
+        report.training = finetune(settings, spec, out / "data", out)
         report.files["training_curve"] = str(plot_training_curve(report.training["curve"],
                                                                  out / "training_curve.png"))
     merged = out / "merged"
@@ -951,7 +785,7 @@ def run(settings: PipelineSettings) -> Report:
     if settings.node_episodes:
         with stage(report, "node_check", f"closed loop through sim_scene + policy_node ({settings.node_episodes} "
                    "episodes)"):
-            report.node_check = node_check(settings, merged, log_dir, env)
+            report.node_check = node_check(settings, spec, merged, log_dir, env)
     report.files["merged_model"] = str(merged)
     report.files["report"] = str(out / "report.json")
     (out / "report.json").write_text(json.dumps(asdict(report), indent=1))

@@ -33,6 +33,16 @@ def demo_env() -> dict[str, str]:
     )
 
 
+def run_make_demo(model: Path, demo_args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Runs ``make demo`` on ``model`` as the README does; returns the result and its whole output, which
+    must end with exit code 0."""
+    command = ["make", "-s", "demo", f"MODEL={model}", f"DEMO_ARGS={demo_args}"]
+    result = subprocess.run(command, cwd=REPO, env=demo_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return result, output
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -71,11 +81,8 @@ def test_an_oft_model_with_proprio_runs_episode_after_episode_on_the_sim_state(
     starts a new episode whenever one ends, each outcome on its own line and counted in the summary."""
     assert model_proprio_dim(str(small_pretrained_base)) == 5 and model_proprio_dim(str(tmp_path)) == 0
     out = tmp_path / "demo"
-    command = ["make", "-s", "demo", f"MODEL={small_pretrained_base}",
-               f"DEMO_ARGS=--duration 30 --out {out} --task reach --seed 4 --rate-hz 20"]
-    result = subprocess.run(command, cwd=REPO, env=demo_env(), capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    result, output = run_make_demo(small_pretrained_base,
+                                   f"--duration 30 --out {out} --task reach --seed 4 --rate-hz 20")
     assert "proprio 5" in (out / "openvla_policy.log").read_text()
     finished = re.findall(r'^episode (\d+): "move to the \w+ block" -> (success|timeout) after (\d+) steps$',
                           result.stdout, flags=re.MULTILINE)
@@ -103,11 +110,7 @@ def test_make_demo_runs_headless_prints_live_lines_and_saves_the_episode_png(
 ) -> None:
     """The README's first command, as written there (with a short duration and a scratch output)."""
     out = tmp_path / "demo"
-    command = ["make", "-s", "demo", f"MODEL={tiny_checkpoint}",
-               f"DEMO_ARGS=--duration 5 --out {out} --task reach --seed 2"]
-    result = subprocess.run(command, cwd=REPO, env=demo_env(), capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    result, output = run_make_demo(tiny_checkpoint, f"--duration 5 --out {out} --task reach --seed 2")
     live = [line for line in result.stdout.splitlines() if line.startswith("t=")]
     assert len(live) >= 4, output
     for line in live:
