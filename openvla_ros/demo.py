@@ -472,15 +472,14 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
         flush=True,
     )
 
-    children.append(
-        start_child(
-            SIM_NODE,
-            "openvla_ros.sim_scene_node",
-            ["-p", f"task:={args.task}", "-p", f"seed:={args.seed}", "-p", "reset_on_start:=false"],
-            args.out,
-            env,
-        )
-    )
+    from openvla_ros.sim.demos import SIM_SETUP_FILE, read_sim_setup
+
+    sim_args = ["-p", f"task:={args.task}", "-p", f"seed:={args.seed}", "-p", "reset_on_start:=false"]
+    if read_sim_setup(choice.model).get("camera_upside_down"):
+        # the model was fine-tuned on demonstrations seen by the camera mounted upside down
+        print(f"sim camera: upside down, as the model was fine-tuned ({SIM_SETUP_FILE})", flush=True)
+        sim_args += ["-p", "camera_upside_down:=true"]
+    children.append(start_child(SIM_NODE, "openvla_ros.sim_scene_node", sim_args, args.out, env))
     policy_args = ["--params-file", str(REPO / "config" / "policy.yaml"), "-p", f"model:={choice.model}"]
     policy_args += ["-p", f"rate_hz:={args.rate_hz}"]
     if unnorm_key:

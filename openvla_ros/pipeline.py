@@ -771,6 +771,9 @@ def run(settings: PipelineSettings) -> Report:
         report.files["training_curve"] = str(plot_training_curve(report.training["curve"],
                                                                  out / "training_curve.png"))
     merged = out / "merged"
+    from openvla_ros.sim.demos import write_sim_setup
+
+    report.files["sim_setup"] = str(write_sim_setup(merged, settings.camera_upside_down))
     if settings.energy_steps:
         with stage(report, "energy", f"training the energy model ({settings.energy_train_steps} steps, VLA frozen)"):
             report.energy = train_energy(settings, merged, out / "data", out / "energy",

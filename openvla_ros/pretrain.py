@@ -8,7 +8,8 @@ stages a user's data goes through:
 1. ``demos/``: the scripted expert's episodes of every pretraining task family, every block colour
    and every phrasing, written as rosbag2 bags (:func:`openvla_ros.sim.demos.record_expert_episodes`);
 2. ``data/``: those bags converted to RLDS by the converter, with ``config/pipeline.yaml``'s layout;
-3. ``train/``: the trainer, all weights trained (``lora_rank 0``) with the L1 chunk head and proprio;
+3. ``train/``: the trainer, all weights trained (``lora_rank 0``) with the L1 chunk head, proprio
+   and FiLM;
 4. ``eval.json``: closed-loop success on fresh episodes of each pretraining task;
 5. the merged model moves to ``OUT`` with ``pretrain.json``, which records the settings, the success
    rates and the SHA-256 of every file.
@@ -60,6 +61,8 @@ class PretrainSettings:
         eval_episodes: closed-loop episodes per task on fresh seeds.
         seed: seeds the model, the episodes and the training.
         size: the tiny config to start from.
+        film: FiLM in every ViT block (OpenVLA-OFT+): the instruction's mean embedding scales and shifts
+            the patch features, so the vision towers can pick out the named block themselves.
     """
 
     tasks: tuple[str, ...] = ("reach",)
@@ -72,6 +75,7 @@ class PretrainSettings:
     eval_episodes: int = 20
     seed: int = 0
     size: str = "small"
+    film: bool = True
 
     def __post_init__(self) -> None:
         from openvla_ros.sim.scene import TASKS
@@ -315,7 +319,7 @@ def _train(stages: _Stages, settings: PretrainSettings, progress: Callable[[str]
         lora_rank=0, image_aug=False, device="cpu", save_steps=max(1, min(250, settings.steps)),
         eval_steps=max(1, settings.steps // 4), eval_batches=4, log_steps=max(1, min(100, settings.steps // 10)),
         keep_checkpoints=1, seed=settings.seed, resume=resume, action_head="l1", chunk=settings.chunk,
-        use_proprio=True,
+        use_proprio=True, film=settings.film,
     )
     if resume:
         progress(f"[pretrain] train: resuming from {directory / 'checkpoints'}")
@@ -326,16 +330,18 @@ def _train(stages: _Stages, settings: PretrainSettings, progress: Callable[[str]
 
 
 def rollout_success(policy: Any, seeds: Sequence[tuple[int, ...]], task: str,
-                    actions_per_chunk: int | None = None) -> list[dict[str, Any]]:
+                    actions_per_chunk: int | None = None, num_blocks: int | None = None) -> list[dict[str, Any]]:
     """Runs closed-loop episodes of an OFT ``policy`` in the sim and returns one outcome per seed.
 
     Each chunk is predicted from the camera image and the robot state the demonstrations record, and
     its first ``actions_per_chunk`` actions (default: half the chunk) are applied before the next.
+    ``num_blocks`` overrides the scene's number of blocks (default: the pretraining scenes' 3).
     """
-    from openvla_ros.sim import TabletopRenderer, TabletopScene
+    from openvla_ros.sim import SceneConfig, TabletopRenderer, TabletopScene
     from openvla_ros.sim.demos import scene_state
 
-    scene, renderer = TabletopScene(), TabletopRenderer()
+    config = SceneConfig() if num_blocks is None else SceneConfig(num_blocks=num_blocks)
+    scene, renderer = TabletopScene(config), TabletopRenderer()
     execute = actions_per_chunk or max(1, policy.chunk_size // 2)
     outcomes = []
     for seed in seeds:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def test_an_oft_model_with_proprio_runs_episode_after_episode_on_the_sim_state(
     result, output = run_make_demo(small_pretrained_base,
                                    f"--duration 30 --out {out} --task reach --seed 4 --rate-hz 20")
     assert "proprio 5" in (out / "openvla_policy.log").read_text()
+    assert "sim camera: upside down" not in output and "upside down" not in (out / "sim_scene.log").read_text()
     finished = re.findall(r'^episode (\d+): "move to the \w+ block" -> (success|timeout) after (\d+) steps$',
                           result.stdout, flags=re.MULTILINE)
     assert len(finished) >= 1, output  # 60 steps each: a loaded VM runs well below the 20 Hz set
@@ -122,6 +124,20 @@ def test_make_demo_runs_headless_prints_live_lines_and_saves_the_episode_png(
     assert image is not None and image.shape[0] > 300 and image.shape[1] > 1000
     assert "stopped sim_scene (exit 0), openvla_policy (exit 0)" in output
     assert (out / "sim_scene.log").is_file() and (out / "openvla_policy.log").is_file()
+
+
+def test_a_model_fine_tuned_with_the_camera_upside_down_gets_that_camera(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """make pipeline writes the camera pose of its demonstrations beside the fine-tuned model; the demo
+    runs the sim with that pose."""
+    from openvla_ros.sim.demos import write_sim_setup
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    write_sim_setup(model, camera_upside_down=True)
+    out = tmp_path / "demo"
+    _, output = run_make_demo(model, f"--duration 3 --out {out} --task reach --seed 2")
+    assert "sim camera: upside down, as the model was fine-tuned (sim_setup.json)" in output
+    assert "(mounted upside down)" in (out / "sim_scene.log").read_text()
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the demo", "Ctrl-C in a terminal"])

@@ -99,6 +99,7 @@ def test_report_has_success_rates_timings_and_plots(quick_run: tuple[Path, str])
     assert report["training"]["steps"] == 3 and report["training"]["curve"]
     assert report["settings"]["camera_upside_down"] is False, "a token base keeps the camera it was made for"
     assert _first_frame_orientation(out / "data") == "upright"
+    assert json.loads((out / "merged" / "sim_setup.json").read_text()) == {"camera_upside_down": False}
     assert 0.0 <= report["offline"]["token_accuracy"] <= 1.0
     for name in ("trajectories.png", "training_curve.png", "evaluate_val.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -170,6 +171,8 @@ def test_an_oft_base_is_fine_tuned_with_its_own_head_and_layout(oft_run: tuple[P
     # the held-out variation by default for an OFT base: a camera pose the base never saw
     assert report["settings"]["camera_upside_down"] is True and "task reach (camera upside down)" in stdout
     assert _first_frame_orientation(out / "data") == "upside down", "the demonstrations come from that camera"
+    # make demo reads it to run the sim with the camera the model was fine-tuned for
+    assert json.loads((out / "merged" / "sim_setup.json").read_text()) == {"camera_upside_down": True}
     tuned = load_policy_auto(str(out / "merged"), unnorm_key="sim_reach", device="cpu")
     base = load_policy_auto(str(small_pretrained_base), device="cpu")
     assert isinstance(tuned, OFTPolicy) and isinstance(base, OFTPolicy)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from openvla_ros.pretrain import (
     verify_pretrained,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 # A build small enough for the test suite: the same stages as the default, a few episodes and steps.
 SMALL = PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1)
 
@@ -58,6 +61,7 @@ def test_an_interrupted_build_resumes_at_the_unfinished_stage(built) -> None:
 def test_the_base_records_its_data_training_and_success(built) -> None:
     out, _, manifest = built
     assert manifest["settings"]["steps"] == 3 and manifest["settings"]["tasks"] == ["reach"]
+    assert manifest["settings"]["film"] is True
     assert manifest["dataset"]["episodes"] == manifest["demos"]["episodes"] >= 3
     assert manifest["demos"]["instructions"] and all(i.startswith("move to the ") for i in manifest["demos"]["instructions"])
     assert manifest["training"]["steps"] == 3
@@ -77,10 +81,31 @@ def test_the_base_loads_as_an_oft_policy_with_proprio(built) -> None:
     policy = load_policy_auto(str(out), device="cpu")
     assert isinstance(policy, OFTPolicy)
     assert policy.proprio_dim == 5 and policy.chunk_size == SMALL.chunk
+    assert policy.model.spec.film and policy.model.film is not None, "the base is OpenVLA-OFT+ (FiLM) by default"
+    assert json.loads((out / "config.json").read_text())["oft"]["film"] is True
     scene = TabletopScene()
     episode = scene.reset(seed=(3, 3), task="reach")
     chunk = policy.predict_chunk(TabletopRenderer().render(scene), episode.instruction, proprio=scene_state(scene))
     assert chunk.shape == (SMALL.chunk, 7) and np.isfinite(chunk).all()
+
+
+def test_the_benchmark_reports_reach_success_per_number_of_blocks(built) -> None:
+    """``benchmarks/pretrain.py --by-blocks`` separates finding a block (one on the table) from picking
+    the named one (two, three)."""
+    out, _, manifest = built
+    result = subprocess.run([sys.executable, "benchmarks/pretrain.py", "--cached", str(out), "--by-blocks", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout[result.stdout.index("{\n"):])
+    assert figures["success"]["reach"]["episodes"] == manifest["success"]["reach"]["episodes"]
+    by_blocks = figures["reach_by_blocks"]
+    assert list(by_blocks) == ["1 block", "2 blocks", "3 blocks"]
+    for entry in by_blocks.values():
+        assert entry["episodes"] == 2 and 0 <= entry["successes"] <= 2
+        assert 0 <= entry["ci95"][0] <= entry["successes"] / 2 <= entry["ci95"][1] <= 1
+    refused = subprocess.run([sys.executable, "benchmarks/pretrain.py", "--by-blocks", "2"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--by-blocks needs --cached" in refused.stderr
 
 
 def test_a_finished_base_is_reused_and_another_target_refused(built) -> None:
@@ -132,3 +157,13 @@ def test_bad_settings_are_refused() -> None:
         PretrainSettings(tasks=("fly",))
     with pytest.raises(PretrainError, match="steps must be >= 1"):
         PretrainSettings(steps=0)
+
+
+
+def test_no_film_is_a_pretrain_option(tmp_path, capsys) -> None:
+    from openvla_ros.model.tiny import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "tiny"), "--no-film"])
+    assert exit_info.value.code == 2 and "--no-film is a --pretrain option" in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists()

@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     pretrain.add_argument("--steps", type=int, default=0, help="training steps (default 4000)")
     pretrain.add_argument("--eval-episodes", type=int, default=-1,
                           help="closed-loop episodes per task after training (default 20)")
+    pretrain.add_argument("--no-film", action="store_true",
+                          help="train the base without FiLM (default: FiLM in every ViT block, as OpenVLA-OFT+)")
     args = parser.parse_args(argv)
     from openvla_ros.errors import OpenVLAError
 
@@ -417,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.oft and args.prismatic:
         parser.error("--oft and --prismatic exclude each other")
+    if args.no_film:
+        parser.error("--no-film is a --pretrain option")
     if not args.oft and (args.film or args.ours or args.proprio_dim or args.images != 1 or args.chunk != 8):
         parser.error("--chunk, --proprio-dim, --images, --film and --ours need --oft")
     try:
@@ -456,6 +460,8 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             given[name] = getattr(args, name)
     if args.eval_episodes >= 0:
         given["eval_episodes"] = args.eval_episodes
+    if args.no_film:
+        given["film"] = False
     try:
         manifest = ensure_pretrained(args.out_dir, PretrainSettings(**given))
     except PretrainError as exc:

@@ -188,7 +188,8 @@ class SimSceneNode(Node):
         if value("start_expert"):
             self.expert_enabled = True
         self.get_logger().info(
-            f"camera {value('image_width')}x{value('image_height')} at {value('camera_rate_hz'):g} Hz on "
+            f"camera {value('image_width')}x{value('image_height')}"
+            f"{' (mounted upside down)' if value('camera_upside_down') else ''} at {value('camera_rate_hz'):g} Hz on "
             f"{self._image_pub.topic_name}; applying actions from {value('action_topic')}"
         )
 

@@ -9,6 +9,7 @@ recording over DDS in real time, for datasets of hundreds of episodes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,26 @@ class DemoEpisode:
     instruction: str
     steps: int
     success: bool
+
+
+# Written beside a model fine-tuned in the sim: the sim setting its demonstrations were recorded in.
+SIM_SETUP_FILE = "sim_setup.json"
+
+
+def write_sim_setup(model_dir: str | Path, camera_upside_down: bool) -> Path:
+    """Records in ``model_dir`` the sim camera pose the model was fine-tuned with (read by ``make demo``)."""
+    path = Path(model_dir) / SIM_SETUP_FILE
+    path.write_text(json.dumps({"camera_upside_down": bool(camera_upside_down)}, indent=1) + "\n")
+    return path
+
+
+def read_sim_setup(model_dir: str | Path) -> dict:
+    """Returns the sim setting recorded beside a model, ``{}`` when there is none (or it is unreadable)."""
+    try:
+        setup = json.loads((Path(model_dir) / SIM_SETUP_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return setup if isinstance(setup, dict) else {}
 
 
 def scene_state(scene: TabletopScene) -> np.ndarray:
