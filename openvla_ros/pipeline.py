@@ -1,6 +1,6 @@
 """``make pipeline``: demonstrations -> RLDS -> fine-tune -> closed-loop evaluation, end to end.
 
-    python -m openvla_ros.pipeline [--base DIR] [--episodes 80] [--eval-episodes 20] [--steps 800]
+    python -m openvla_ros.pipeline [--base DIR] [--episodes 300] [--eval-episodes 20] [--steps 2000]
                                    [--energy-steps N] [--camera-upside-down] [--quick]
 
 1. record: starts the ``sim_scene`` node (child process, JPEG camera stream, scripted expert at
@@ -78,10 +78,10 @@ class PipelineSettings:
     base: Path = DEFAULT_BASE
     config: Path = DEFAULT_CONFIG
     task: str = "reach"
-    episodes: int = 80
+    episodes: int = 300
     eval_episodes: int = 20
     node_episodes: int = 10
-    steps: int = 800
+    steps: int = 2000
     batch_size: int = 8
     learning_rate: float = 3e-3
     lora_rank: int = 32
