@@ -70,6 +70,10 @@ class PipelineError(RuntimeError):
     """A stage of the pipeline failed; the message says which and why."""
 
 
+class WaitTimeoutError(PipelineError):
+    """Something the pipeline waited for did not happen in time (the processes are still alive)."""
+
+
 @dataclass
 class PipelineSettings:
     """What the pipeline does (see ``--help`` for each option)."""
@@ -165,13 +169,13 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, alive: 
     """Polls ``condition`` until it holds; ``alive`` raises when a child process died.
 
     Raises:
-        PipelineError: after ``timeout_s`` seconds.
+        WaitTimeoutError: after ``timeout_s`` seconds.
     """
     deadline = time.monotonic() + timeout_s
     while not condition():
         alive()
         if time.monotonic() > deadline:
-            raise PipelineError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            raise WaitTimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.02)
 
 
@@ -626,15 +630,22 @@ def node_check(settings: PipelineSettings, spec: Any, merged: Path, log_dir: Pat
             enabled = session.call("/openvla_policy/enable", SetBool, SetBool.Request(data=True), 120.0, alive)
             if not enabled.success:
                 raise PipelineError(f"the policy node refused to enable: {enabled.message}")
-            wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode)
-                     and session.task_state.get("status") != "running",
-                     90 / rate_hz + 30.0, f"the end of node episode {episode}", alive)
+            try:
+                wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode)
+                         and session.task_state.get("status") != "running",
+                         90 / rate_hz + 30.0, f"the end of node episode {episode}", alive)
+                stalled = ""
+            except WaitTimeoutError as exc:
+                # a stalled episode (the nodes alive, the sim starved of CPU) is a failure, not the end
+                # of the run: everything before it is kept and the next episode starts afresh
+                stalled = str(exc)
             session.call("/openvla_policy/enable", SetBool, SetBool.Request(data=False), 10.0, alive)
             state = dict(session.task_state)
-            episodes.append({"instruction": reset.message, "status": state.get("status"),
+            status = "stalled" if stalled else state.get("status")
+            episodes.append({"instruction": reset.message, "status": status,
                              "steps": int(state.get("steps", 0)), "seed": [settings.eval_seed + 1, episode]})
-            print(f"  node episode {episode}: {reset.message!r} -> {state.get('status')} after "
-                  f"{state.get('steps')} steps", flush=True)
+            print(f"  node episode {episode}: {reset.message!r} -> {status} after {state.get('steps')} steps"
+                  + (f" ({stalled}; counted as a failure)" if stalled else ""), flush=True)
     finally:
         session.close()
         policy.stop()

@@ -215,3 +215,20 @@ def test_energy_steps_are_refused_for_a_token_base(tiny_checkpoint: Path, tmp_pa
     )
     assert result.returncode == 1 and "refines OpenVLA-OFT chunks" in result.stderr
     assert not (tmp_path / "out" / "bags").exists(), "refused before anything is recorded"
+
+
+def test_a_wait_that_times_out_is_told_apart_from_a_dead_process() -> None:
+    """The node check counts an episode that never ends as a failure and goes on (WaitTimeoutError); a
+    child process that died still stops the run (the PipelineError its check raises)."""
+    from openvla_ros.pipeline import PipelineError, WaitTimeoutError, wait_for
+
+    with pytest.raises(WaitTimeoutError, match="timed out after 0 s waiting for the end of node episode 3"):
+        wait_for(lambda: False, 0.05, "the end of node episode 3", lambda: None)
+
+    def dead() -> None:
+        raise PipelineError("policy_node_check exited with code 1")
+
+    with pytest.raises(PipelineError, match="exited with code 1") as caught:
+        wait_for(lambda: False, 5.0, "anything", dead)
+    assert not isinstance(caught.value, WaitTimeoutError)
+    wait_for(lambda: True, 0.0, "something already true", dead)
