@@ -227,14 +227,19 @@ def test_actions_follow_the_rate_stamped_with_image_stamps(
 def test_diagnostics_report_rate_latency_and_dropped_frames(
     driving: Driver, diagnostics: Received, holdable_rate_hz: float
 ) -> None:
+    start = time.monotonic()
     time.sleep(max(2.0, 4.0 / holdable_rate_hz))
     status = latest_status(diagnostics, "openvla_policy")
     values = status_values(status)
     assert status.level == DiagnosticStatus.OK, status.message
     assert values["state"] == "active" and values["enabled"] == "true"
     assert values["instruction"] == INSTRUCTION
-    allowed = min(holdable_rate_hz, 1e3 / float(values["inference_latency_ms_median"]))
-    assert 0.5 * allowed <= float(values["rate_hz_achieved"]) <= 1.25 * holdable_rate_hz, values
+    # the reported rate is the one a subscriber sees, whatever this machine allows now (the rate the
+    # tiny model holds here is a benchmark figure, not asserted)
+    observed = rate_over(driving.actions, start, time.monotonic() - start)
+    reported = float(values["rate_hz_achieved"])
+    assert reported == pytest.approx(observed, rel=0.3), f"{reported} Hz reported, {observed:.2f} Hz observed"
+    assert reported <= 1.25 * holdable_rate_hz, values
     assert float(values["rate_hz_target"]) == pytest.approx(holdable_rate_hz, rel=1e-3)
     assert float(values["inference_latency_ms_median"]) > 0.0
     assert 0.0 <= float(values["image_age_s"]) < 0.5
