@@ -91,17 +91,27 @@ def trained(tiny_checkpoint: Path, dataset_dir: Path, tmp_path_factory: pytest.T
     return out, before, metrics
 
 
-def test_the_loader_carries_state_and_wrist_images_and_windows_stay_inside_episodes(dataset_dir: Path) -> None:
+def test_the_loader_carries_state_and_wrist_images_and_windows_end_with_neutral_actions(dataset_dir: Path) -> None:
     frames = load_frames(open_rlds(dataset_dir, NAME), "train")
     assert all(len(f.wrist_images) == 1 and f.state is not None and f.state.shape == (3,) for f in frames)
     wrist = decode_image(frames[3].wrist_images[0])
     assert wrist.shape == (224, 224, 3) and not np.array_equal(wrist, decode_image(frames[3].image))
     windows = chunk_windows(frames, CHUNK)
     episodes = len({f.episode for f in frames})
-    assert len(windows) == episodes * (STEPS - CHUNK + 1), "starts 0 .. len-K of every episode"
+    assert len(windows) == episodes * STEPS, "every step starts a window, as in OpenVLA's RLDS pipeline"
     for window in windows:
         assert len({f.episode for f in window.frames}) == 1
-        assert [f.step for f in window.frames] == list(range(window.first.step, window.first.step + CHUNK))
+        expected_steps = list(range(window.first.step, min(window.first.step + CHUNK, STEPS)))
+        assert [f.step for f in window.frames] == expected_steps
+        actions = window.actions
+        assert actions.shape == (CHUNK, 7)
+        real = len(window.frames)
+        np.testing.assert_array_equal(actions[:real], np.stack([f.action for f in window.frames]))
+        # past the episode's end: zero deltas, the absolute gripper held at its last value
+        assert window.padded == CHUNK - real and np.all(actions[real:, :6] == 0.0)
+        np.testing.assert_array_equal(actions[real:, 6], window.frames[-1].action[6])
+    last = windows[STEPS - 1]
+    assert last.padded == CHUNK - 1 and np.any(last.first.action[:6] != 0.0), "the last step's move is kept"
 
 
 def test_samples_use_the_shared_layout_normalisation_and_image_order(tiny_checkpoint: Path, dataset_dir: Path) -> None:
@@ -166,7 +176,7 @@ def test_the_merged_model_predicts_the_recorded_chunks_better_than_before(traine
             first = window.first
             chunk = model.predict_chunk(decode_image(first.image), first.instruction,
                                         wrist_images=[decode_image(first.wrist_images[0])], proprio=first.state)
-            errors.append(np.abs(chunk - np.stack([f.action for f in window.frames]))[:, :6].mean())
+            errors.append(np.abs(chunk - window.actions)[:, :6].mean())
         return float(np.mean(errors))
 
     trained_error = error(policy)
@@ -215,8 +225,6 @@ def test_bad_chunk_settings_and_datasets(tiny_checkpoint: Path, dataset_dir: Pat
         FinetuneConfig(vla_path="x", data_dir="d", dataset_name="n", action_head="diffusion")
     with pytest.raises(DatasetError, match="2 wrist camera"):
         Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "a", num_images=3))
-    with pytest.raises(DatasetError, match="lower --chunk"):
-        Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "b", chunk=STEPS + 1))
     plain = _write(tmp_path / "plain", with_extras=False)
     with pytest.raises(TrainingError, match="observation/state"):
         Trainer(_config(tiny_checkpoint, plain, tmp_path / "c"))

@@ -1,8 +1,10 @@
 """RLDS episodes -> OFT training batches: chunk windows, several images, proprio, normalised targets.
 
 A sample is a window of one episode: the observation at step t and the physical actions of steps
-t .. t+K-1, normalised to the [-1, 1] chunk the L1 head regresses. As OFT forms them, only starts
-0 .. len-K are used, so no window runs past its episode's end. Inputs are laid out by the core's
+t .. t+K-1, normalised to the [-1, 1] chunk the L1 head regresses. As OpenVLA's RLDS pipeline forms
+them, every step starts a window; steps past the episode's end get the neutral action (zero deltas,
+the last gripper value held), so the last K-1 observations of an episode, those near the goal, are
+trained on too and teach the model to stop there. Inputs are laid out by the core's
 :func:`~openvla_ros.model.oft.build_chunk_inputs`, images go through the checkpoint's
 :class:`~openvla_ros.model.processor.ImageTransform` and proprio through the same
 :func:`~openvla_ros.model.oft_policy.normalize_proprio` the policy applies at inference.
@@ -19,6 +21,7 @@ import torch
 
 from openvla_ros.errors import DatasetError
 from openvla_ros.finetune.data import Frame, augment, decode_image
+from openvla_ros.model.action_codec import neutral_action
 from openvla_ros.model.oft import ChunkInputs, OFTSpec, build_chunk_inputs
 from openvla_ros.model.oft_policy import chunk_normalizers, normalize_proprio
 from openvla_ros.model.processor import ImageSettings, ImageTransform, prompt_token_ids
@@ -26,17 +29,35 @@ from openvla_ros.model.processor import ImageSettings, ImageTransform, prompt_to
 
 @dataclass(frozen=True)
 class ChunkWindow:
-    """The frames of one training window: ``frames[0]`` is observed, all K give the target chunk."""
+    """One training window: ``frames[0]`` is observed; its episode's next steps, at most ``chunk``, give the target.
+
+    ``frames`` stops at the episode's end; :attr:`actions` fills the rest of the chunk with neutral actions.
+    """
 
     frames: tuple[Frame, ...]
+    chunk: int
 
     @property
     def first(self) -> Frame:
         return self.frames[0]
 
+    @property
+    def padded(self) -> int:
+        """How many of the chunk's steps lie past the episode's end."""
+        return self.chunk - len(self.frames)
+
+    @property
+    def actions(self) -> np.ndarray:
+        """Returns the physical [K, A] target chunk: the recorded actions, then neutral ones past the end."""
+        recorded = np.stack([f.action for f in self.frames])
+        if not self.padded:
+            return recorded
+        neutral = np.repeat(neutral_action(recorded[-1])[None], self.padded, axis=0)
+        return np.concatenate([recorded, neutral])
+
 
 def chunk_windows(frames: Sequence[Frame], chunk: int) -> list[ChunkWindow]:
-    """Returns every window of ``chunk`` consecutive steps inside one episode (starts 0 .. len-K).
+    """Returns one window per step of every episode, in order (see :class:`ChunkWindow` for the end).
 
     ``frames`` must be in recording order, as :func:`~openvla_ros.finetune.data.load_frames` returns them.
     """
@@ -45,8 +66,8 @@ def chunk_windows(frames: Sequence[Frame], chunk: int) -> list[ChunkWindow]:
         episodes.setdefault(frame.episode, []).append(frame)
     windows = []
     for steps in episodes.values():
-        for start in range(len(steps) - chunk + 1):
-            windows.append(ChunkWindow(tuple(steps[start:start + chunk])))
+        for start in range(len(steps)):
+            windows.append(ChunkWindow(tuple(steps[start:start + chunk]), chunk))
     return windows
 
 
@@ -54,8 +75,8 @@ def check_chunk_data(frames: Sequence[Frame], spec: OFTSpec, split: str) -> list
     """Returns the windows of ``frames`` after checking they hold what ``spec`` needs.
 
     Raises:
-        DatasetError: no episode as long as the chunk, too few wrist cameras, no state, or a state
-            of another length than the proprio projector takes.
+        DatasetError: too few wrist cameras, no state, or a state of another length than the proprio
+            projector takes.
     """
     sample = frames[0]
     if spec.num_images > 1 and len(sample.wrist_images) < spec.num_images - 1:
@@ -75,14 +96,7 @@ def check_chunk_data(frames: Sequence[Frame], spec: OFTSpec, split: str) -> list
                 f"split {split!r} has {sample.state.size}-value states; the model's proprio projector takes "
                 f"{spec.proprio_dim}"
             )
-    windows = chunk_windows(frames, spec.chunk)
-    if not windows:
-        longest = max(f.step for f in frames) + 1
-        raise DatasetError(
-            f"no episode of split {split!r} has {spec.chunk} steps (the longest has {longest}): lower --chunk "
-            "or record longer episodes"
-        )
-    return windows
+    return chunk_windows(frames, spec.chunk)
 
 
 class ChunkSampleBuilder:
@@ -119,7 +133,7 @@ class ChunkSampleBuilder:
 
     def target(self, window: ChunkWindow) -> np.ndarray:
         """Returns the normalised [K, A] chunk of a window."""
-        return self.normalizer.normalize(np.stack([f.action for f in window.frames]))
+        return self.normalizer.normalize(window.actions)
 
     def __call__(self, window: ChunkWindow, rng: np.random.Generator | None) -> dict[str, Any]:
         frame = window.first

@@ -1,6 +1,6 @@
 """Offline evaluation: recorded frames through exactly the inference path, against recorded actions.
 
-Token models are scored per step; OFT models per chunk window (the recorded K actions from each start)."""
+Token models are scored per step; OFT models per chunk window (from each step: the recorded K actions, neutral ones past the episode's end)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def energy_metrics(policy, windows: Sequence[ChunkWindow], predictions: Sequence
     """
     if policy.energy.steps and predictions is None:
         predictions = predict_window_details(policy, windows)
-    recorded = np.stack([[f.action for f in w.frames] for w in windows])
+    recorded = np.stack([w.actions for w in windows])
     count = len(windows)
     others = min(negatives, count - 1)
     positive, negative, retrieved = [], [], 0
@@ -154,7 +154,7 @@ def energy_metrics(policy, windows: Sequence[ChunkWindow], predictions: Sequence
 
 def chunk_metrics(windows: Sequence[ChunkWindow], predicted: np.ndarray) -> dict[str, Any]:
     """Returns L1 (physical units) per dimension, per chunk step and overall against the recorded chunks."""
-    recorded = np.stack([[f.action for f in w.frames] for w in windows])
+    recorded = np.stack([w.actions for w in windows])
     error = np.abs(predicted - recorded)  # [N, K, A]
     per_dimension = error.mean(axis=(0, 1))
     return {

@@ -19,6 +19,18 @@ from openvla_ros.errors import UnnormKeyError
 ACTION_DIM = 7
 ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 DEFAULT_MASK = (True, True, True, True, True, True, False)
+# EEF_POS actions: the six pose dimensions are deltas, the gripper is absolute (1 = open, 0 = closed)
+ABSOLUTE_DIMENSIONS = (False, False, False, False, False, False, True)
+
+
+def neutral_action(last: np.ndarray) -> np.ndarray:
+    """Returns the action that changes nothing after ``last``: zero deltas, the absolute gripper held.
+
+    Dimensions past the seventh (another action space) count as deltas.
+    """
+    absolute = np.zeros(last.shape[-1], dtype=bool)
+    absolute[: len(ABSOLUTE_DIMENSIONS)] = ABSOLUTE_DIMENSIONS[: last.shape[-1]]
+    return np.where(absolute, last, 0.0).astype(last.dtype)
 
 
 @dataclass(frozen=True)
