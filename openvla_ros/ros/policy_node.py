@@ -49,7 +49,7 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -85,6 +85,7 @@ from openvla_ros.ros.control import (
     limit_action,
     map_gripper,
 )
+from openvla_ros.ros.executor import HandoffExecutor
 from openvla_ros.ros.input_freshness import CAMERA, InputSource, proprio, wrist_camera
 from openvla_ros.ros.messages import action_array, delta_twist, timing_array, zero_delta
 from openvla_ros.ros.node_status import EnergyStats, status_summary
@@ -1022,12 +1023,12 @@ def main(args: list[str] | None = None, policy_loader: PolicyLoader | None = Non
     signals = ShutdownSignals()
     signals.install()
     node: PolicyNode | None = None
-    executor: MultiThreadedExecutor | None = None
+    executor: HandoffExecutor | None = None
     try:
         node = PolicyNode(policy_loader=policy_loader)
         if node.autostart and not node.start():
             node.get_logger().error("autostart did not reach the active state; see the errors above")
-        executor = MultiThreadedExecutor(num_threads=2)
+        executor = HandoffExecutor(num_threads=2)
         executor.add_node(node)
         signals.node = node
         while not signals.requested.is_set() and rclpy.ok():
