@@ -16,7 +16,13 @@ from safetensors.torch import load_file
 
 from openvla_ros.dataset.rlds_writer import EpisodeStep, RldsWriter
 from openvla_ros.errors import DatasetError, TrainingError
-from openvla_ros.finetune.chunks import ChunkSampleBuilder, chunk_windows, collate_chunks
+from openvla_ros.finetune.chunks import (
+    ChunkSampleBuilder,
+    check_chunk_data,
+    chunk_windows,
+    collate_chunks,
+    padded_fraction,
+)
 from openvla_ros.finetune.config import FinetuneConfig
 from openvla_ros.finetune.data import decode_image, load_frames, open_rlds
 from openvla_ros.finetune.trainer import Trainer, run_finetune
@@ -112,6 +118,27 @@ def test_the_loader_carries_state_and_wrist_images_and_windows_end_with_neutral_
         np.testing.assert_array_equal(actions[real:, 6], window.frames[-1].action[6])
     last = windows[STEPS - 1]
     assert last.padded == CHUNK - 1 and np.any(last.first.action[:6] != 0.0), "the last step's move is kept"
+
+
+def test_a_chunk_long_against_the_episodes_warns_that_targets_are_mostly_padding(
+    dataset_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from openvla_ros.model.oft import OFTSpec
+
+    frames = load_frames(open_rlds(dataset_dir, NAME), "train")
+    with caplog.at_level("WARNING", logger="openvla_ros.finetune.chunks"):
+        windows = check_chunk_data(frames, OFTSpec(chunk=CHUNK, action_dim=7, proprio_dim=3, num_images=2), "train")
+    # 10-step episodes, K = 4: 3 + 2 + 1 padded steps of 40 per episode
+    assert padded_fraction(windows) == pytest.approx(6 / 40) and not caplog.records
+    long_chunk = 2 * STEPS - 4  # 16 steps: most of every target lies past the episode's end
+    with caplog.at_level("WARNING", logger="openvla_ros.finetune.chunks"):
+        windows = check_chunk_data(frames, OFTSpec(chunk=long_chunk, action_dim=7, proprio_dim=3, num_images=2),
+                                   "train")
+    assert len(windows) == len(frames), "a long chunk still trains on every step"
+    assert padded_fraction(windows) == pytest.approx(105 / 160)
+    [record] = caplog.records
+    assert "66% of the chunk targets are neutral actions" in record.getMessage()
+    assert "--chunk 16" in record.getMessage() and "lower --chunk" in record.getMessage()
 
 
 def test_samples_use_the_shared_layout_normalisation_and_image_order(tiny_checkpoint: Path, dataset_dir: Path) -> None:

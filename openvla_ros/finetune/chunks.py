@@ -12,6 +12,7 @@ trained on too and teach the model to stop there. Inputs are laid out by the cor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,11 @@ from openvla_ros.model.action_codec import neutral_action
 from openvla_ros.model.oft import ChunkInputs, OFTSpec, build_chunk_inputs
 from openvla_ros.model.oft_policy import chunk_normalizers, normalize_proprio
 from openvla_ros.model.processor import ImageSettings, ImageTransform, prompt_token_ids
+
+logger = logging.getLogger(__name__)
+
+# Above this share of neutral (padded) target steps, the head mostly learns to stand still.
+MAX_PADDED_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,9 @@ def chunk_windows(frames: Sequence[Frame], chunk: int) -> list[ChunkWindow]:
 def check_chunk_data(frames: Sequence[Frame], spec: OFTSpec, split: str) -> list[ChunkWindow]:
     """Returns the windows of ``frames`` after checking they hold what ``spec`` needs.
 
+    Logs a warning when more than MAX_PADDED_FRACTION of the target steps lie past their episode's
+    end (episodes short against ``spec.chunk``).
+
     Raises:
         DatasetError: too few wrist cameras, no state, or a state of another length than the proprio
             projector takes.
@@ -96,7 +105,22 @@ def check_chunk_data(frames: Sequence[Frame], spec: OFTSpec, split: str) -> list
                 f"split {split!r} has {sample.state.size}-value states; the model's proprio projector takes "
                 f"{spec.proprio_dim}"
             )
-    return chunk_windows(frames, spec.chunk)
+    windows = chunk_windows(frames, spec.chunk)
+    padded = padded_fraction(windows)
+    if padded > MAX_PADDED_FRACTION:
+        episodes = len({window.first.episode for window in windows})
+        logger.warning(
+            "split %r: %.0f%% of the chunk targets are neutral actions past the end of an episode (episodes "
+            "of %.1f steps on average, --chunk %d): the model would mostly learn to stand still. Record "
+            "longer episodes or lower --chunk", split, 100.0 * padded, len(windows) / episodes, spec.chunk,
+        )
+    return windows
+
+
+def padded_fraction(windows: Sequence[ChunkWindow]) -> float:
+    """Returns the share of target steps in ``windows`` that lie past their episode's end (0 when empty)."""
+    total = sum(window.chunk for window in windows)
+    return sum(window.padded for window in windows) / total if total else 0.0
 
 
 class ChunkSampleBuilder:
