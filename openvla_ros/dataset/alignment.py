@@ -14,7 +14,11 @@ no fixed instruction is given) has spoken. Step ``k`` at time ``t_k``:
   newest command at or before ``t_k+1``.
 
 A step is emitted once its window has closed, so the last, incomplete window of a recording is not
-a step. Steps carry ``stale`` and ``idle`` flags; the caller decides what to drop.
+a step.
+
+With ``step_clock: actions`` (Float64MultiArray commands only) every command is a step of its own:
+the observation is taken as the command arrives (the newest image and state received before it),
+the action is the command itself, and there is no resampling. Steps carry ``stale`` and ``idle`` flags; the caller decides what to drop.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from openvla_ros.dataset.config import ConversionConfig
+from openvla_ros.errors import DatasetError
 
 
 class ActionKind(str, Enum):
@@ -152,10 +157,18 @@ class StepAligner:
         self._current: AlignedStep | None = None
         self._pose_at_step: np.ndarray | None = None
         self._previous_gripper: float | None = None
+        self._action_clock = config.step_clock == "actions"
+        if self._action_clock and self._kind is not ActionKind.VECTOR:
+            raise DatasetError(
+                f"step_clock 'actions' makes one step of each Float64MultiArray command; this action source "
+                f"sends {self._kind.value} messages, which need step_clock 'rate'"
+            )
 
     @property
     def started(self) -> bool:
         """True once every required stream has spoken (the first step time is fixed)."""
+        if self._action_clock:
+            return not self.missing_streams()
         return self._next_boundary_ns is not None
 
     def missing_streams(self) -> list[str]:
@@ -175,6 +188,8 @@ class StepAligner:
 
     def add(self, time_ns: int, role: Role, value: Any, camera_key: str = "image") -> list[AlignedStep]:
         """Applies one message received at ``time_ns`` and returns the steps it completed."""
+        if self._action_clock:
+            return self._add_on_action_clock(time_ns, Role(role), value, camera_key)
         steps: list[AlignedStep] = []
         while self._next_boundary_ns is not None and time_ns > self._next_boundary_ns:
             steps.extend(self._cross_boundary(self._next_boundary_ns))
@@ -183,6 +198,21 @@ class StepAligner:
         if self._next_boundary_ns is None and all(name in self._seen for name in self._required()):
             self._next_boundary_ns = time_ns
         return steps
+
+    def _add_on_action_clock(self, time_ns: int, role: Role, value: Any, camera_key: str) -> list[AlignedStep]:
+        """``step_clock: actions``: a command completes the step observed as it arrives."""
+        if role is not Role.ACTION:
+            self._apply(time_ns, role, value, camera_key)
+            return []
+        ready = all(name in self._seen for name in self._required() if name != Role.ACTION.value)
+        step = self._observe(time_ns) if ready else None
+        self._apply(time_ns, role, value, camera_key)
+        if step is None:
+            self._commands = []
+            return []
+        closed = self._close_step(step, time_ns)
+        self._commands = []
+        return [closed]
 
     def finish(self) -> list[AlignedStep]:
         """Closes every step whose window ended at or before the last message; returns them."""

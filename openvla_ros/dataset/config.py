@@ -20,6 +20,7 @@ from openvla_ros.errors import DatasetError
 
 DATASET_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 ACTION_AGGREGATES = ("sum", "last")
+STEP_CLOCKS = ("rate", "actions")
 _STRING_FIELDS = ("image", "wrist_image", "action", "gripper", "state", "instruction")
 
 
@@ -86,6 +87,11 @@ class ConversionConfig:
         split_seed: seed of the episode shuffle that picks the validation episodes.
         action_aggregate: how Float64MultiArray commands inside one step combine: ``sum`` (deltas, the
             motion over the step) or ``last`` (the newest command). The gripper is always the newest.
+        step_clock: ``rate``: steps ``1 / rate_hz`` apart from the moment every stream has spoken;
+            ``actions``: one step per Float64MultiArray command, observed just before it arrives (for a
+            source that sends one command per control step, such as a scripted expert or a teleoperation
+            loop: on the ``rate`` clock its commands can land on the step boundaries, where receive
+            jitter decides which step each one belongs to).
         twist_timeout_s: a twist older than this counts as zero velocity (as servo controllers do).
         gripper_invert: store ``1 - gripper`` (for recordings where 1 means closed).
         joint_names: JointState joints to store, in order; empty for all joints of the first message.
@@ -106,6 +112,7 @@ class ConversionConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     action_aggregate: str = "sum"
+    step_clock: str = "rate"
     twist_timeout_s: float = 0.5
     gripper_invert: bool = False
     joint_names: tuple[str, ...] = ()
@@ -129,6 +136,8 @@ class ConversionConfig:
             raise DatasetError(
                 f"action_aggregate must be one of {', '.join(ACTION_AGGREGATES)}, got {self.action_aggregate!r}"
             )
+        if self.step_clock not in STEP_CLOCKS:
+            raise DatasetError(f"step_clock must be one of {', '.join(STEP_CLOCKS)}, got {self.step_clock!r}")
         _check_positive("twist_timeout_s", self.twist_timeout_s)
         _check_positive("max_observation_age_s", self.max_observation_age_s)
         _check_positive("idle_translation", self.idle_translation, allow_zero=True)

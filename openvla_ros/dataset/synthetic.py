@@ -249,8 +249,9 @@ def write_episode_bag(
 
     Step ``i`` publishes ``images[i]`` (RGB uint8 HxWx3) on /camera/image_raw at ``i / rate_hz`` s and,
     10 ms later, ``actions[i]`` (7 values, Float64MultiArray on /teleop/action) and ``states[i]``
-    (JointState on /joint_states) when given; the instruction and one zero command come first and a
-    zero command last, so the converter pairs frame i with action i for every step. ``encoding``
+    (JointState on /joint_states) when given; the instruction and one idle command (no motion, the
+    gripper held) come first and another last, so the converter pairs frame i with action i for every
+    step on either step clock. ``encoding``
     is the camera's: ``rgb8``, ``bgr8`` (channels stored reversed, as many drivers do) or ``jpeg``
     (CompressedImage on /camera/image_raw/compressed).
 
@@ -302,7 +303,15 @@ def write_episode_bag(
         layout = types["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
         # An idle (zero) command first, as a teleoperation device sends before the motion starts: the
         # converter's steps begin once every stream has spoken, so action i then falls in step i.
-        idle = types["std_msgs/msg/Float64MultiArray"](layout=layout, data=np.zeros(len(actions[0]) if actions else 7))
+        # Idle commands move nothing and hold the gripper where the motion leaves it (a closed gripper
+        # would be a command of its own, e.g. on the `actions` step clock, which makes each command a step).
+        def idle_command(gripper_from: np.ndarray | None):
+            data = np.zeros(len(actions[0]) if actions else 7)
+            if gripper_from is not None:
+                data[6] = float(gripper_from[6])
+            return types["std_msgs/msg/Float64MultiArray"](layout=layout, data=data)
+
+        idle = idle_command(np.asarray(actions[0]) if actions else None)
         writer.write(action_connection, start_ns, typestore.serialize_cdr(idle, "std_msgs/msg/Float64MultiArray"))
         for index, (image, action) in enumerate(zip(images, actions, strict=True)):
             time_ns = start_ns + 5_000_000 + index * period_ns
@@ -318,6 +327,7 @@ def write_episode_bag(
             writer.write(action_connection, time_ns + 10_000_000,
                          typestore.serialize_cdr(command, "std_msgs/msg/Float64MultiArray"))
         # and an idle command after the last step, which closes that step's window
+        idle = idle_command(np.asarray(actions[-1]) if actions else None)
         writer.write(action_connection, start_ns + 15_000_000 + len(images) * period_ns,
                      typestore.serialize_cdr(idle, "std_msgs/msg/Float64MultiArray"))
     return Path(path)
