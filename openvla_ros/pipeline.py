@@ -94,6 +94,8 @@ class PipelineSettings:
     energy_train_steps: int = 300
     camera_upside_down: bool = False
     expert_rate_hz: float = 10.0
+    # Demonstrations go on after the success until the expert comes to rest (the sim's expert_settle_steps)
+    expert_settle_steps: int = 10
     record_seed: int = 0
     eval_seed: int = 1
     train_seed: int = 7
@@ -315,6 +317,7 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
     sim = ChildProcess(SIM_NODE, "openvla_ros.sim_scene_node", [
         "-p", f"task:={settings.task}", "-p", f"seed:={settings.record_seed}", "-p", "reset_on_start:=false",
         "-p", "publish_compressed:=true", "-p", f"expert_rate_hz:={settings.expert_rate_hz}",
+        "-p", f"expert_settle_steps:={settings.expert_settle_steps}",
         "-p", f"camera_upside_down:={str(settings.camera_upside_down).lower()}",
     ], log_dir, env)
     session = RosSession("pipeline_recorder")
@@ -339,7 +342,8 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
                 session.call(f"/{SIM_NODE}/expert", SetBool, SetBool.Request(data=True), 10.0, alive)
                 budget_s = 90 / settings.expert_rate_hz + 10.0
                 wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode)
-                         and session.task_state.get("status") != "running",
+                         and session.task_state.get("status") != "running"
+                         and session.task_state.get("expert") == "false",
                          budget_s, f"the end of expert episode {episode}", alive)
                 time.sleep(2.5 / settings.expert_rate_hz)  # the last step's window closes on later frames
             finally:

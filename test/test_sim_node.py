@@ -247,3 +247,38 @@ def test_expert_publishes_teleop_actions_at_5_hz_and_solves_the_episode(driver: 
     count = len(driver.teleop.since(start))
     time.sleep(1.0)
     assert len(driver.teleop.since(start)) == count
+
+
+def test_with_settling_steps_the_expert_comes_to_rest_after_the_success_then_stops(
+    driver: Driver, sim: subprocess.Popen
+) -> None:
+    def set_settle(steps: int) -> None:
+        parameter = Parameter("expert_settle_steps", value=steps).to_parameter_msg()
+        result = driver.call(driver.params_client, SetParameters.Request(parameters=[parameter])).results[0]
+        assert result.successful, result.reason
+
+    set_settle(10)
+    try:
+        instruction = driver.reset()
+        start = time.monotonic()
+        assert driver.call(driver.expert_client, SetBool.Request(data=True)).success
+
+        def finished() -> list[dict[str, str]]:
+            return [v for v in map(values, driver.task_states.since(start))
+                    if v["status"] == "success" and v["expert"] == "false"]
+
+        wait_until(finished, 30, f"the expert to solve {instruction!r} and come to rest")
+        states = [values(s) for s in driver.task_states.since(start)]
+        solved_at = int(next(v for v in states if v["status"] == "success")["steps"])
+        total = int(finished()[0]["steps"])
+        actions = [np.asarray(m.data) for m in driver.teleop.since(start)]
+        assert len(actions) == total, "every teleop action, settling ones included, was applied once"
+        assert 1 <= total - solved_at <= 10, (solved_at, total)
+        settling = actions[solved_at:]
+        assert len(settling) == 1 or np.linalg.norm(settling[-1][:3]) < np.linalg.norm(settling[0][:3]), "it brakes"
+        assert all(a[6] == 1.0 for a in settling)
+        time.sleep(1.0)
+        assert len(driver.teleop.since(start)) == total, "and then it stops"
+        assert "settling steps); expert stopped" in Path(sim.log_path).read_text()  # type: ignore[attr-defined]
+    finally:
+        set_settle(0)

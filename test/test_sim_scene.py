@@ -334,6 +334,40 @@ def test_scripted_expert_moves_smoothly(task: str) -> None:
         )
 
 
+def test_after_a_reach_the_expert_settles_on_the_block_centre_then_stops() -> None:
+    tolerance = TabletopScene().config.reach_tolerance
+    settled = []
+    for index in range(20):
+        scene = TabletopScene()
+        scene.reset(seed=(7, index), task="reach")
+        expert = ScriptedExpert(ExpertConfig(noise=0.002), seed=index)
+        while scene.status == "running":
+            scene.apply_action(expert.act(scene))
+        target = scene.blocks[scene.task.target].position[:2]
+        at_success = float(np.linalg.norm(scene.ee_position[:2] - target))
+        steps = 0
+        while (action := expert.settle(scene)) is not None:
+            assert steps < 15, f"episode {index}: the expert never came to rest"
+            assert action[6] == 1.0 and np.linalg.norm(action[:3]) <= ExpertConfig().max_speed * np.sqrt(3)
+            scene.apply_action(action)
+            steps += 1
+        final = float(np.linalg.norm(scene.ee_position[:2] - target))
+        assert scene.status == "success" and final < 0.005, (index, at_success, final)
+        settled.append((at_success, steps))
+    assert np.mean([d for d, _ in settled]) > tolerance / 3, "successes fire on the edge of the region"
+    assert all(1 <= steps <= 8 for _, steps in settled), settled
+
+
+def test_the_expert_does_not_settle_while_running_or_into_a_new_gripper_phase() -> None:
+    scene = TabletopScene()
+    scene.reset(seed=(7, 0), task="reach")
+    assert ScriptedExpert().settle(scene) is None, "an episode still running is not settled"
+    # After a stack the expert's next step would close the gripper on the block again: no settling.
+    scene, _ = run_expert_episode("stack", 0, noise=0.0)
+    assert scene.status == "success" and scene.gripper_open
+    assert ScriptedExpert().settle(scene) is None
+
+
 def test_expert_refuses_a_scene_without_a_task() -> None:
     with pytest.raises(ValueError, match="no task"):
         ScriptedExpert().act(TabletopScene())

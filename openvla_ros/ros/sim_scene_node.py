@@ -19,7 +19,8 @@ Topics:
 Services:
     ``~/reset`` (std_srvs/Trigger): a new random episode; the response message is its instruction
     ``~/expert`` (std_srvs/SetBool): run or stop the scripted expert (policy actions are ignored
-    while it runs); it stops by itself when the episode ends
+    while it runs); it stops by itself when the episode ends, after a success once it has come to
+    rest at its goal (at most ``expert_settle_steps`` steps later)
 """
 
 from __future__ import annotations
@@ -135,6 +136,14 @@ PARAMETERS: tuple[SimParameter, ...] = (
         "Noise of the expert's translations at full speed (m).",
         float_range=(0.0, 0.01),
     ),
+    SimParameter(
+        "expert_settle_steps",
+        0,
+        "After a success the expert goes on moving to its goal until it comes to rest, for at most this many "
+        "steps (0: it stops at the success), so a demonstration ends where the expert stops.",
+        read_only=False,
+        integer_range=(0, 50),
+    ),
     SimParameter("start_expert", False, "Run the scripted expert from the first episode on."),
     SimParameter("reset_on_start", True, "Start the first episode at start-up (else wait for ~/reset)."),
 )
@@ -161,6 +170,7 @@ class SimSceneNode(Node):
         self.episode = -1
         self.expert_enabled = False
         self._ignored_actions = 0
+        self._settle_steps = 0
         self._last_status = ""
         self._frame_stamp = None
 
@@ -222,6 +232,7 @@ class SimSceneNode(Node):
         seed = (int(self._value("seed")), self.episode)
         task = self.scene.reset(seed=seed, task=self._value("task"))
         self.expert.reset(seed=seed)
+        self._settle_steps = 0
         self._last_status = ""
         self._instruction_pub.publish(String(data=task.instruction))
         self._success_pub.publish(Bool(data=False))
@@ -237,6 +248,7 @@ class SimSceneNode(Node):
     def _on_expert(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         self.expert_enabled = bool(request.data)
         self.expert.reset()
+        self._settle_steps = 0
         response.success = True
         response.message = "expert running" if self.expert_enabled else "expert stopped"
         self.get_logger().info(response.message)
@@ -255,11 +267,19 @@ class SimSceneNode(Node):
     def _expert_step(self) -> None:
         if not self.expert_enabled:
             return
-        if self.scene.status != "running":
-            self.expert_enabled = False
-            self.get_logger().info(f"episode {self.episode} ended ({self.scene.status}); expert stopped")
-            return
-        action = self.expert.act(self.scene)
+        if self.scene.status == "running":
+            action = self.expert.act(self.scene)
+        else:
+            action = None
+            if self.scene.status == "success" and self._settle_steps < self._value("expert_settle_steps"):
+                action = self.expert.settle(self.scene)
+            if action is None:
+                self.expert_enabled = False
+                settled = f" and {self._settle_steps} settling steps" if self._settle_steps else ""
+                self.get_logger().info(f"episode {self.episode} ended ({self.scene.status}{settled}); expert stopped")
+                self._publish_task_state()
+                return
+            self._settle_steps += 1
         message = Float64MultiArray(data=[float(v) for v in action])
         message.layout.dim = [MultiArrayDimension(label=ACTION_LABEL, size=7, stride=7)]
         self._teleop_pub.publish(message)

@@ -86,6 +86,23 @@ class ScriptedExpert:
         action[6] = gripper
         return action
 
+    def settle(self, scene: TabletopScene) -> np.ndarray | None:
+        """Returns the next action after the task succeeded, while the expert is still arriving; else None.
+
+        A success check fires on the edge of its region (a reach within ``reach_tolerance`` of the
+        block), often with the fingertips still moving. A demonstration cut there teaches a policy to stop
+        on that edge. While the expert would keep moving towards its goal with the gripper as it is, this
+        returns that step; once it comes to rest (a step under ``MIN_STEP``) or would open or close the
+        gripper (a new phase of the task, e.g. grasping a stacked block again), it returns None.
+        """
+        if scene.status != "success":
+            return None
+        action = self.act(scene)
+        gripper_now = OPEN if scene.gripper_open else CLOSED
+        if action[6] != gripper_now or float(np.linalg.norm(action[:3])) < MIN_STEP:
+            return None
+        return action
+
     # ------------------------------------------------------------------ planning
 
     def _plan(self, scene: TabletopScene) -> tuple[np.ndarray | None, float]:
