@@ -14,11 +14,11 @@ no fixed instruction is given) has spoken. Step ``k`` at time ``t_k``:
   newest command at or before ``t_k+1``.
 
 A step is emitted once its window has closed, so the last, incomplete window of a recording is not
-a step.
+a step. Steps carry ``stale`` and ``idle`` flags; the caller decides what to drop.
 
 With ``step_clock: actions`` (Float64MultiArray commands only) every command is a step of its own:
 the observation is taken as the command arrives (the newest image and state received before it),
-the action is the command itself, and there is no resampling. Steps carry ``stale`` and ``idle`` flags; the caller decides what to drop.
+the action is the command itself, and there is no resampling.
 """
 
 from __future__ import annotations
