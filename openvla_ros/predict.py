@@ -81,8 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value may start with '-' (a negative number first): argparse would take
+# "--proprio -0.05,0.1" for two options, so such a value is joined to its option first.
+VALUE_OPTIONS_ALLOWING_DASH = ("--proprio",)
+
+
+def join_dash_values(argv: list[str]) -> list[str]:
+    """Returns ``argv`` with ``--proprio -0.05,...`` written as ``--proprio=-0.05,...``."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word in VALUE_OPTIONS_ALLOWING_DASH and index + 1 < len(argv) and argv[index + 1].startswith("-") \
+                and not argv[index + 1].startswith("--"):
+            joined.append(f"{word}={argv[index + 1]}")
+            index += 2
+            continue
+        joined.append(word)
+        index += 1
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_dash_values(sys.argv[1:] if argv is None else list(argv)))
     from openvla_ros.model.oft_policy import load_policy_auto
 
     try:

@@ -42,6 +42,39 @@ def _official_preprocessor(**changes) -> dict:
     return config
 
 
+def _saved_by_training_code(**changes) -> dict:
+    """preprocessor_config.json as the original training code saves it: the textbook ``means``/``stds``
+    beside the ``tvf_*`` parameters that ``apply_transform`` reads, with the DINOv2 values bf16-rounded."""
+    config = _official_preprocessor(means=[[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]],
+                                    stds=[[0.229, 0.224, 0.225], [0.5, 0.5, 0.5]])
+    config.update(
+        tvf_resize_params=[{"size": [224, 224], "interpolation": 3, "max_size": None, "antialias": True}] * 2,
+        tvf_crop_params=[{"output_size": [224, 224]}] * 2,
+        tvf_normalize_params=[{"mean": ROUNDED_MEAN, "std": ROUNDED_STD, "inplace": False},
+                              {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "inplace": False}],
+        tvf_do_letterbox=False,
+        tvf_letterbox_fill=None,
+    )
+    config.update(changes)
+    return config
+
+
+def _rounded_pixels(image: np.ndarray) -> np.ndarray:
+    """The official pixel values of ``image`` with the bf16-rounded DINOv2 normalisation."""
+    resized = np.asarray(Image.fromarray(image).resize((224, 224), Image.Resampling.BICUBIC), np.float32) / 255
+    dino = (resized - np.array(ROUNDED_MEAN, np.float32)) / np.array(ROUNDED_STD, np.float32)
+    return np.concatenate([dino.transpose(2, 0, 1), ((resized - 0.5) / 0.5).transpose(2, 0, 1)])
+
+
+@pytest.fixture(scope="module")
+def training_code_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with a preprocessor file laid out as the original training code saves it."""
+    out = tmp_path_factory.mktemp("tvf") / "ckpt"
+    shutil.copytree(tiny_checkpoint, out)
+    (out / PREPROCESSOR_NAME).write_text(json.dumps(_saved_by_training_code()))
+    return out
+
+
 @pytest.fixture(scope="module")
 def rounded_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint with openvla-7b's preprocessor_config.json (bf16-rounded DINOv2 constants)."""
@@ -119,12 +152,111 @@ def test_preprocessor_settings_that_do_not_fit_are_one_clear_error(
     assert words in str(caught.value)
 
 
+def test_the_tvf_normalisation_wins_over_the_textbook_means_for_the_token_policy(
+    training_code_checkpoint: Path, tiny_checkpoint: Path
+) -> None:
+    policy = OpenVLAPolicy.from_pretrained(str(training_code_checkpoint), device="cpu")
+    image = _image(3)
+    pixels = policy.image_transform.pixel_values(image).numpy()
+    np.testing.assert_allclose(pixels, _rounded_pixels(image), atol=1e-6)
+    textbook = ImageTransform().pixel_values(image).numpy()
+    assert np.abs(textbook[:3] - pixels[:3]).max() > 5e-3  # reading `means` would be this far off
+    # and the model sees it: the first-step logits differ from the textbook normalisation's
+    textbook_policy = OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), device="cpu")
+    with torch.no_grad():
+        logits = [p.model(*p.prepare_inputs(image, INSTRUCTION)).logits[0, -1] for p in (policy, textbook_policy)]
+    assert (logits[0] - logits[1]).abs().max() > 1e-4
+
+
+def test_the_tvf_normalisation_wins_for_the_oft_policy(tmp_path: Path) -> None:
+    from openvla_ros.model.oft_policy import OFTPolicy
+    from openvla_ros.model.tiny_oft import make_tiny_oft_checkpoint
+
+    checkpoint = make_tiny_oft_checkpoint(tmp_path / "oft", chunk=2, proprio_dim=0, num_images=1)
+    textbook = OFTPolicy.from_pretrained(str(checkpoint), device="cpu")
+    (checkpoint / PREPROCESSOR_NAME).write_text(json.dumps(_saved_by_training_code()))
+    policy = OFTPolicy.from_pretrained(str(checkpoint), device="cpu")
+    image = _image(4)
+    np.testing.assert_allclose(policy.image_transform.pixel_values(image).numpy(), _rounded_pixels(image), atol=1e-6)
+    chunks = [p.predict_chunk(image, INSTRUCTION, [], None) for p in (policy, textbook)]
+    assert np.abs(chunks[0] - chunks[1]).max() > 0  # the normalisation reaches the chunk
+
+
+def test_saving_writes_both_forms_and_reloads_the_same_settings(training_code_checkpoint: Path,
+                                                                tmp_path: Path) -> None:
+    policy = OpenVLAPolicy.from_pretrained(str(training_code_checkpoint), device="cpu")
+    out = save_checkpoint(
+        policy.model, tmp_path / "copy", tokenizer=policy.tokenizer, image_settings=policy.image_transform.settings
+    )
+    written = json.loads((out / PREPROCESSOR_NAME).read_text())
+    assert written["tvf_normalize_params"][0]["mean"] == ROUNDED_MEAN and written["means"][0] == ROUNDED_MEAN
+    assert written["tvf_resize_params"][0] == {"size": [224, 224], "interpolation": 3, "max_size": None,
+                                               "antialias": True}
+    assert written["tvf_crop_params"] == [{"output_size": [224, 224]}] * 2 and written["tvf_do_letterbox"] is False
+    assert read_image_settings(out, read_config(out)) == policy.image_transform.settings
+
+
+@pytest.mark.parametrize(
+    ("tvf", "strategy", "interpolation"),
+    [
+        ({"tvf_resize_params": [{"size": 224, "interpolation": 2, "max_size": None}] * 2}, "resize-crop", "bilinear"),
+        ({"tvf_resize_params": [{"size": 224, "interpolation": 3, "max_size": None}] * 2, "tvf_do_letterbox": True,
+          "tvf_letterbox_fill": [10, 20, 30]}, "letterbox", "bicubic"),
+    ],
+)
+def test_the_tvf_resize_and_letterbox_win_over_the_resize_strategy(tvf: dict, strategy: str,
+                                                                   interpolation: str) -> None:
+    settings = ImageSettings.from_preprocessor_config(_saved_by_training_code(**tvf), num_towers=2)
+    assert settings.resize_strategy == strategy and settings.interpolation == interpolation
+    image = np.full((100, 201, 3), 255, np.uint8)
+    image[:, :100] = 0
+    resized = ImageTransform(settings=settings).model_image(image)
+    assert resized.shape == (224, 224, 3)
+    if strategy == "letterbox":
+        # padded by int(101 / 2) = 50 rows each side (200 x 201), short side to 224 (225 x 224), centre crop
+        np.testing.assert_array_equal(resized[3, 112], [10, 20, 30])
+        padded = np.concatenate([np.full((50, 201, 3), (10, 20, 30), np.uint8), image,
+                                 np.full((50, 201, 3), (10, 20, 30), np.uint8)])
+        expected = np.asarray(Image.fromarray(padded).resize((225, 224), Image.Resampling.BICUBIC))
+        np.testing.assert_array_equal(resized, expected[:, 0:224])  # round(0.5) = 0, as torchvision
+    else:
+        # short side to 224: int(224 * 201 / 100) = 450 wide, then the centre 224 from round(113.0)
+        expected = np.asarray(Image.fromarray(image).resize((450, 224), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(resized, expected[:, 113:337])
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"tvf_normalize_params": [{"mean": ROUNDED_MEAN, "std": ROUNDED_STD}] * 3}, "3 vision tower(s), the model has 2"),
+        ({"tvf_crop_params": [{"output_size": [448, 448]}] * 2,
+          "tvf_resize_params": [{"size": [448, 448], "interpolation": 3, "max_size": None}] * 2}, "input size 448"),
+        ({"tvf_resize_params": [{"size": [224, 256], "interpolation": 3, "max_size": None}] * 2}, "square input"),
+        ({"tvf_resize_params": [{"size": [224, 224], "interpolation": 9, "max_size": None}] * 2}, "PIL filter code"),
+        ({"tvf_resize_params": [{"size": [224, 224], "interpolation": 3, "max_size": 300}] * 2}, "max_size"),
+        ({"tvf_crop_params": [{"output_size": [200, 200]}] * 2}, "crops 200"),
+        ({"tvf_resize_params": [{"size": [224, 224], "interpolation": 3, "max_size": None},
+                                {"size": [224, 224], "interpolation": 2, "max_size": None}]}, "same for every tower"),
+        ({"tvf_normalize_params": [{"mean": ROUNDED_MEAN}] * 2}, "'mean' and 'std'"),
+    ],
+)
+def test_tvf_fields_that_contradict_the_model_are_one_clear_error(
+    tiny_checkpoint: Path, tmp_path: Path, changes: dict, words: str
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / PREPROCESSOR_NAME).write_text(json.dumps(_saved_by_training_code(**changes)))
+    with pytest.raises(CheckpointError, match=PREPROCESSOR_NAME) as caught:
+        OpenVLAPolicy.from_pretrained(str(broken), device="cpu")
+    assert words in str(caught.value)
+
+
 def test_letterbox_pads_with_the_mean_colour_then_resizes() -> None:
     settings = ImageSettings(resize_strategy="letterbox")
     image = np.full((100, 200, 3), 255, np.uint8)
     resized = ImageTransform(settings=settings).model_image(image)
     assert resized.shape == (224, 224, 3)
-    fill = [int(v * 255) for v in settings.means[0]]
+    fill = [int(v * 255) for v in settings.means[-1]]  # the official processor keeps the last tower's
+    assert fill == [127, 127, 127]
     np.testing.assert_array_equal(resized[5, 112], fill)  # the padding band above the image
     np.testing.assert_array_equal(resized[112, 112], [255, 255, 255])
 

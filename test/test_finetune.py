@@ -289,9 +289,11 @@ def test_training_normalises_images_with_the_base_checkpoints_preprocessor_setti
 ) -> None:
     base = tmp_path / "base"
     shutil.copytree(tiny_checkpoint, base)
+    # laid out as the original training code saves it: textbook `means`, bf16-rounded `tvf_normalize_params`
     settings = json.loads((base / "preprocessor_config.json").read_text())
-    settings["means"][0] = [0.484375, 0.455078125, 0.40625]
-    settings["stds"][0] = [0.228515625, 0.2236328125, 0.224609375]
+    rounded = [0.484375, 0.455078125, 0.40625], [0.228515625, 0.2236328125, 0.224609375]
+    settings["means"][0], settings["stds"][0] = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    settings["tvf_normalize_params"][0].update(mean=rounded[0], std=rounded[1])
     (base / "preprocessor_config.json").write_text(json.dumps(settings))
     from openvla_ros.finetune.data import decode_image
     from openvla_ros.finetune.trainer import Trainer
@@ -305,7 +307,8 @@ def test_training_normalises_images_with_the_base_checkpoints_preprocessor_setti
     assert (textbook["pixel_values"] - expected).abs().max() > 1e-3  # the settings matter
     trainer.run()
     written = json.loads((tmp_path / "run" / "merged" / "preprocessor_config.json").read_text())
-    assert written["means"] == settings["means"] and written["stds"] == settings["stds"]
+    assert written["tvf_normalize_params"][0]["mean"] == rounded[0] and written["means"][0] == rounded[0]
+    assert written["tvf_normalize_params"][0]["std"] == rounded[1] and written["stds"][1] == [0.5, 0.5, 0.5]
 
 
 def test_full_fine_tuning_trains_every_weight_resumes_exactly_and_loads(tiny_checkpoint: Path, dataset_dir: Path,

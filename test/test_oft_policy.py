@@ -45,7 +45,7 @@ def test_predict_command_prints_the_chunk(oft_dir, tmp_path) -> None:
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
         paths.append(str(tmp_path / name))
     command = [sys.executable, "-m", "openvla_ros.predict", "--model", str(oft_dir), "--image", paths[0],
-               "--instruction", "open the drawer", "--wrist-image", paths[1], "--proprio", ",".join(["0.1"] * 8)]
+               "--instruction", "open the drawer", "--wrist-image", paths[1], "--proprio", ",".join(["-0.05"] + ["0.1"] * 7)]  # a negative first value, as its own word
     done = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     chunk = json.loads(done.stdout)

@@ -78,10 +78,15 @@ def test_bad_images_get_one_clear_error(bad, message: str) -> None:
 
 
 def test_prompt_format_and_instruction_validation() -> None:
-    assert build_prompt("  Pick up the RED block ") == (
+    # As the official code: the instruction as given, lower-cased, whitespace kept.
+    assert build_prompt("  Pick up the RED block\n") == (
+        "In: What action should the robot take to   pick up the red block\n?\nOut:"
+    )
+    assert build_prompt("  Pick up the RED block\n", strip=True) == (
         "In: What action should the robot take to pick up the red block?\nOut:"
     )
-    with pytest.raises(InstructionError, match="empty"):
-        build_prompt("   ")
+    for strip in (False, True):
+        with pytest.raises(InstructionError, match="empty"):
+            build_prompt(" \n ", strip=strip)
     with pytest.raises(InstructionError, match="limit is 1000"):
         build_prompt("x" * 1001)

@@ -114,9 +114,10 @@ def read_config(checkpoint_dir: Path) -> OpenVLAConfig:
 def read_image_settings(checkpoint_dir: Path, config: OpenVLAConfig) -> ImageSettings:
     """Returns the image settings the official processor would apply to this checkpoint.
 
-    They come from ``preprocessor_config.json`` (``means``, ``stds``, ``input_sizes``,
-    ``image_resize_strategy``, ``interpolations``) when the file exists; otherwise from the config's
-    image size and resize strategy with the textbook DINOv2/SigLIP constants.
+    They come from ``preprocessor_config.json`` when the file exists: its ``tvf_*`` parameters (what the
+    official ``apply_transform`` reads) where present, else ``means``, ``stds``, ``input_sizes``,
+    ``image_resize_strategy`` and ``interpolations``; without the file, from the config's image size and
+    resize strategy with the textbook DINOv2/SigLIP constants.
 
     Raises:
         CheckpointError: when the file is unreadable or its settings do not fit the model.

@@ -5,12 +5,15 @@ checkpoint's resize strategy and interpolation (official default ``resize-naive`
 not kept) -> optional centre crop of 90% area (TensorFlow ``crop_and_resize`` reproduced in numpy) ->
 x / 255 -> one normalisation per vision tower (DINOv2 then SigLIP), stacked to [6, S, S]. The
 normalisation constants, sizes, strategy and interpolation come from the checkpoint's
-``preprocessor_config.json`` as the official processor takes them (openvla-7b stores the DINOv2
-mean/std rounded to bfloat16); :data:`DEFAULT_IMAGE_SETTINGS` holds the textbook values used when a
-checkpoint has no such file.
+``preprocessor_config.json`` as the official processor applies them: its ``tvf_*`` fields (resize,
+crop, normalisation, letterbox) win over ``means``/``stds``/``interpolations`` where both are present
+(checkpoints saved by the original training code keep the textbook ``means`` but normalise with the
+DINOv2 constants rounded to bfloat16 in ``tvf_normalize_params``); :data:`DEFAULT_IMAGE_SETTINGS` holds
+the textbook values used when a checkpoint has no such file.
 
 Prompts: ``In: What action should the robot take to {instruction}?\\nOut:`` tokenised with BOS, with
-the bare-space token appended as the official inference code does.
+the bare-space token appended as the official inference code does. The instruction is lower-cased and
+otherwise taken as given, as the official code does (``strip=True`` removes surrounding whitespace).
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ INTERPOLATIONS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+# ``tvf_resize_params[i]["interpolation"]`` holds PIL's integer filter code (torchvision's
+# ``pil_modes_mapping``), e.g. 3 for bicubic.
+INTERPOLATION_BY_CODE = {int(code): name for name, code in INTERPOLATIONS.items()}
+TVF_KEYS = ("tvf_resize_params", "tvf_crop_params", "tvf_normalize_params", "tvf_do_letterbox", "tvf_letterbox_fill")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,8 @@ class ImageSettings:
             side, then take the centre square).
         interpolation: PIL resampling filter name (``bicubic`` for OpenVLA).
         means, stds: one RGB triple per vision tower, in tower order (DINOv2 then SigLIP when fused).
+        letterbox_fill: the padding colour of ``letterbox`` (uint8 RGB); None takes the last tower's
+            mean colour, as the official processor does.
     """
 
     image_size: int = 224
@@ -65,6 +74,7 @@ class ImageSettings:
     interpolation: str = "bicubic"
     means: tuple[tuple[float, float, float], ...] = (DINOV2_MEAN, SIGLIP_MEAN)
     stds: tuple[tuple[float, float, float], ...] = (DINOV2_STD, SIGLIP_STD)
+    letterbox_fill: tuple[int, int, int] | None = None
     _mean_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
     _std_tensor: torch.Tensor = field(init=False, repr=False, compare=False)
 
@@ -90,6 +100,13 @@ class ImageSettings:
             raise ValueError(f"stds must be positive, got {stds}")
         object.__setattr__(self, "means", means)
         object.__setattr__(self, "stds", stds)
+        if self.letterbox_fill is None:
+            fill = tuple(int(value * 255) for value in means[-1])
+        else:
+            fill = tuple(int(value) for value in self.letterbox_fill)
+            if len(fill) != 3 or any(not 0 <= value <= 255 for value in fill):
+                raise ValueError(f"letterbox_fill must be three values in 0..255, got {self.letterbox_fill}")
+        object.__setattr__(self, "letterbox_fill", fill)
         object.__setattr__(self, "_mean_tensor", torch.tensor(means, dtype=torch.float32).view(-1, 3, 1, 1))
         object.__setattr__(self, "_std_tensor", torch.tensor(stds, dtype=torch.float32).view(-1, 3, 1, 1))
 
@@ -99,14 +116,18 @@ class ImageSettings:
 
     @classmethod
     def from_preprocessor_config(cls, data: Mapping[str, Any], num_towers: int | None = None) -> ImageSettings:
-        """Returns the settings of an official ``preprocessor_config.json`` dict.
+        """Returns the settings the official processor applies for a ``preprocessor_config.json`` dict.
 
-        Reads ``input_sizes`` ([[3, S, S], ...]), ``image_resize_strategy``, ``interpolations``,
-        ``means`` and ``stds`` (one entry per tower); a missing field keeps its default.
+        The ``tvf_*`` fields are what the official ``apply_transform`` uses, so each one that is present
+        wins: ``tvf_resize_params`` (size and PIL filter code), ``tvf_crop_params``,
+        ``tvf_normalize_params`` (mean/std per tower), ``tvf_do_letterbox`` and ``tvf_letterbox_fill``.
+        Where one is absent, ``input_sizes``, ``image_resize_strategy``, ``interpolations``, ``means``
+        and ``stds`` apply; a field missing from both keeps its default.
 
         Raises:
-            ValueError: when a field is malformed, the towers disagree on size or interpolation, or the
-                number of towers differs from ``num_towers``.
+            ValueError: when a field is malformed, the towers disagree on size or interpolation, the
+                number of towers differs from ``num_towers``, or the ``tvf_*`` fields describe a resize
+                the model cannot take (not a square of one size for every tower).
         """
         defaults = cls()
         means = data.get("means", defaults.means)
@@ -126,13 +147,15 @@ class ImageSettings:
             interpolations = [interpolations]
         if len(set(interpolations)) != 1:
             raise ValueError(f"interpolations must be the same for every tower, got {interpolations}")
-        settings = cls(
-            image_size=image_size,
-            resize_strategy=str(data.get("image_resize_strategy", defaults.resize_strategy)),
-            interpolation=str(interpolations[0]),
-            means=tuple(tuple(m) for m in means),
-            stds=tuple(tuple(s) for s in stds),
-        )
+        fields: dict[str, Any] = {
+            "image_size": image_size,
+            "resize_strategy": str(data.get("image_resize_strategy", defaults.resize_strategy)),
+            "interpolation": str(interpolations[0]),
+            "means": tuple(tuple(m) for m in means),
+            "stds": tuple(tuple(s) for s in stds),
+        }
+        fields.update(_tvf_fields(data, num_towers))
+        settings = cls(**fields)
         if num_towers is not None and settings.num_towers != num_towers:
             raise ValueError(
                 f"means/stds describe {settings.num_towers} vision tower(s), the model has {num_towers}"
@@ -140,16 +163,34 @@ class ImageSettings:
         return settings
 
     def to_preprocessor_config(self, use_fused_vision_backbone: bool) -> dict[str, Any]:
-        """Returns the official ``preprocessor_config.json`` content for these settings."""
+        """Returns the official ``preprocessor_config.json`` content for these settings.
+
+        Both forms are written, as the official processor saves itself: the constructor arguments
+        (``means``, ``stds``, ...) and the ``tvf_*`` parameters its ``apply_transform`` reads.
+        """
+        size = self.image_size
+        resize_size: int | list[int] = [size, size] if self.resize_strategy == "resize-naive" else size
+        filter_code = int(INTERPOLATIONS[self.interpolation])
+        letterbox = self.resize_strategy == "letterbox"
         return {
             "image_processor_type": "PrismaticImageProcessor",
             "processor_class": "PrismaticProcessor",
             "use_fused_vision_backbone": bool(use_fused_vision_backbone),
             "image_resize_strategy": self.resize_strategy,
-            "input_sizes": [[3, self.image_size, self.image_size] for _ in self.means],
+            "input_sizes": [[3, size, size] for _ in self.means],
             "interpolations": [self.interpolation for _ in self.means],
             "means": [list(m) for m in self.means],
             "stds": [list(s) for s in self.stds],
+            "tvf_resize_params": [
+                {"size": resize_size, "interpolation": filter_code, "max_size": None, "antialias": True}
+                for _ in self.means
+            ],
+            "tvf_crop_params": [{"output_size": [size, size]} for _ in self.means],
+            "tvf_normalize_params": [
+                {"mean": list(mean), "std": list(std), "inplace": False} for mean, std in zip(self.means, self.stds, strict=True)
+            ],
+            "tvf_do_letterbox": letterbox,
+            "tvf_letterbox_fill": list(self.letterbox_fill) if letterbox else None,
         }
 
     def normalize(self, model_image: np.ndarray) -> torch.Tensor:
@@ -157,6 +198,100 @@ class ImageSettings:
         pixels = torch.from_numpy(np.ascontiguousarray(model_image)).permute(2, 0, 1).to(torch.float32) / 255.0
         normalized = (pixels[None] - self._mean_tensor) / self._std_tensor
         return normalized.reshape(-1, *pixels.shape[1:])
+
+
+def _per_tower(data: Mapping[str, Any], key: str, num_towers: int | None) -> list[Mapping[str, Any]] | None:
+    """Returns the list of per-tower dicts stored under ``key``, or None when the file has none."""
+    entries = data.get(key)
+    if entries is None:
+        return None
+    if not isinstance(entries, list | tuple) or not entries or not all(isinstance(e, Mapping) for e in entries):
+        raise ValueError(f"{key} must be a list of one dict per vision tower, got {entries!r}")
+    if num_towers is not None and len(entries) != num_towers:
+        raise ValueError(f"{key} describes {len(entries)} vision tower(s), the model has {num_towers}")
+    return list(entries)
+
+
+def _one_value(entries: list[Mapping[str, Any]], key: str, field_name: str) -> Any:
+    """Returns ``entries[i][field_name]``, which must be the same for every tower."""
+    values = [entry.get(field_name) for entry in entries]
+    if any(value != values[0] for value in values):
+        raise ValueError(f"{key}: '{field_name}' must be the same for every tower, got {values}")
+    return values[0]
+
+
+def _square_side(value: Any, key: str) -> tuple[int, bool]:
+    """Returns ``(side, is_pair)`` of a torchvision size: an int (the short side) or [h, w] with h == w."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: size must be an integer or [height, width], got {value!r}")
+    if isinstance(value, int):
+        return value, False
+    if isinstance(value, list | tuple) and len(value) == 1 and isinstance(value[0], int):
+        return value[0], False
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        if value[0] != value[1]:
+            raise ValueError(f"{key}: the model takes a square input, got size {list(value)}")
+        return value[0], True
+    raise ValueError(f"{key}: size must be an integer or [height, width], got {value!r}")
+
+
+def _tvf_fields(data: Mapping[str, Any], num_towers: int | None) -> dict[str, Any]:
+    """Returns the :class:`ImageSettings` fields that a file's ``tvf_*`` parameters set.
+
+    Only the combinations the official processor writes are accepted: ``resize-naive`` resizes to
+    [S, S]; ``resize-crop`` and ``letterbox`` resize the short side to S; all three crop [S, S].
+
+    Raises:
+        ValueError: naming the field, for anything else.
+    """
+    fields: dict[str, Any] = {}
+    normalize = _per_tower(data, "tvf_normalize_params", num_towers)
+    if normalize is not None:
+        try:
+            fields["means"] = tuple(tuple(float(v) for v in entry["mean"]) for entry in normalize)
+            fields["stds"] = tuple(tuple(float(v) for v in entry["std"]) for entry in normalize)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"tvf_normalize_params needs 'mean' and 'std' triples per tower: {exc!r}") from exc
+    crop = _per_tower(data, "tvf_crop_params", num_towers)
+    if crop is not None:
+        crop_side, _ = _square_side(_one_value(crop, "tvf_crop_params", "output_size"), "tvf_crop_params")
+        fields["image_size"] = crop_side
+    letterbox = data.get("tvf_do_letterbox")
+    if letterbox is not None and not isinstance(letterbox, bool):
+        raise ValueError(f"tvf_do_letterbox must be true or false, got {letterbox!r}")
+    resize = _per_tower(data, "tvf_resize_params", num_towers)
+    if resize is not None:
+        if _one_value(resize, "tvf_resize_params", "max_size") is not None:
+            raise ValueError("tvf_resize_params: 'max_size' is not supported; set it to null")
+        code = _one_value(resize, "tvf_resize_params", "interpolation")
+        name = INTERPOLATION_BY_CODE.get(code) if isinstance(code, int) else code
+        if name not in INTERPOLATIONS:
+            raise ValueError(
+                f"tvf_resize_params: interpolation {code!r} is not a PIL filter code "
+                f"({', '.join(f'{c} {n}' for c, n in sorted(INTERPOLATION_BY_CODE.items()))})"
+            )
+        fields["interpolation"] = name
+        side, is_pair = _square_side(_one_value(resize, "tvf_resize_params", "size"), "tvf_resize_params")
+        if crop is not None and side != fields["image_size"]:
+            raise ValueError(
+                f"tvf_resize_params resizes to {side} but tvf_crop_params crops {fields['image_size']}; "
+                "the model takes one square size"
+            )
+        fields["image_size"] = side
+        if is_pair and letterbox:
+            raise ValueError("tvf_do_letterbox with a [height, width] resize size is not what the official processor writes")
+        fields["resize_strategy"] = "resize-naive" if is_pair else ("letterbox" if letterbox else "resize-crop")
+    elif letterbox is not None:
+        if letterbox:
+            fields["resize_strategy"] = "letterbox"
+        elif str(data.get("image_resize_strategy", "")) == "letterbox":
+            raise ValueError("tvf_do_letterbox is false but image_resize_strategy is letterbox; make them agree")
+    fill = data.get("tvf_letterbox_fill")
+    if fill is not None:
+        if not isinstance(fill, list | tuple) or len(fill) != 3:
+            raise ValueError(f"tvf_letterbox_fill must be an RGB triple, got {fill!r}")
+        fields["letterbox_fill"] = tuple(int(v) for v in fill)
+    return fields
 
 
 DEFAULT_IMAGE_SETTINGS = ImageSettings()
@@ -290,6 +425,9 @@ class ImageTransform:
 def resize_to_square(image: np.ndarray, settings: ImageSettings) -> np.ndarray:
     """Returns ``image`` resized to [S, S, 3] by ``settings.resize_strategy`` with PIL's filter.
 
+    As the official processor: ``resize-naive`` stretches to [S, S]; ``resize-crop`` resizes the short
+    side to S (torchvision's rounding) and takes the centre square; ``letterbox`` first pads both sides
+    symmetrically by ``int((long - short) / 2)`` with ``settings.letterbox_fill``, then does the same.
     An image already of the model's size is returned unchanged under every strategy.
     """
     size = settings.image_size
@@ -297,21 +435,25 @@ def resize_to_square(image: np.ndarray, settings: ImageSettings) -> np.ndarray:
         return image
     resample = INTERPOLATIONS[settings.interpolation]
     pil = Image.fromarray(image)
+    if settings.resize_strategy == "resize-naive":
+        return np.array(pil.resize((size, size), resample))
     if settings.resize_strategy == "letterbox":
-        side = max(pil.size)
-        fill = tuple(int(value * 255) for value in settings.means[0])
-        square = Image.new("RGB", (side, side), fill)
-        square.paste(pil, ((side - pil.size[0]) // 2, (side - pil.size[1]) // 2))
-        pil = square
-    elif settings.resize_strategy == "resize-crop":
         width, height = pil.size
-        scale = size / min(width, height)
-        new_size = (size, max(size, int(height * scale))) if width <= height else (max(size, int(width * scale)), size)
+        side = max(width, height)
+        pad_x, pad_y = int((side - width) / 2), int((side - height) / 2)
+        padded = Image.new("RGB", (width + 2 * pad_x, height + 2 * pad_y), settings.letterbox_fill)
+        padded.paste(pil, (pad_x, pad_y))
+        pil = padded
+    width, height = pil.size
+    if width <= height:
+        new_size = (size, int(size * height / width))
+    else:
+        new_size = (int(size * width / height), size)
+    if new_size != pil.size:
         pil = pil.resize(new_size, resample)
-        left = int(round((pil.size[0] - size) / 2.0))
-        top = int(round((pil.size[1] - size) / 2.0))
-        return np.array(pil.crop((left, top, left + size, top + size)))
-    return np.array(pil.resize((size, size), resample))
+    left = int(round((pil.size[0] - size) / 2.0))
+    top = int(round((pil.size[1] - size) / 2.0))
+    return np.array(pil.crop((left, top, left + size, top + size)))
 
 
 def normalize_model_image(model_image: np.ndarray, settings: ImageSettings | None = None) -> torch.Tensor:
@@ -322,19 +464,22 @@ def normalize_model_image(model_image: np.ndarray, settings: ImageSettings | Non
     return (settings or DEFAULT_IMAGE_SETTINGS).normalize(model_image)
 
 
-def validate_instruction(instruction: str, max_chars: int = MAX_INSTRUCTION_CHARS) -> str:
-    """Returns the stripped instruction.
+def validate_instruction(instruction: str, max_chars: int = MAX_INSTRUCTION_CHARS, *, strip: bool = False) -> str:
+    """Returns the instruction as the prompt will use it: as given, or without surrounding whitespace.
+
+    The official code builds the prompt from the instruction as given (only lower-cased), so
+    ``strip`` is off by default: ``" pick"`` and ``"pick"`` give different prompt ids there and here.
 
     Raises:
-        InstructionError: when it is not a string, is empty, is longer than ``max_chars`` or holds a
-            literal special token such as ``</s>`` (tokenisers disagree on such text, so the model would
-            not see what the official code gives it).
+        InstructionError: when it is not a string, is empty or only whitespace, is longer than
+            ``max_chars`` or holds a literal special token such as ``</s>`` (tokenisers disagree on such
+            text, so the model would not see what the official code gives it).
     """
     if not isinstance(instruction, str):
         raise InstructionError(f"instruction must be a string, got {type(instruction).__name__}")
-    text = instruction.strip()
-    if not text:
+    if not instruction.strip():
         raise InstructionError("instruction is empty; say what the robot should do, e.g. 'pick up the cup'")
+    text = instruction.strip() if strip else instruction
     if len(text) > max_chars:
         raise InstructionError(
             f"instruction is {len(text)} characters long, the limit is {max_chars}; shorten it"
@@ -348,16 +493,18 @@ def validate_instruction(instruction: str, max_chars: int = MAX_INSTRUCTION_CHAR
     return text
 
 
-def build_prompt(instruction: str) -> str:
+def build_prompt(instruction: str, *, strip: bool = False) -> str:
     """Returns the official OpenVLA prompt for an instruction (lower-cased, without trailing space).
+
+    ``strip`` removes whitespace around the instruction first (not what the official code does).
 
     Raises:
         InstructionError: when the instruction is empty or too long.
     """
-    return PROMPT_TEMPLATE.format(instruction=validate_instruction(instruction).lower())
+    return PROMPT_TEMPLATE.format(instruction=validate_instruction(instruction, strip=strip).lower())
 
 
-def prompt_token_ids(tokenizer, instruction: str) -> list[int]:
+def prompt_token_ids(tokenizer, instruction: str, *, strip: bool = False) -> list[int]:
     """Returns the prompt ids with BOS, ending in the bare-space id 29871 as the model was trained.
 
     The id is appended only when the tokenizer's vocabulary contains it (>= 29872 ids).
@@ -365,7 +512,7 @@ def prompt_token_ids(tokenizer, instruction: str) -> list[int]:
     Raises:
         InstructionError: when the instruction is empty or too long.
     """
-    ids = list(tokenizer(build_prompt(instruction), add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(build_prompt(instruction, strip=strip), add_special_tokens=True)["input_ids"])
     if len(tokenizer) > BARE_SPACE_TOKEN_ID and ids[-1] != BARE_SPACE_TOKEN_ID:
         ids.append(BARE_SPACE_TOKEN_ID)
     return ids

@@ -135,6 +135,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         read_only=True,
     ),
     ParameterSpec(
+        "strip_instruction",
+        False,
+        "Remove whitespace around each instruction before building the prompt. Off by default: the "
+        "official code prompts with the instruction as given (lower-cased), so ' pick' and 'pick' differ.",
+        read_only=True,
+    ),
+    ParameterSpec(
         "image_transport",
         "raw",
         "raw: sensor_msgs/Image on image_topic; compressed: CompressedImage on <image_topic>/compressed.",

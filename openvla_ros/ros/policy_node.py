@@ -588,7 +588,7 @@ class PolicyNode(LifecycleNode):
 
     def _on_instruction(self, message: String) -> None:
         try:
-            instruction = validate_instruction(message.data)
+            instruction = validate_instruction(message.data, strip=bool(self._values["strip_instruction"]))
         except OpenVLAError as exc:
             self.get_logger().error(f"instruction rejected, output stopped until a valid one arrives: {exc}")
             self._problems.report("instruction", str(exc))
