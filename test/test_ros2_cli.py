@@ -399,3 +399,107 @@ def test_record_launch_without_rosbag2_fails_naming_the_recorder_without_it(
     assert result.stdout.count(fallback) == 1, result.stdout
     assert "invalid choice" not in result.stdout, result.stdout
     assert not (tmp_path / "demos").exists()
+
+
+# Rounds of each signal count (1, 2 and 3 SIGINTs 50 ms apart) in the shutdown test; more with
+# OPENVLA_SHUTDOWN_ROUNDS=20 (about 10 minutes), as the benchmark of the final zero delta.
+SHUTDOWN_ROUNDS = int(os.environ.get("OPENVLA_SHUTDOWN_ROUNDS", "1"))
+SIGNAL_GAP_S = 0.05
+LATE_MESSAGE_WAIT_S = 2.0
+
+
+class CpuHog:
+    """Busy loops in child processes, one per core: the load under which the last message was lost."""
+
+    def __init__(self, processes: int = os.cpu_count() or 2) -> None:
+        self.children = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.kill()
+            child.wait(timeout=10)
+
+
+@dataclass
+class ShutdownRound:
+    signals: int
+    status: int | None = None
+    exit_s: float = math.nan
+    last_action: list[float] | None = None
+    last_twist_zero: bool | None = None
+    escalated: bool = False
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.status != 0:
+            found.append(f"exit status {self.status}")
+        if self.last_action is None or not (len(self.last_action) == 7 and not any(self.last_action[:6])):
+            found.append(f"last action {self.last_action} is not a zero delta")
+        if not self.last_twist_zero:
+            found.append("the last delta_twist is not zero")
+        if self.escalated:
+            found.append("ros2 launch escalated to SIGTERM/SIGKILL")
+        return found
+
+
+def test_repeated_signals_under_load_deliver_the_zero_delta_last_and_exit_at_once(
+    workspace: Workspace, test_node: rclpy.node.Node, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """1, 2 and 3 SIGINTs to the launch's process group, with every core busy: a reliable subscriber in
+    this process gets the zero delta as the last message on ~/action and ~/delta_twist every time, and
+    the node exits cleanly before ros2 launch escalates."""
+    from geometry_msgs.msg import TwistStamped
+
+    namespace = "/shutdown"
+    Camera(test_node, f"{namespace}/camera/image_raw")
+    instruction = test_node.create_publisher(String, f"{namespace}/instruction", LATCHED_QOS)
+    instruction.publish(String(data=INSTRUCTION))
+    actions, twists = Received(), Received()
+    reliable = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    test_node.create_subscription(Float64MultiArray, f"{namespace}/{NODE}/action", actions.add, reliable)
+    test_node.create_subscription(TwistStamped, f"{namespace}/{NODE}/delta_twist", twists.add, reliable)
+    params = tmp_path / "enabled.yaml"
+    params.write_text(PARAMS_YAML + "    start_enabled: true\n")
+    rounds = [ShutdownRound(count) for _ in range(SHUTDOWN_ROUNDS) for count in (1, 2, 3)]
+    hog = CpuHog()
+    try:
+        for index, record in enumerate(rounds):
+            started = time.monotonic()
+            launch = start_launch(workspace, tmp_path / f"round_{index}.log", "policy.launch.py",
+                                  f"model:={tiny_checkpoint}", "rate_hz:=10", "namespace:=shutdown",
+                                  f"params_file:={params}")
+            try:
+                wait_until(lambda started=started, launch=launch: len(actions.since(started)) >= 3
+                           or launch.process.poll() is not None, START_TIMEOUT_S, "three actions from the node")
+                assert launch.process.poll() is None, f"the launch ended early:\n{launch.output()[-3000:]}"
+                signalled = time.monotonic()
+                for number in range(record.signals):
+                    if number:
+                        time.sleep(SIGNAL_GAP_S)
+                    os.killpg(launch.process.pid, signal.SIGINT)
+                try:
+                    record.status = launch.process.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    record.status = None
+                record.exit_s = time.monotonic() - signalled
+                time.sleep(LATE_MESSAGE_WAIT_S)  # anything still in flight arrives, or is lost
+                output = launch.output()
+                record.escalated = "failed to terminate" in output
+                received = actions.since(started)
+                record.last_action = list(received[-1][1].data) if received else None
+                last_twists = twists.since(started)
+                if last_twists:
+                    linear, angular = last_twists[-1][1].twist.linear, last_twists[-1][1].twist.angular
+                    record.last_twist_zero = not any((linear.x, linear.y, linear.z, angular.x, angular.y, angular.z))
+            finally:
+                launch.kill()
+    finally:
+        hog.stop()
+    summary = "\n".join(
+        f"round {index}: {record.signals} signal(s), exit {record.exit_s:.2f} s, status {record.status}: "
+        + ("; ".join(record.problems()) or "ok")
+        for index, record in enumerate(rounds)
+    )
+    failed = [record for record in rounds if record.problems()]
+    print(summary)
+    assert not failed, f"{len(failed)} of {len(rounds)} rounds failed:\n{summary}"

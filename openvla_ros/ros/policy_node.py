@@ -47,6 +47,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException
@@ -99,13 +100,15 @@ from openvla_ros.ros.parameters import (
     whole_numbers_as_floats,
 )
 from openvla_ros.ros.ros_conversions import message_to_rgb
-from openvla_ros.ros.shutdown import ShutdownSignals, finish_callbacks
+from openvla_ros.ros.shutdown import ShutdownSignals, exit_now, finish_callbacks
 from openvla_ros.ros.tick_schedule import LateTick
 
 __all__ = ["PARAMETERS", "PolicyNode", "ShutdownSignals", "auto_cpu_threads", "load_policy", "main"]
 
 NODE_NAME = "openvla_policy"
 DIAGNOSTICS_PERIOD_S = 1.0
+# Longest wait for the subscribers' acknowledgement of the last output before the publishers go.
+DELIVERY_TIMEOUT_S = 1.0
 
 SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
 LATCHED_QOS = QoSProfile(
@@ -532,7 +535,11 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _stop_control(self) -> None:
-        """Stops the timer, waits for the running step, disables output and sends one zero delta."""
+        """Stops the timer, waits for the running step, disables output and sends one zero delta.
+
+        The zero delta is waited for (bounded, see :meth:`wait_for_delivery`): every caller goes on to
+        tear something down (deactivate, cleanup, shutdown, process exit).
+        """
         with self._lock:
             timer, self._control_timer = self._control_timer, None
             self._enabled = False
@@ -540,7 +547,32 @@ class PolicyNode(LifecycleNode):
             self.destroy_timer(timer)
         if self._worker is not None:
             self._worker.wait_idle(timeout_s=30.0)
-        self._stop_output("control stopped")
+        if self._stop_output("control stopped"):
+            self.wait_for_delivery()
+
+    def wait_for_delivery(self, timeout_s: float = DELIVERY_TIMEOUT_S) -> bool:
+        """Waits until the reliable subscribers of the outputs acknowledged everything published, at most
+        ``timeout_s`` in all; returns True when they all did.
+
+        A reliable publisher destroyed right after its last message can lose it (the zero delta of a
+        stop); call this before the publishers go. False is not proof of a loss (rclpy can report it
+        although the message arrived), only that the wait ended: it never holds a shutdown longer.
+        """
+        deadline = time.monotonic() + timeout_s
+        acknowledged = True
+        for publisher in (self._action_pub, self._twist_pub, self._gripper_pub):
+            remaining_ns = max(0, int((deadline - time.monotonic()) * 1e9))
+            try:
+                acknowledged = publisher.wait_for_all_acked(Duration(nanoseconds=remaining_ns)) and acknowledged
+            except Exception as exc:  # the context may be shut down already: nothing more can be waited for
+                self.get_logger().warning(f"could not wait for the outputs' delivery: {exc}")
+                return False
+        if not acknowledged:
+            self.get_logger().warning(
+                f"not every subscriber acknowledged the last output within {timeout_s:g} s (a subscriber may "
+                "have gone or be stalled)"
+            )
+        return acknowledged
 
     def stop_now(self, reason: str) -> None:
         """Stops the output at once: no new step starts, a running step is voided, one zero delta goes out.
@@ -903,10 +935,11 @@ class PolicyNode(LifecycleNode):
         self._twist_pub.publish(delta_twist(action, settings, stamp))
         self._gripper_pub.publish(Float64(data=float(gripper)))
 
-    def _stop_output(self, reason: str) -> None:
+    def _stop_output(self, reason: str) -> bool:
         """Publishes one zero delta (gripper held) if actions were being published, then stays silent.
 
         Also voids any step still running, so nothing it computed is published after the zero delta.
+        Returns True when a zero delta went out.
         """
         with self._lock:
             self._stop_count += 1
@@ -914,12 +947,13 @@ class PolicyNode(LifecycleNode):
             if self._chunk is not None:
                 self._chunk.clear()
             if not self._output_live:
-                return
+                return False
             self._output_live = False
             array, twist = zero_delta(self._last_gripper, self._settings.frame_id, self.get_clock().now().to_msg())
             self._action_pub.publish(array)
             self._twist_pub.publish(twist)
         self.get_logger().info(f"published a zero delta ({reason})")
+        return True
 
     def _publish_step_timing(
         self, step: Step, started: float, decoded: float, inferred: float, published: float
@@ -1045,12 +1079,19 @@ def main(args: list[str] | None = None, policy_loader: PolicyLoader | None = Non
             executor.shutdown(timeout_sec=10.0)
         if node is not None:
             node.close()
+            # The zero delta of the stop must reach the subscribers before the publishers go.
+            node.wait_for_delivery()
             node.destroy_node()
         rclpy.try_shutdown()
         # The process ends now: a signal that comes late (ros2 launch forwards the terminal's Ctrl-C a
         # moment after the terminal delivered it) must not turn a clean exit into death by signal.
         for signum in ShutdownSignals.SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+    # Reached only after a clean stop (an error above propagates with its traceback instead): the
+    # outputs are stopped and delivered, the model released and the context shut down. Exit at once:
+    # the interpreter's own teardown (torch's finalisers) takes seconds on a busy machine, longer than
+    # `ros2 launch` waits before it escalates to SIGTERM and SIGKILL.
+    exit_now(0)
 
 
 if __name__ == "__main__":

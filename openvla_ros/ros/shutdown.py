@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
 import signal
+import sys
 import threading
 from typing import Any, Protocol
 
@@ -62,3 +66,22 @@ def finish_callbacks(executor: MultiThreadedExecutor) -> None:
     pool = getattr(executor, "_executor", None)  # the executor's ThreadPoolExecutor
     if pool is not None:
         pool.shutdown(wait=True)
+
+
+def exit_now(status: int = 0) -> None:
+    """Ends the process at once with ``status`` after flushing every output stream.
+
+    For the end of a clean stop only: Python's own finalisation (torch's and CUDA's finalisers, the
+    module teardown) is skipped, so call it once everything that matters is done and released.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing more can be written there
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers (rcutils' log stream, when buffered)
+    except (OSError, AttributeError):
+        pass
+    os._exit(status)
