@@ -821,11 +821,18 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from openvla_ros.interrupts import interrupt_exit_status, interrupt_name, termination_as_interrupt
+
     try:
-        report = run(settings)
+        with termination_as_interrupt():
+            report = run(settings)
     except (PipelineError, OpenVLAError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted ({interrupt_name(interrupt)}): the child processes are stopped; {settings.out} holds a "
+              "partial run and no report.json (the next run empties it)", file=sys.stderr)
+        return interrupt_exit_status(interrupt)
     print(format_table(report), flush=True)
     return 0
 

@@ -247,6 +247,22 @@ def build_pretrained(out: str | Path, settings: PretrainSettings | None = None,
     return manifest
 
 
+def kept_stages_note(out: str | Path) -> str:
+    """Returns what an interrupted build kept for the next run: its finished stages, or nothing."""
+    out = Path(out)
+    if out.exists():
+        return f"the finished base in {out} is unchanged"
+    build = out.with_name(out.name + ".build")
+    try:
+        done = list(json.loads((build / "stages.json").read_text()).get("done", {}))
+    except (OSError, ValueError):
+        done = []
+    if not done:
+        return "no stage had finished; nothing was kept"
+    return (f"finished stages kept in {build} ({', '.join(done)}); the same command resumes from there, "
+            "the unfinished stage starts over")
+
+
 def ensure_pretrained(out: str | Path, settings: PretrainSettings | None = None,
                       progress: Callable[[str], None] = _print) -> dict[str, Any]:
     """Returns the manifest of the base in ``out``, building it first when missing and rebuilding it when corrupt.

@@ -624,21 +624,72 @@ def test_cli_bad_input_exits_1_with_a_message(tmp_path: Path) -> None:
     assert "error: bag" in result.stderr and "does not exist" in result.stderr
 
 
-def test_ctrl_c_leaves_nothing_half_written(tmp_path: Path, small_bag: DemoRecording) -> None:
-    data_dir = tmp_path / "data"
-    bags = [str(small_bag.path)] * 2000  # far more work than the time between the poll and the signal
+def _start_and_signal(data_dir: Path, bag: Path, signal_number: int, point: str) -> subprocess.Popen:
+    """Starts a long conversion named ``interrupted`` and sends it ``signal_number`` once it is under way:
+    ``early`` as soon as its staging directory exists, ``late`` once episodes are in its staging file."""
+    bags = [str(bag)] * 2000  # far more work than the time between the poll and the signal
     process = subprocess.Popen([sys.executable, str(CLI), *bags, "--out", str(data_dir), "--name", "interrupted",
                                 "--quiet", "--instruction", "go"], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(p.name.startswith(".interrupted") for p in
-                                                  (data_dir.iterdir() if data_dir.exists() else [])):
+
+    def under_way() -> bool:
+        staging = sorted(data_dir.glob(".interrupted-incomplete-*")) if data_dir.exists() else []
+        if not staging:
+            return False
+        episodes = staging[0] / "episodes.staging"
+        return point == "early" or (episodes.exists() and episodes.stat().st_size > 0)
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not under_way() and process.poll() is None:
         time.sleep(0.02)
-    process.send_signal(signal.SIGINT)  # the conversion is under way: its staging directory exists
+    assert under_way(), f"the conversion never got {point} enough to interrupt"
+    process.send_signal(signal_number)
+    return process
+
+
+@pytest.mark.parametrize(
+    ("signal_number", "point"),
+    [(signal.SIGINT, "early"), (signal.SIGTERM, "early"), (signal.SIGTERM, "late"), (signal.SIGHUP, "late")],
+)
+def test_a_stop_signal_leaves_nothing_half_written_and_the_next_run_works(
+    tmp_path: Path, small_bag: DemoRecording, signal_number: int, point: str
+) -> None:
+    data_dir = tmp_path / "data"
+    process = _start_and_signal(data_dir, small_bag.path, signal_number, point)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "interrupted" in stderr
+    name = signal.Signals(signal_number).name
+    assert process.returncode == 128 + signal_number, stderr
+    assert f"interrupted ({'Ctrl-C' if name == 'SIGINT' else name}): nothing was written" in stderr, stderr
     assert leftovers(data_dir) == []
+    report = convert_bags([small_bag.path], data_dir, "interrupted", CONFIG.replace(instruction="go"))
+    assert report.dataset_dir.is_dir() and leftovers(data_dir) == ["interrupted"]
+
+
+def test_what_a_killed_conversion_left_is_removed_by_the_next_run(
+    tmp_path: Path, small_bag: DemoRecording, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "data"
+    process = _start_and_signal(data_dir, small_bag.path, signal.SIGKILL, "late")
+    process.communicate(timeout=60)
+    stale = [name for name in leftovers(data_dir) if name.startswith(".interrupted-incomplete-")]
+    assert stale, "SIGKILL left no staging directory: the test did not kill it mid-way"
+    with caplog.at_level("WARNING", logger="openvla_ros.interrupts"):
+        report = convert_bags([small_bag.path], data_dir, "interrupted", CONFIG.replace(instruction="go"))
+    assert report.dataset_dir.is_dir() and leftovers(data_dir) == ["interrupted"]
+    assert f"removed {data_dir / stale[0]}, left by an earlier run that was killed" in caplog.text
+
+
+def test_a_dataset_set_aside_by_a_killed_overwrite_is_put_back(tmp_path: Path, small_bag: DemoRecording) -> None:
+    data_dir = tmp_path / "data"
+    report = convert_bags([small_bag.path], data_dir, "kept", CONFIG.replace(instruction="go"))
+    # killed between moving the old dataset aside and moving the new one in (no owner process alive)
+    staging = data_dir / ".kept-incomplete-dead"
+    staging.mkdir()
+    (staging / ".owner-pid").write_text("999999999")
+    report.dataset_dir.rename(staging / "replaced")
+    with pytest.raises(DatasetError, match="already exists"):
+        convert_bags([small_bag.path], data_dir, "kept", CONFIG.replace(instruction="go"))
+    assert report.dataset_dir.is_dir() and leftovers(data_dir) == ["kept"]
 
 
 def test_constant_action_dimensions_are_warned_about() -> None:

@@ -242,3 +242,39 @@ def test_predict_refines_on_request_and_reports_the_energies(
     line = next(line for line in done.err.splitlines() if line.startswith("energy:"))
     before, after = (float(line.split(word)[1].split()[0].rstrip(",")) for word in ("before", "after"))
     assert after <= before and "2 step(s)" in line
+
+
+def test_sigterm_during_a_checkpoint_keeps_the_previous_one_and_resume_finishes(
+    oft_model: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    from openvla_ros.finetune import energy_training
+
+    main = _script("train_energy").main
+    out = tmp_path / "cli"
+    command = ["--model", str(oft_model), "--data-dir", str(dataset_dir), "--dataset-name", NAME, "--out", str(out),
+               "--max-steps", "6", "--save-steps", "2", "--batch-size", "4", "--hidden-dim", "32", "--num-heads",
+               "4", "--device", "cpu", "--no-write-to-model"]
+    real_save = torch.save
+    saves = []
+
+    def save_then_terminated(value, path, *args, **kwargs):
+        saves.append(path)
+        real_save(value, path, *args, **kwargs)
+        if len(saves) == 2:  # the second checkpoint is written into its staging directory, not yet in place
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(energy_training.torch, "save", save_then_terminated)
+    capsys.readouterr()
+    assert main(command) == 143
+    kept = out / "checkpoints" / "step-000002"
+    assert f"interrupted (SIGTERM): the newest complete checkpoint is {kept}" in capsys.readouterr().err
+    assert [path.name for path in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (out / "energy").exists()
+    monkeypatch.setattr(energy_training.torch, "save", real_save)
+    assert main([*command, "--resume"]) == 0, capsys.readouterr().err[-2000:]
+    assert (out / "energy" / ENERGY_NAME).is_file()
+    assert not list((out / "checkpoints").glob(".staging-*"))

@@ -337,3 +337,86 @@ def test_full_fine_tuning_trains_every_weight_resumes_exactly_and_loads(tiny_che
     assert np.all(np.isfinite(policy.predict_action(np.zeros((64, 64, 3), np.uint8), "move to the red block")))
     with pytest.raises(ValueError, match="cannot use a 4bit base"):
         _config(tiny_checkpoint, dataset_dir, tmp_path / "q", lora_rank=0, quantization="4bit")
+
+
+def _finetune_command(tiny: Path, data: Path, out: Path, max_steps: int) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve().parents[1] / "training" / "finetune.py"),
+            "--vla-path", str(tiny), "--data-dir", str(data), "--dataset-name", NAME, "--out", str(out),
+            "--max-steps", str(max_steps), "--save-steps", "2", "--eval-steps", "0", "--batch-size", "2",
+            "--lora-rank", "4", "--device", "cpu", "--image-aug", "false"]
+
+
+def _half_written(out: Path) -> list[str]:
+    """What only an unfinished write leaves: staging directories of checkpoints, the adapter or merged/."""
+    patterns = ("checkpoints/.staging-*", ".adapter-*", ".merged.*")
+    return sorted(str(path) for pattern in patterns for path in out.glob(pattern))
+
+
+@pytest.mark.parametrize("point", ["before the first checkpoint", "after a checkpoint"])
+def test_sigterm_keeps_the_last_complete_checkpoint_and_resume_goes_on(
+    tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path, point: str
+) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    process = subprocess.Popen(_finetune_command(tiny_checkpoint, dataset_dir, out, max_steps=2000),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if point == "after a checkpoint":
+            ready = lambda: (out / "checkpoints" / "step-000002").is_dir()  # noqa: E731
+        else:
+            ready = lambda: (out / "finetune_config.yaml").is_file()  # noqa: E731
+        deadline = time.monotonic() + 240
+        while not ready() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ready() and process.poll() is None, f"training never got {point}"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr[-2000:]
+    assert _half_written(out) == []
+    checkpoints = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+    if checkpoints:
+        assert f"interrupted (SIGTERM): the newest complete checkpoint is {checkpoints[-1]}" in stderr, stderr[-2000:]
+        last_step = int(checkpoints[-1].name.split("-")[1])
+    else:
+        assert "interrupted (SIGTERM): no checkpoint was complete yet" in stderr, stderr[-2000:]
+        last_step = 0
+    assert "--resume" in stderr
+    metrics = run_finetune(_config(tiny_checkpoint, dataset_dir, out, max_steps=last_step + 2, save_steps=2,
+                                   eval_steps=0, batch_size=2, lora_rank=4, resume=bool(checkpoints)))
+    assert metrics and (out / "merged" / "config.json").is_file()
+
+
+def test_a_signal_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(
+    tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from openvla_ros.finetune import trainer as trainer_module
+    from openvla_ros.interrupts import Terminated, termination_as_interrupt
+
+    out = tmp_path / "run"
+    real_save = torch.save
+    saves = []
+
+    def save_then_terminated(value, path, *args, **kwargs):
+        saves.append(path)
+        real_save(value, path, *args, **kwargs)
+        if len(saves) == 2:  # the second checkpoint's training state is on disk, not yet renamed into place
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_module.torch, "save", save_then_terminated)
+    config = _config(tiny_checkpoint, dataset_dir, out, max_steps=6, save_steps=2, eval_steps=0, batch_size=2,
+                     lora_rank=4)
+    with pytest.raises(Terminated), termination_as_interrupt():
+        run_finetune(config)
+    assert [path.name for path in sorted((out / "checkpoints").iterdir())] == ["step-000002"]
+    assert _half_written(out) == []
+    monkeypatch.setattr(trainer_module.torch, "save", real_save)
+    run_finetune(_config(tiny_checkpoint, dataset_dir, out, max_steps=4, save_steps=2, eval_steps=0, batch_size=2,
+                         lora_rank=4, resume=True))
+    assert (out / "checkpoints" / "step-000004").is_dir() and _half_written(out) == []

@@ -232,3 +232,57 @@ def test_a_wait_that_times_out_is_told_apart_from_a_dead_process() -> None:
         wait_for(lambda: False, 5.0, "anything", dead)
     assert not isinstance(caught.value, WaitTimeoutError)
     wait_for(lambda: True, 0.0, "something already true", dead)
+
+
+def _processes_in_domain(domain_id: str) -> list[str]:
+    """Returns the command lines of the running processes whose environment has ROS_DOMAIN_ID=domain_id."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"ROS_DOMAIN_ID={domain_id}".encode() in environ:
+            found.append(cmdline)
+    return found
+
+
+def test_sigterm_stops_the_children_and_says_what_is_left(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from openvla_ros.pipeline import MARKER, prepare_out_dir
+
+    out = tmp_path / "out"
+    domain = str(reserve_domain_id())
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=domain, PYTHONUNBUFFERED="1")
+    log = tmp_path / "pipeline.log"
+    with open(log, "wb") as stdout:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(out), "--base", str(tiny_checkpoint)],
+            cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline and not (
+            (out / "bags").is_dir() and any((out / "bags").iterdir())
+        ):
+            time.sleep(0.05)
+        assert process.poll() is None, log.read_text()[-3000:]
+        children = [line for line in _processes_in_domain(domain) if "--ros-args" in line]
+        assert children, "the recording stage runs no child nodes: the test signals too early or too late"
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert process.returncode == 143, output[-3000:]
+    assert f"interrupted (SIGTERM): the child processes are stopped; {out} holds a partial run" in output
+    assert not (out / "report.json").exists()
+    assert [line for line in _processes_in_domain(domain) if "--ros-args" in line] == []
+    prepare_out_dir(out)  # the next run takes the directory over
+    assert [path.name for path in out.iterdir()] == [MARKER]

@@ -167,3 +167,46 @@ def test_no_film_is_a_pretrain_option(tmp_path, capsys) -> None:
         main([str(tmp_path / "tiny"), "--no-film"])
     assert exit_info.value.code == 2 and "--no-film is a --pretrain option" in capsys.readouterr().err
     assert not (tmp_path / "tiny").exists()
+
+
+def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "base"
+    log = tmp_path / "pretrain.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "openvla_ros.tiny", str(out), "--pretrain", "--episodes", "4", "--steps", "400",
+             "--eval-episodes", "1"],
+            cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=output, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "[pretrain] train ..." not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, log.read_text()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert process.returncode == 143, text[-3000:]
+    build = out.parent / "base.build"
+    assert f"interrupted (SIGTERM): finished stages kept in {build} (base, demos, data)" in text, text[-3000:]
+    assert not out.exists(), "an interrupted build must not leave a base that looks finished"
+
+    resumed: list[str] = []
+
+    def stop_at_training(message: str) -> None:
+        resumed.append(message)
+        if message == "[pretrain] train ...":
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        build_pretrained(out, PretrainSettings(episodes=4, steps=400, eval_episodes=1), progress=stop_at_training)
+    assert [m for m in resumed if m.endswith("done before, kept")] == [
+        f"[pretrain] {stage}: done before, kept" for stage in ("base", "demos", "data")
+    ]

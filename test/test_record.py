@@ -236,3 +236,30 @@ def test_recording_an_expert_episode_gives_a_bag_the_converter_reads(ros_node: A
                 assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
     assert read == {topic: declared[topic] for topic in read}
     assert set(read) == {"/camera/image_raw", "/teleop/action", "/joint_states", "/instruction"}
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_close_the_bag_as_ctrl_c_does(ros_node: Any, tmp_path: Path, signal_number: int) -> None:
+    topic = f"/stop_signal_{signal_number}"
+    publisher = ros_node.create_publisher(String, topic, 10)
+    command = [sys.executable, "-m", "openvla_ros.record", "--output-dir", str(tmp_path), "--episode", "ep",
+               "--storage", "sqlite3", "--topics", topic]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    recorder = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        wait_until(lambda: ros_node.count_subscribers(topic) >= 1 or recorder.poll() is not None, 60,
+                   f"the recorder's subscription on {topic}")
+        assert recorder.poll() is None, recorder.communicate()[0]
+        for number in range(5):
+            publisher.publish(String(data=f"message {number}"))
+            time.sleep(0.05)
+        time.sleep(0.5)
+        recorder.send_signal(signal_number)
+        output, _ = recorder.communicate(timeout=30)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+    assert recorder.returncode == 0, output
+    messages, declared = read_bag(tmp_path / "ep")
+    assert [m.data for m in messages[topic]] == [f"message {n}" for n in range(5)] and declared[topic] == 5

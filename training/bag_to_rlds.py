@@ -6,7 +6,8 @@
 Each BAG is a rosbag2 directory (sqlite3 or mcap). The dataset is written to DATA_DIR/NAME/VERSION and
 opens with ``tfds.builder(NAME, data_dir=DATA_DIR)``; its ``dataset_statistics.json`` holds the action
 statistics the policy needs to un-normalise actions. Exit status: 0 on success, 1 on bad input,
-130 on Ctrl-C (nothing half-written is left behind in either case).
+130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP (nothing half-written is left behind in any case; what a
+killed run left is removed by the next run into the same DATA_DIR).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from openvla_ros.errors import DatasetError
+from openvla_ros.interrupts import interrupt_exit_status, interrupt_name, termination_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,19 +45,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from openvla_ros.dataset.check import check_dataset
 
     try:
-        config = load_config(args.config, rate_hz=args.rate, instruction=args.instruction,
-                             val_fraction=args.val_fraction)
-        report = convert_bags(args.bags, args.out, args.name, config, overwrite=args.overwrite,
-                              progress=not args.quiet)
-        print(format_report(report))
-        if args.check:
-            print("\n".join(check_dataset(args.out, args.name)))
+        with termination_as_interrupt():
+            config = load_config(args.config, rate_hz=args.rate, instruction=args.instruction,
+                                 val_fraction=args.val_fraction)
+            report = convert_bags(args.bags, args.out, args.name, config, overwrite=args.overwrite,
+                                  progress=not args.quiet)
+            print(format_report(report))
+            if args.check:
+                print("\n".join(check_dataset(args.out, args.name)))
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted ({interrupt_name(interrupt)}): nothing was written; a dataset already at "
+              f"{args.out}/{args.name} is unchanged", file=sys.stderr)
+        return interrupt_exit_status(interrupt)
     return 0
 
 

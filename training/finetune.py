@@ -15,6 +15,12 @@ import sys
 from openvla_ros.errors import OpenVLAError
 from openvla_ros.finetune.config import load_config
 from openvla_ros.finetune.trainer import run_finetune
+from openvla_ros.interrupts import (
+    interrupt_exit_status,
+    interrupt_name,
+    newest_checkpoint_note,
+    termination_as_interrupt,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,18 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     config = None
     try:
-        config = load_config(argv)
-        metrics = run_finetune(config)
+        with termination_as_interrupt():
+            config = load_config(argv)
+            metrics = run_finetune(config)
     except (OpenVLAError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(
-            "interrupted: run the same command with --resume to continue from the newest checkpoint in "
-            f"{config.out if config else 'the output directory'}/checkpoints (steps since it are lost)",
+            f"interrupted ({interrupt_name(interrupt)}): {newest_checkpoint_note(config.out if config else None)}; run the same command with "
+            "--resume to continue from it (steps since it are lost)",
             file=sys.stderr,
         )
-        return 130
+        return interrupt_exit_status(interrupt)
     print(f"done: outputs in {config.out}  last metrics: {metrics}")
     return 0
 

@@ -14,9 +14,16 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from openvla_ros.errors import OpenVLAError
 from openvla_ros.finetune.energy_training import EnergyTrainingConfig, run_energy_training
+from openvla_ros.interrupts import (
+    interrupt_exit_status,
+    interrupt_name,
+    newest_checkpoint_note,
+    termination_as_interrupt,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,15 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = {field.name for field in dataclasses.fields(EnergyTrainingConfig)}
     try:
-        config = EnergyTrainingConfig(**{k: v for k, v in vars(args).items() if k in names})
-        metrics = run_energy_training(config)
+        with termination_as_interrupt():
+            config = EnergyTrainingConfig(**{k: v for k, v in vars(args).items() if k in names})
+            metrics = run_energy_training(config)
     except (OpenVLAError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: run the same command with --resume to continue from {args.out}/checkpoints",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted ({interrupt_name(interrupt)}): {newest_checkpoint_note(Path(args.out))}; run the "
+              "same command with --resume to continue from it", file=sys.stderr)
+        return interrupt_exit_status(interrupt)
     print(f"done: energy model in {config.out}/energy  last metrics: {metrics}")
     return 0
 

@@ -16,6 +16,7 @@ example serializer.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import struct
 import tempfile
@@ -28,12 +29,15 @@ import numpy as np
 
 from openvla_ros.dataset.config import validate_dataset_name
 from openvla_ros.errors import DatasetError
+from openvla_ros.interrupts import mark_owner, remove_stale_staging, staging_in_use
 from openvla_ros.model.action_codec import (
     ACTION_DIM,
     ACTION_NAMES,
     array_statistics,
     compute_action_statistics,
 )
+
+logger = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
 RELEASE_NOTES = {
@@ -217,11 +221,13 @@ class RldsWriter:
         return len(self._records)
 
     def __enter__(self) -> RldsWriter:
+        self._recover_killed_runs()
         self._check_destination()
         self._created_data_dir = not self.data_dir.exists()
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._temp_root = Path(tempfile.mkdtemp(prefix=f".{self.name}-incomplete-", dir=self.data_dir))
+            mark_owner(self._temp_root)
         except OSError as exc:
             raise DatasetError(f"cannot write into {self.data_dir}: {exc.strerror or exc}") from exc
         self._staging = open(self._temp_root / "episodes.staging", "w+b")  # noqa: SIM115 - closed in finish/abort
@@ -230,6 +236,17 @@ class RldsWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         if exc_type is not None or self._temp_root is not None:
             self.abort()
+
+    def _recover_killed_runs(self) -> None:
+        """Removes the staging directories of earlier runs of this name that were killed (SIGKILL, power
+        loss), with a warning each; a dataset such a run had set aside to replace is put back first."""
+        pattern = f".{self.name}-incomplete-*"
+        for staging in sorted(self.data_dir.glob(pattern)) if self.data_dir.is_dir() else []:
+            replaced = staging / "replaced"
+            if replaced.is_dir() and not self.dataset_dir.exists() and not staging_in_use(staging):
+                replaced.rename(self.dataset_dir)
+                logger.warning("put back %s, which a killed run had set aside to replace it", self.dataset_dir)
+        remove_stale_staging(self.data_dir, pattern)
 
     def _check_destination(self) -> None:
         if self.dataset_dir.exists() and not self.overwrite:

@@ -40,6 +40,7 @@ from openvla_ros.errors import OpenVLAError, TrainingError
 from openvla_ros.finetune.chunks import ChunkBatch, ChunkSampleBuilder, check_chunk_data, collate_chunks
 from openvla_ros.finetune.data import epoch_order, load_frames, open_rlds, sample_rng
 from openvla_ros.finetune.trainer import CHECKPOINT_PATTERN
+from openvla_ros.interrupts import remove_stale_staging
 from openvla_ros.model.action_codec import select_unnorm_key
 from openvla_ros.model.energy import EnergyModel, EnergySpec, energy_context_mask
 from openvla_ros.model.loading import (
@@ -257,6 +258,7 @@ class EnergyTrainer:
                 unreadable checkpoint.
         """
         config = self.config
+        remove_stale_staging(self.out / "checkpoints", ".staging-*")  # what a killed run left half-written
         if config.resume:
             self._resume()
         elif self._checkpoints():

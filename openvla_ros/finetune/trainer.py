@@ -46,6 +46,7 @@ from openvla_ros.finetune.data import (
     open_rlds,
     sample_rng,
 )
+from openvla_ros.interrupts import remove_stale_staging
 from openvla_ros.model.action_codec import ACTION_DIM
 from openvla_ros.model.loading import (
     load_model,
@@ -376,6 +377,10 @@ class Trainer:
         from tqdm import tqdm
 
         config = self.config
+        if self.dist.is_main:  # what a killed run (SIGKILL, power loss) left half-written
+            remove_stale_staging(self.out / "checkpoints", ".staging-*")
+            remove_stale_staging(self.out, ".adapter-*")
+            remove_stale_staging(self.out, ".merged.*")
         if config.resume:
             self._resume()
         elif self._checkpoints():

@@ -462,11 +462,18 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         given["eval_episodes"] = args.eval_episodes
     if args.no_film:
         given["film"] = False
+    from openvla_ros.interrupts import interrupt_exit_status, interrupt_name, termination_as_interrupt
+    from openvla_ros.pretrain import kept_stages_note
+
     try:
-        manifest = ensure_pretrained(args.out_dir, PretrainSettings(**given))
+        with termination_as_interrupt():
+            manifest = ensure_pretrained(args.out_dir, PretrainSettings(**given))
     except PretrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted ({interrupt_name(interrupt)}): {kept_stages_note(args.out_dir)}", file=sys.stderr)
+        return interrupt_exit_status(interrupt)
     for task, result in manifest["success"].items():
         print(f"{task}: success {result['successes']}/{result['episodes']} on fresh episodes")
     print(args.out_dir)

@@ -471,12 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
-    # Own signal handling: the first Ctrl-C or SIGTERM ends the loop and the bag is closed properly.
+    # Own signal handling: the first Ctrl-C, SIGTERM or SIGHUP ends the loop and the bag is closed properly.
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("demo_recorder")
     recorder = BagRecorder(node, topics, path, storage)
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:

@@ -1,0 +1,69 @@
+"""SIGTERM and SIGHUP as Ctrl-C in long jobs, and the removal of what a killed run left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from openvla_ros.interrupts import (
+    OWNER_FILE,
+    Terminated,
+    interrupt_exit_status,
+    interrupt_name,
+    mark_owner,
+    newest_checkpoint_note,
+    remove_stale_staging,
+    termination_as_interrupt,
+)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP])
+def test_a_termination_signal_becomes_an_interrupt_and_later_ones_are_ignored(signal_number: int) -> None:
+    before = signal.getsignal(signal_number)
+    cleaned_up = False
+    with pytest.raises(KeyboardInterrupt) as caught, termination_as_interrupt():
+        try:
+            os.kill(os.getpid(), signal_number)
+            signal.pause()  # not reached: the handler raises in this thread
+        finally:
+            os.kill(os.getpid(), signal_number)  # a second signal during the clean-up is ignored
+            cleaned_up = True
+    assert cleaned_up and isinstance(caught.value, Terminated)
+    assert interrupt_exit_status(caught.value) == 128 + signal_number
+    assert interrupt_name(caught.value) == signal.Signals(signal_number).name
+    assert signal.getsignal(signal_number) == before  # handlers restored on leaving
+
+
+def test_ctrl_c_keeps_its_own_status_and_name() -> None:
+    assert interrupt_exit_status(KeyboardInterrupt()) == 130 and interrupt_name(KeyboardInterrupt()) == "Ctrl-C"
+
+
+def test_stale_staging_is_removed_unless_its_owner_runs(tmp_path: Path) -> None:
+    dead = tmp_path / ".name-incomplete-dead"
+    dead.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (dead / OWNER_FILE).write_text(finished.stdout.strip())  # a process that has exited
+    unowned = tmp_path / ".name-incomplete-old"
+    unowned.mkdir()
+    live = tmp_path / ".name-incomplete-live"
+    live.mkdir()
+    mark_owner(live)
+    other = tmp_path / ".other-incomplete-x"
+    other.mkdir()
+    removed = remove_stale_staging(tmp_path, ".name-incomplete-*")
+    assert sorted(removed) == sorted([dead, unowned])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".name-incomplete-live", ".other-incomplete-x"]
+    assert remove_stale_staging(tmp_path / "missing", "*") == []
+
+
+def test_the_interrupted_runs_note_names_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    assert newest_checkpoint_note(None) == "no checkpoint was complete yet"
+    assert newest_checkpoint_note(tmp_path).startswith("no checkpoint was complete yet in")
+    for name in ("step-000004", "step-000012", ".staging-abc"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert newest_checkpoint_note(tmp_path).endswith("checkpoints/step-000012")
