@@ -328,3 +328,46 @@ def test_zstd_compressed_bags(tmp_path: Path, bags: dict, mode: str) -> None:
     stored.close()
     assert (decompressed is None) == (mode == "message")
     assert decompressed is None or not decompressed.exists()  # the decompressed copy is removed
+
+
+def _as_version_1(metadata: dict) -> dict:
+    """The same metadata written as rosbag2's first format: version 1, topics under ``topic_and_type``."""
+    info = metadata["rosbag2_bagfile_information"]
+    info["version"] = 1
+    for item in info["topics_with_message_count"]:
+        topic = item.pop("topic_metadata")
+        item["topic_and_type"] = {"name": topic["name"], "type": topic["type"]}
+    info.pop("files", None)
+    return metadata
+
+
+def test_version_1_metadata_counts_are_checked_too(tmp_path: Path, bags: dict) -> None:
+    bag = copy_bag(bags["sqlite3"], tmp_path / "bag")
+    metadata = _as_version_1(yaml.safe_load((bag / "metadata.yaml").read_text()))
+    (bag / "metadata.yaml").write_text(yaml.safe_dump(metadata))
+    counts, _, _ = read_all(bag)  # the true counts: read without complaint
+    assert counts == {topic: storage_counts(bag)[topic] for topic in counts}
+    for item in metadata["rosbag2_bagfile_information"]["topics_with_message_count"]:
+        if item["topic_and_type"]["name"] == "/teleop/action":
+            item["message_count"] = 99
+    (bag / "metadata.yaml").write_text(yaml.safe_dump(metadata))
+    with pytest.raises(BagError, match=r"does not match its metadata \(/teleop/action: read \d+, metadata declares 99"):
+        read_all(bag)
+
+
+def test_message_compressed_bag_without_its_metadata_says_so(tmp_path: Path, bags: dict) -> None:
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag2 import CompressionFormat, CompressionMode, Writer
+
+    target = tmp_path / "compressed"
+    writer = Writer(target, version=9)
+    writer.set_compression(CompressionMode.MESSAGE, CompressionFormat.ZSTD)
+    with AnyReader([bags["sqlite3"].path], default_typestore=TYPESTORE) as reader, writer:
+        connections = {conn.topic: writer.add_connection(conn.topic, conn.msgtype, typestore=TYPESTORE)
+                       for conn in reader.connections}
+        for connection, time_ns, data in reader.messages():
+            writer.write(connections[connection.topic], time_ns, data)
+    (target / "metadata.yaml").unlink()
+    with pytest.raises(BagError, match="zstd-compressed one by one") as caught:
+        read_all(target)
+    assert "has no metadata.yaml" in str(caught.value) and "CDR encapsulation" not in str(caught.value)

@@ -308,8 +308,8 @@ def test_ros2_param_get_shows_the_launch_argument_over_the_parameter_file(
 def test_readme_instruction_and_enable_commands_start_the_actions(
     workspace: Workspace, policy_run: PolicyRun, test_node: rclpy.node.Node
 ) -> None:
-    publish = readme_command("ros2 topic pub --once /instruction")
-    assert publish == ["ros2", "topic", "pub", "--once", "/instruction", "std_msgs/msg/String",
+    publish = readme_command("ros2 topic pub --once --keep-alive 3 /instruction")
+    assert publish == ["ros2", "topic", "pub", "--once", "--keep-alive", "3", "/instruction", "std_msgs/msg/String",
                        f"data: '{INSTRUCTION}'"]
     enable = readme_command("ros2 service call /openvla_policy/enable")
     assert enable == ["ros2", "service", "call", f"/{NODE}/enable", "std_srvs/srv/SetBool", "data: true"]

@@ -1,8 +1,10 @@
 """Where a rosbag2 bag's data lives: its storage files, its storage format and what its metadata declares.
 
-``metadata.yaml`` (versions 4 to 9 are alike in the fields used here: ``storage_identifier``,
+``metadata.yaml`` (versions 1 to 9 are alike in the fields used here: ``storage_identifier``,
 ``relative_file_paths`` or ``files``, ``topics_with_message_count``, ``compression_format`` and
-``compression_mode``) names the files in recording order and the message count of each topic. Its
+``compression_mode``; version 1 names each topic under ``topic_and_type`` where later versions have
+``topic_metadata``) names the files in recording order and the message count of each topic, which the
+reader checks against what it reads. Its
 QoS profiles and type hashes are not used. A bag without ``metadata.yaml`` is read from its
 ``.db3`` or ``.mcap`` files alone, split files in the order of their number suffix.
 """
@@ -133,12 +135,15 @@ def _locate(path: Path, name: str, way_out: str) -> Path:
 
 
 def _declared_counts(info: dict[str, Any]) -> dict[str, int]:
+    """Returns ``{topic: count}``; the topic is under ``topic_metadata`` (versions 2-9) or, in version 1
+    metadata, ``topic_and_type``."""
     counts: dict[str, int] = {}
     for item in info.get("topics_with_message_count") or []:
         try:
-            name = str(item["topic_metadata"]["name"])
+            topic = item.get("topic_metadata") or item["topic_and_type"]
+            name = str(topic["name"])
             counts[name] = counts.get(name, 0) + int(item.get("message_count", 0))
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             continue
     return counts
 

@@ -1,4 +1,4 @@
-"""Reading demonstration bags (rosbag2, sqlite3 or mcap, metadata versions 4-9, split bags).
+"""Reading demonstration bags (rosbag2, sqlite3 or mcap, metadata versions 1-9, split bags).
 
 No ROS installation is needed. :class:`DemoBag` checks that the configured topics exist with a
 supported message type, streams their messages in bag order as plain values (numbers, arrays,

@@ -27,6 +27,10 @@ from openvla_ros.errors import DatasetError
 Entry = tuple[int, str, Any, "bytes | None"]
 
 
+# The first bytes of every zstd frame (RFC 8878), little-endian 0xFD2FB528.
+ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 class BagError(DatasetError):
     """A bag cannot be read: missing or damaged files, unreadable metadata, an unsupported storage feature.
 
@@ -119,8 +123,8 @@ class StoredBag:
         """
         def tagged(number: int, storage: StorageFile) -> Iterator[Entry]:
             for time_ns, topic, locator, data in storage.entries(topics, payload):
-                if data is not None and self._message_compression:
-                    data = self._decompress_message(data, topic)
+                if data is not None:
+                    data = self._plain(data, topic)
                 yield time_ns, topic, (number, locator), data
 
         streams = [tagged(number, storage) for number, storage in enumerate(self.files)]
@@ -136,8 +140,25 @@ class StoredBag:
             BagError: when the bag is closed or the file is damaged.
         """
         number, local = locator
-        data = self.files[number].read(local)
-        return self._decompress_message(data, topic) if self._message_compression else data
+        return self._plain(self.files[number].read(local), topic)
+
+    def _plain(self, data: bytes | memoryview, topic: str) -> bytes | memoryview:
+        """Returns a stored message as serialised CDR: decompressed when the metadata says so.
+
+        Raises:
+            BagError: when it does not decompress, or is compressed although no metadata says so.
+        """
+        if self._message_compression:
+            return self._decompress_message(data, topic)
+        if bytes(data[:4]) == ZSTD_FRAME_MAGIC:
+            where = "has no metadata.yaml" if self.declared_counts is None else "metadata.yaml does not say so"
+            raise BagError(
+                f"bag {self.path}: the messages on {topic} are zstd-compressed one by one (they start with the "
+                f"zstd frame magic), but the bag {where}: the metadata that says how it was compressed is "
+                "missing. Restore the bag's original metadata.yaml, or write an uncompressed copy with "
+                "`ros2 bag convert`"
+            )
+        return data
 
     def _decompress_message(self, data: bytes | memoryview, topic: str) -> bytes:
         from openvla_ros.dataset.bag_layout import decompress
