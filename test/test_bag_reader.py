@@ -371,3 +371,37 @@ def test_message_compressed_bag_without_its_metadata_says_so(tmp_path: Path, bag
     with pytest.raises(BagError, match="zstd-compressed one by one") as caught:
         read_all(target)
     assert "has no metadata.yaml" in str(caught.value) and "CDR encapsulation" not in str(caught.value)
+
+
+def test_topics_stored_without_a_leading_slash_can_be_named(tmp_path: Path, bags: dict) -> None:
+    from openvla_ros.dataset import TopicConfig
+
+    bag = copy_bag(bags["sqlite3"], tmp_path / "bag")
+    (database,) = bag.glob("*.db3")
+    with sqlite3.connect(database) as connection:  # as rosbag2's own test bags store them (e.g. `AAA`)
+        connection.execute("UPDATE topics SET name = substr(name, 2)")
+    metadata = yaml.safe_load((bag / "metadata.yaml").read_text())
+    for item in metadata["rosbag2_bagfile_information"]["topics_with_message_count"]:
+        item["topic_metadata"]["name"] = item["topic_metadata"]["name"][1:]
+    (bag / "metadata.yaml").write_text(yaml.safe_dump(metadata))
+    _, original, _ = read_all(bags["sqlite3"].path)
+    relative = {name: topic.lstrip("/") for name, topic in vars(CONFIG.topics).items() if topic}
+    for config in (CONFIG.replace(topics=TopicConfig(**relative)), CONFIG):  # named as stored, and with '/'
+        stream = []
+        with DemoBag(bag, config) as demo:
+            for time_ns, item, value in demo.messages():
+                stream.append((time_ns, "/" + item.topic, value.time_ns if item.camera_key else value))
+        assert_same_stream(stream, original)
+    with pytest.raises(DatasetError, match="without spaces"):
+        TopicConfig(image="camera image")
+
+
+def test_an_action_topic_of_the_wrong_type_names_its_type_and_the_accepted_ones(tmp_path: Path, bags: dict) -> None:
+    from openvla_ros.dataset import TopicConfig
+
+    config = CONFIG.replace(topics=TopicConfig(**{**vars(CONFIG.topics), "action": "/instruction"}))
+    with pytest.raises(DatasetError) as caught, DemoBag(bags["sqlite3"].path, config):
+        pass
+    message = str(caught.value)
+    assert "topic /instruction" in message and "is a std_msgs/msg/String" in message
+    assert "std_msgs/msg/Float64MultiArray" in message and "gripper" not in message

@@ -321,3 +321,19 @@ def test_signals_while_driving_send_one_zero_delta_and_exit_cleanly(
     assert len(after) <= 2, "at most a step that was already publishing, then the zero delta"
     for noise in ("Traceback", "terminate called", "never retrieved"):
         assert noise not in log, log[-3000:]
+
+
+def test_a_rate_above_the_token_limit_is_blamed_on_the_rate_not_on_the_load(
+    ros_node: rclpy.node.Node, tmp_path: Path
+) -> None:
+    name = "standin_too_fast"
+    node_process = start_node(name, tmp_path, "model:=standin", "rate_hz:=100.0", standin_step_s=FAST_STEP_S)
+    try:
+        wait_until(lambda: "stays unconfigured" in node_process.log() or node_process.process.poll() is not None,
+                   120.0, "the configure failure")
+        log = node_process.log()
+        assert "the model loaded, but the parameters do not fit it" in log, log[-3000:]
+        assert "rate_hz 100 is above 30 Hz" in log and "could not load the model" not in log
+        assert node_process.process.poll() is None, "the node keeps running, unconfigured"
+    finally:
+        assert node_process.stop() == 0, node_process.log()[-3000:]

@@ -163,33 +163,49 @@ class DemoBag:
 
     def _resolve_streams(self) -> None:
         topics = self.config.topics
-        wanted: list[tuple[str, Role, str]] = [
-            (topic, Role.CAMERA, key) for key, topic in topics.camera_topics().items()
-        ]
-        wanted.append((topics.action, Role.ACTION, ""))
-        if topics.state:
-            wanted.append((topics.state, Role.STATE, ""))
-        if not self.config.instruction.strip():
-            wanted.append((topics.instruction, Role.INSTRUCTION, ""))
         available = self.topic_types()
+
+        def in_bag(topic: str) -> str:
+            """The bag's name for a configured topic: as written, else with or without the leading '/'
+            (bags keep names as recorded: rosbag2's own test bags have topics such as ``AAA``)."""
+            if topic in available:
+                return topic
+            other = topic[1:] if topic.startswith("/") else f"/{topic}"
+            return other if other in available else topic
+
+        wanted: list[tuple[str, Role, str]] = [
+            (in_bag(topic), Role.CAMERA, key) for key, topic in topics.camera_topics().items()
+        ]
+        action = in_bag(topics.action)
+        wanted.append((action, Role.ACTION, ""))
+        if topics.state:
+            wanted.append((in_bag(topics.state), Role.STATE, ""))
+        if not self.config.instruction.strip():
+            wanted.append((in_bag(topics.instruction), Role.INSTRUCTION, ""))
         missing = [topic for topic, _, _ in wanted if topic not in available]
         if missing:
             raise DatasetError(
                 f"bag {self.path} has no topic {', '.join(missing)}; its topics are: "
                 f"{_describe(available)}. Fix the topic names in the config (--config) or record them."
             )
-        self.action_kind = action_kind_of(available[topics.action])
+        if available[action] not in ACCEPTED_TYPES[Role.ACTION]:
+            raise DatasetError(
+                f"topic {action} in bag {self.path} is a {available[action]}; as the action source it must be one "
+                f"of {', '.join(ACCEPTED_TYPES[Role.ACTION])}. Name the action topic in topics.action"
+            )
+        self.action_kind = action_kind_of(available[action])
         if self.action_kind is not ActionKind.VECTOR:
             if not topics.gripper:
                 raise DatasetError(
-                    f"action topic {topics.action} is a {available[topics.action]}, which carries no gripper "
+                    f"action topic {action} is a {available[action]}, which carries no gripper "
                     "command: set topics.gripper to a std_msgs/Float64 gripper topic"
                 )
-            if topics.gripper not in available:
+            gripper = in_bag(topics.gripper)
+            if gripper not in available:
                 raise DatasetError(
-                    f"bag {self.path} has no topic {topics.gripper}; its topics are: {_describe(available)}"
+                    f"bag {self.path} has no topic {gripper}; its topics are: {_describe(available)}"
                 )
-            wanted.append((topics.gripper, Role.GRIPPER, ""))
+            wanted.append((gripper, Role.GRIPPER, ""))
         self.streams = []
         for topic, role, key in wanted:
             types = self._stored_types(topic)

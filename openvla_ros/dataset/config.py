@@ -28,6 +28,9 @@ _STRING_FIELDS = ("image", "wrist_image", "action", "gripper", "state", "instruc
 class TopicConfig:
     """The demonstration topics; an empty string means "not recorded".
 
+    Names are matched against the bag's topics as written, then with or without a leading ``/``
+    (``camera/image_raw`` finds ``/camera/image_raw``; ``AAA`` finds a bag topic stored as ``AAA``).
+
     Attributes:
         image: primary camera (``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage``), stored as
             ``observation/image``.
@@ -55,8 +58,8 @@ class TopicConfig:
             value = getattr(self, item.name)
             if not isinstance(value, str):
                 raise DatasetError(f"topics.{item.name} must be a topic name string, got {value!r}")
-            if value and not value.startswith("/"):
-                raise DatasetError(f"topics.{item.name} must be an absolute topic name starting with '/', got {value!r}")
+            if value and (value != value.strip() or any(char.isspace() for char in value) or value == "/"):
+                raise DatasetError(f"topics.{item.name} must be a topic name without spaces, got {value!r}")
         if not self.image:
             raise DatasetError("topics.image is empty; name the camera topic, e.g. /camera/image_raw")
         if not self.action:

@@ -394,7 +394,7 @@ class PolicyNode(LifecycleNode):
             self.get_logger().warning(warning)
         if errors:
             policy.release()
-            return self._fail_configure("; ".join(errors))
+            return self._fail_configure("; ".join(errors), loaded=True)
         with self._lock:
             self._chunk_model = chunk_model
             self._rate_limit_hz = MAX_RATE_HZ if chunk_model is None else MAX_CHUNK_RATE_HZ
@@ -486,10 +486,17 @@ class PolicyNode(LifecycleNode):
             self._proprio_source = proprio(subscription.topic_name)
         return subscriptions
 
-    def _fail_configure(self, reason: str) -> TransitionCallbackReturn:
+    def _fail_configure(self, reason: str, loaded: bool = False) -> TransitionCallbackReturn:
+        """Ends a failed configure: ``loaded`` says the model loaded but the parameters do not fit it."""
         self._model_status = f"failed: {reason}"
         self._problems.report("model", reason)
-        self.get_logger().error(f"could not load the model; the node stays unconfigured. {reason}")
+        if loaded:
+            self.get_logger().error(
+                f"the model loaded, but the parameters do not fit it; the node stays unconfigured. {reason}. "
+                "Change them and configure again"
+            )
+        else:
+            self.get_logger().error(f"could not load the model; the node stays unconfigured. {reason}")
         return TransitionCallbackReturn.FAILURE
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
