@@ -87,6 +87,8 @@ def fallback_command(arguments: dict[str, str]) -> str:
     command = ["python", "-m", "openvla_ros.record"]
     for name in ("config", "output_dir", "episode", "storage"):
         value = arguments.get(name, "").strip()
+        if name == "storage" and value not in STORAGE_PLUGINS:
+            continue  # only what the recorder accepts (the config's storage applies instead)
         if value:
             command += ["--" + name.replace("_", "-"), value]
     return shlex.join(command)
@@ -105,6 +107,9 @@ def _make_recorder(context: LaunchContext) -> list:
     def argument(name: str) -> str:
         return LaunchConfiguration(name).perform(context)
 
+    storage = argument("storage").strip()
+    if storage and storage not in STORAGE_PLUGINS:
+        raise RuntimeError(f"cannot record: storage must be one of {', '.join(STORAGE_PLUGINS)}, got {storage!r}")
     problem = missing_ros2_bag()
     if problem:
         fallback = fallback_command({name: argument(name) for name, _, _ in LAUNCH_ARGUMENTS})

@@ -405,3 +405,18 @@ def test_an_action_topic_of_the_wrong_type_names_its_type_and_the_accepted_ones(
     message = str(caught.value)
     assert "topic /instruction" in message and "is a std_msgs/msg/String" in message
     assert "std_msgs/msg/Float64MultiArray" in message and "gripper" not in message
+
+
+@pytest.mark.parametrize("cut", ["closing magic", "summary"])
+def test_an_mcap_whose_summary_was_cut_reads_every_message_and_warns(tmp_path: Path, bags: dict, cut: str) -> None:
+    bag = copy_bag(bags["mcap"], tmp_path / "bag")
+    (data_file,) = bag.glob("*.mcap")
+    (bag / "metadata.yaml").unlink()
+    data = data_file.read_bytes()
+    footer_at = len(data) - 8 - 29  # the footer record (29 bytes) before the closing magic (8 bytes)
+    summary_start = int.from_bytes(data[footer_at + 9: footer_at + 17], "little")
+    keep = len(data) - 4 if cut == "closing magic" else summary_start + (footer_at - summary_start) // 2
+    data_file.write_bytes(data[:keep])  # every message is intact, the end is not
+    report = convert_bags([bag], tmp_path / "data", "cut_summary", CONFIG.replace(drop_idle=False))
+    assert report.bags[0].topics["/camera/image_raw"].count == len(bags["mcap"].image_times)
+    assert any("summary cannot be used" in warning for warning in report.warnings), report.warnings

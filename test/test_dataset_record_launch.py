@@ -91,6 +91,14 @@ def test_without_ros2_bag_the_launch_fails_naming_the_recorder_that_needs_no_ros
     assert str(raised.value).endswith(f"Record without rosbag2 instead: python -m openvla_ros.record --config "
                                       f"{RECORD_YAML} --output-dir '/data/my demos' --episode ep_01")
 
+    context.launch_configurations.update(storage="rosbag1")
+    with pytest.raises(RuntimeError) as raised:
+        module._make_recorder(context)
+    assert str(raised.value) == "cannot record: storage must be one of mcap, sqlite3, got 'rosbag1'"
+    assert "--storage" not in module.fallback_command({"output_dir": "/d", "storage": "rosbag1"})
+    assert module.fallback_command({"output_dir": "/d", "storage": "sqlite3"}).endswith("--storage sqlite3")
+    context.launch_configurations.update(storage="")
+
     monkeypatch.setattr(module, "entry_points", lambda group: [SimpleNamespace(name="bag")])
     assert module.missing_ros2_bag() == ""
     (process,) = module._make_recorder(context)

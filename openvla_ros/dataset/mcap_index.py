@@ -92,6 +92,7 @@ class McapIndex:
         self._counts: dict[int, int] | None = None
         self._scanned: dict[int, list[tuple[int, int, int]]] | None = None  # channel -> (time, chunk, offset)
         self._outside_chunks: int | None = None
+        self._summary_problem = ""  # why the summary could not be used, when the file is damaged
         if not self._read_summary():
             self._scan_file()
 
@@ -99,10 +100,14 @@ class McapIndex:
         """Reads schemas, channels, chunk indexes and statistics from the summary; False when unusable."""
         footer_at = self._size - len(MAGIC) - 29
         if footer_at < len(MAGIC) or self._pread(len(MAGIC), self._size - len(MAGIC)) != MAGIC:
+            self._summary_problem = "does not end with the mcap footer and closing magic (the file was cut)"
             return False
         opcode, length, summary_start, _, _ = struct.unpack("<BQQQI", self._pread(29, footer_at))
-        if opcode != FOOTER or length != 20 or not len(MAGIC) <= summary_start < footer_at:
+        if opcode != FOOTER or length != 20 or summary_start >= footer_at:
+            self._summary_problem = "has a damaged footer"
             return False
+        if summary_start < len(MAGIC):
+            return False  # a complete file whose writer wrote no summary
         summary = self._pread(footer_at - summary_start, summary_start)
         position, chunk_indexes = 0, []
         while position + RECORD_HEADER.size <= len(summary):
@@ -110,6 +115,7 @@ class McapIndex:
             body = memoryview(summary)[position + RECORD_HEADER.size : position + RECORD_HEADER.size + length]
             position += RECORD_HEADER.size + length
             if len(body) != length:
+                self._summary_problem = "has a cut or damaged summary section"
                 return False
             if opcode == SCHEMA:
                 self._add_schema(_Body(body))
@@ -174,6 +180,12 @@ class McapIndex:
             position = body_at + length
         if not self.channels:
             raise BagError(f"{self._where} holds no channel records, so no topic can be read; {WAY_OUT}")
+        if self._summary_problem and not self.warnings:
+            self.warnings.append(
+                f"{self._where} {self._summary_problem}: its summary cannot be used, so the file was read record "
+                f"by record; every message before byte {position} was read, but whether the recording is "
+                "complete is unknown"
+            )
 
     def _file_chunk(self) -> int:
         """Returns the pseudo-chunk that addresses records outside chunks by their file offset."""
