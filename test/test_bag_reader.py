@@ -420,3 +420,18 @@ def test_an_mcap_whose_summary_was_cut_reads_every_message_and_warns(tmp_path: P
     report = convert_bags([bag], tmp_path / "data", "cut_summary", CONFIG.replace(drop_idle=False))
     assert report.bags[0].topics["/camera/image_raw"].count == len(bags["mcap"].image_times)
     assert any("summary cannot be used" in warning for warning in report.warnings), report.warnings
+
+
+def test_a_folder_of_several_bags_converts_each_as_its_own_recording(tmp_path: Path, bags: dict) -> None:
+    folder = tmp_path / "demos"
+    for name in ("episode_10", "episode_2"):
+        copy_bag(bags["sqlite3"], folder / name)
+    report = convert_bags([folder], tmp_path / "data", "folder", CONFIG)
+    assert [summary.path.name for summary in report.bags] == ["episode_2", "episode_10"]
+    assert f"{folder} is a folder of 2 bags, each converted as its own recording: episode_2, episode_10" in \
+        report.warnings
+    single = convert_bags([bags["sqlite3"].path], tmp_path / "data", "single", CONFIG)
+    assert report.steps == 2 * single.steps
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no metadata.yaml and no .db3 or .mcap file"):
+        convert_bags([tmp_path / "empty"], tmp_path / "data", "empty", CONFIG)

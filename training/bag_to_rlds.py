@@ -3,7 +3,8 @@
     python training/bag_to_rlds.py BAG [BAG ...] --out DATA_DIR --name NAME [--config YAML]
         [--rate HZ] [--instruction TEXT] [--val-fraction F] [--overwrite] [--check]
 
-Each BAG is a rosbag2 directory (sqlite3 or mcap). The dataset is written to DATA_DIR/NAME/VERSION and
+Each BAG is a rosbag2 directory (sqlite3 or mcap), or a folder of such directories (each converted as
+its own recording, in name order). The dataset is written to DATA_DIR/NAME/VERSION and
 opens with ``tfds.builder(NAME, data_dir=DATA_DIR)``; its ``dataset_statistics.json`` holds the action
 statistics the policy needs to un-normalise actions. Exit status: 0 on success, 1 on bad input,
 130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP (nothing half-written is left behind in any case; what a
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Convert rosbag2 demonstrations into an RLDS dataset (train + val) for OpenVLA.",
     )
-    parser.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 directories, one episode each")
+    parser.add_argument("bags", nargs="+", metavar="BAG",
+                        help="rosbag2 directories, one episode each, or folders of them")
     parser.add_argument("--out", required=True, metavar="DATA_DIR", help="tensorflow-datasets data directory")
     parser.add_argument("--name", required=True, help="dataset name (lower snake_case)")
     parser.add_argument("--config", metavar="YAML", help="topics and conversion settings (config/record.yaml)")

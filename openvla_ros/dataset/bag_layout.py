@@ -64,6 +64,22 @@ def read_layout(path: Path) -> BagLayout:
     return _layout_from_files(path)
 
 
+def bags_inside(path: Path) -> list[Path]:
+    """Returns the bags a folder holds when it is not a bag itself (no ``metadata.yaml``, no storage file
+    of its own) but its subfolders are, e.g. the output directory of several ``ros2 bag record`` runs;
+    an empty list otherwise. Sorted by name, ``ep_2`` before ``ep_10``."""
+    if not path.is_dir() or (path / "metadata.yaml").exists():
+        return []
+    if any(file.is_file() and file.suffix in STORAGE_SUFFIXES for file in path.iterdir()):
+        return []
+    found = [
+        child for child in path.iterdir()
+        if child.is_dir() and ((child / "metadata.yaml").is_file()
+                               or any(f.is_file() and f.suffix in STORAGE_SUFFIXES for f in child.iterdir()))
+    ]
+    return sorted(found, key=_split_order)
+
+
 def _layout_from_files(path: Path) -> BagLayout:
     found = [file for file in path.iterdir() if file.is_file() and file.suffix in STORAGE_SUFFIXES]
     kinds = {STORAGE_SUFFIXES[file.suffix] for file in found}

@@ -158,6 +158,7 @@ def convert_bags(
     validate_dataset_name(name)
     if not bags:
         raise DatasetError("no bags given; pass one or more rosbag2 directories")
+    bags, notes = expand_bag_folders(bags)
     encoder = FrameEncoder(config)
     summaries: list[BagSummary] = []
     keys = list(config.topics.camera_topics())
@@ -167,11 +168,29 @@ def convert_bags(
         for path in bags:
             summaries.append(_convert_bag(Path(path), config, encoder, writer, progress))
         result = writer.finish(val_fraction=config.val_fraction, seed=config.split_seed)
-    warnings = [warning for summary in summaries for warning in summary.warnings]
+    warnings = notes + [warning for summary in summaries for warning in summary.warnings]
     warnings += constant_dimension_warnings(result["statistics"]["action"])
     if writer.num_episodes == 1:
         warnings.append("only one episode: it is used as both the train and the val split; record more episodes")
     return ConversionReport(result["path"], name, summaries, result["splits"], result["statistics"], warnings)
+
+
+def expand_bag_folders(bags: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """Returns the bags to convert, each folder of several bags replaced by the bags it holds (each its
+    own recording, in name order), and a note per such folder."""
+    from openvla_ros.dataset.bag_layout import bags_inside
+
+    expanded: list[Path] = []
+    notes: list[str] = []
+    for path in map(Path, bags):
+        inside = bags_inside(path)
+        if inside:
+            names = ", ".join(bag.name for bag in inside[:10]) + (", ..." if len(inside) > 10 else "")
+            notes.append(f"{path} is a folder of {len(inside)} bags, each converted as its own recording: {names}")
+            expanded.extend(inside)
+        else:
+            expanded.append(path)
+    return expanded, notes
 
 
 def constant_dimension_warnings(action_statistics: dict[str, Any]) -> list[str]:
