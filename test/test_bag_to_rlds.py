@@ -700,3 +700,20 @@ def test_constant_action_dimensions_are_warned_about() -> None:
     assert [w.split(" is constant")[0] for w in warnings] == ["action droll", "action dpitch", "action gripper"]
     assert "reads as closed" in warnings[-1] and "(1)" in warnings[-1]
     assert constant_dimension_warnings({"min": [0.0, 1.0], "max": [1.0, 2.0]}) == []
+
+
+def test_episodes_shorter_than_the_chunk_are_named_in_a_warning(tmp_path: Path, small_bag: DemoRecording) -> None:
+    from openvla_ros.dataset.converter import short_episode_warnings
+
+    report = convert_bags([small_bag.path], tmp_path / "data", "short", CONFIG.replace(instruction="go"))
+    steps = report.steps
+    long_enough = convert_bags([small_bag.path], tmp_path / "data", "fine", CONFIG.replace(instruction="go",
+                                                                                          chunk_size=steps))
+    assert not [w for w in long_enough.warnings if "shorter than chunk_size" in w]
+    short = convert_bags([small_bag.path], tmp_path / "data", "shorter", CONFIG.replace(instruction="go",
+                                                                                       chunk_size=steps + 1))
+    (warning,) = [w for w in short.warnings if "shorter than chunk_size" in w]
+    assert f"{small_bag.path.name} episode 0 ({steps} steps)" in warning and "Requires start <= limit" in warning
+    assert short_episode_warnings(short.bags, 0) == []
+    with pytest.raises(DatasetError, match="chunk_size must be an integer >= 0"):
+        CONFIG.replace(chunk_size=-1)

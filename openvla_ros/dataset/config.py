@@ -107,6 +107,9 @@ class ConversionConfig:
         image_size: side of the stored square images (224 for OpenVLA).
         jpeg_quality: JPEG quality of the stored images (1-100).
         max_shard_mb: size at which a new TFRecord shard is started.
+        chunk_size: the action chunk length K of an OpenVLA-OFT model to be trained on the dataset (8 as
+            for LIBERO); episodes with fewer steps are named in a warning, because OpenVLA-OFT's own RLDS
+            loader fails on an episode shorter than K - 1 steps ("Requires start <= limit"). 0: no check.
     """
 
     topics: TopicConfig = field(default_factory=TopicConfig)
@@ -128,6 +131,7 @@ class ConversionConfig:
     image_size: int = 224
     jpeg_quality: int = 95
     max_shard_mb: float = 256.0
+    chunk_size: int = 8
 
     def __post_init__(self) -> None:
         if not isinstance(self.topics, TopicConfig):
@@ -148,6 +152,8 @@ class ConversionConfig:
         _check_positive("max_shard_mb", self.max_shard_mb)
         if not isinstance(self.image_size, int) or self.image_size < 8:
             raise DatasetError(f"image_size must be an integer >= 8, got {self.image_size!r}")
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 0:
+            raise DatasetError(f"chunk_size must be an integer >= 0 (0: no check), got {self.chunk_size!r}")
         if not isinstance(self.jpeg_quality, int) or not 1 <= self.jpeg_quality <= 100:
             raise DatasetError(f"jpeg_quality must be an integer in 1..100, got {self.jpeg_quality!r}")
         if not isinstance(self.instruction, str):

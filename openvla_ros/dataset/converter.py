@@ -37,6 +37,7 @@ class BagSummary:
     steps: int = 0
     dropped_idle: int = 0
     dropped_stale: int = 0
+    episode_steps: list[int] = field(default_factory=list)  # steps of each episode, in order
     topics: dict[str, TopicCount] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -169,6 +170,7 @@ def convert_bags(
             summaries.append(_convert_bag(Path(path), config, encoder, writer, progress))
         result = writer.finish(val_fraction=config.val_fraction, seed=config.split_seed)
     warnings = notes + [warning for summary in summaries for warning in summary.warnings]
+    warnings += short_episode_warnings(summaries, config.chunk_size)
     warnings += constant_dimension_warnings(result["statistics"]["action"])
     if writer.num_episodes == 1:
         warnings.append("only one episode: it is used as both the train and the val split; record more episodes")
@@ -191,6 +193,26 @@ def expand_bag_folders(bags: Sequence[str | Path]) -> tuple[list[Path], list[str
         else:
             expanded.append(path)
     return expanded, notes
+
+
+def short_episode_warnings(summaries: Sequence[BagSummary], chunk_size: int) -> list[str]:
+    """Returns a warning naming the episodes shorter than ``chunk_size`` steps (none when it is 0).
+
+    OpenVLA-OFT's RLDS loader fails ("Requires start <= limit") on an episode shorter than its chunk
+    length minus one; this package's OFT training pads such windows with the neutral action instead.
+    """
+    if not chunk_size:
+        return []
+    short = [f"{summary.path.name} episode {index} ({steps} steps)"
+             for summary in summaries for index, steps in enumerate(summary.episode_steps) if steps < chunk_size]
+    if not short:
+        return []
+    listed = ", ".join(short[:10]) + (f" and {len(short) - 10} more" if len(short) > 10 else "")
+    return [
+        f"{len(short)} episode(s) are shorter than chunk_size {chunk_size}: {listed}. OpenVLA-OFT's own RLDS loader "
+        f"fails on an episode shorter than K - 1 steps ('Requires start <= limit'); this package's OFT training "
+        "pads them. Record longer episodes, leave these out, or set conversion.chunk_size to the K you train with"
+    ]
 
 
 def constant_dimension_warnings(action_statistics: dict[str, Any]) -> list[str]:
@@ -229,6 +251,7 @@ def _convert_bag(path: Path, config: ConversionConfig, encoder: FrameEncoder, wr
                 writer.add_episode(episode, str(path), start_ns)
                 summary.episodes += 1
                 summary.steps += len(episode)
+                summary.episode_steps.append(len(episode))
             episode = []
 
         def take(steps: list[AlignedStep]) -> None:

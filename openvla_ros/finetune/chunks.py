@@ -2,9 +2,11 @@
 
 A sample is a window of one episode: the observation at step t and the physical actions of steps
 t .. t+K-1, normalised to the [-1, 1] chunk the L1 head regresses. As OpenVLA's RLDS pipeline forms
-them, every step starts a window; steps past the episode's end get the neutral action (zero deltas,
-the last gripper value held), so the last K-1 observations of an episode, those near the goal, are
-trained on too and teach the model to stop there. Inputs are laid out by the core's
+them, every step starts a window, so the last K-1 observations of an episode, those near the goal, are
+trained on too. Steps past the episode's end get the neutral *physical* action (zero deltas, the last
+gripper value held), normalised like every other target; OpenVLA's pipeline instead pads with 0.0
+after normalising (the middle of each dimension's range, and a closed gripper). The physical neutral
+teaches the model to stay still at the goal rather than drift toward the middle of the recorded range. Inputs are laid out by the core's
 :func:`~openvla_ros.model.oft.build_chunk_inputs`, images go through the checkpoint's
 :class:`~openvla_ros.model.processor.ImageTransform` and proprio through the same
 :func:`~openvla_ros.model.oft_policy.normalize_proprio` the policy applies at inference.
