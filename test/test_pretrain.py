@@ -161,7 +161,7 @@ def test_bad_settings_are_refused() -> None:
 
 
 def test_no_film_is_a_pretrain_option(tmp_path, capsys) -> None:
-    from openvla_ros.model.tiny import main
+    from openvla_ros.tiny import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "tiny"), "--no-film"])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from openvla_ros.dataset.bag_storage import BagError
+from openvla_ros.dataset.bag_common import BagError
 
 STORAGE_SUFFIXES = {".db3": "sqlite3", ".mcap": "mcap"}
 COMPRESSION_FORMATS = ("zstd", "lz4")
@@ -162,23 +162,6 @@ def _declared_counts(info: dict[str, Any]) -> dict[str, int]:
         except (AttributeError, KeyError, TypeError, ValueError):
             continue
     return counts
-
-
-def decompress(compression: str, data: bytes | memoryview) -> bytes:
-    """Returns ``data`` decompressed with ``compression`` (``zstd`` or ``lz4`` frames).
-
-    Raises:
-        ValueError: for another compression; the libraries' errors for damaged data.
-    """
-    if compression == "zstd":
-        from backports import zstd
-
-        return zstd.decompress(data)
-    if compression == "lz4":
-        import lz4.frame
-
-        return lz4.frame.decompress(data)
-    raise ValueError(f"unknown compression {compression!r}")
 
 
 def decompress_file(layout: BagLayout, file: Path, target_dir: Path) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openvla_ros.dataset.bag_storage import BagError, Entry, StorageTopic
+from openvla_ros.dataset.bag_common import BagError, Entry, StorageTopic
 from openvla_ros.dataset.mcap_index import (
     MAGIC,
     MESSAGE,

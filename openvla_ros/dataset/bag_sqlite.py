@@ -14,7 +14,7 @@ import threading
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from openvla_ros.dataset.bag_storage import BagError, Entry, StorageTopic
+from openvla_ros.dataset.bag_common import BagError, Entry, StorageTopic
 
 _WAY_OUT = "the file is damaged or not a rosbag2 sqlite3 file: leave this bag out, or re-record it"
 

@@ -18,45 +18,21 @@ import heapq
 import shutil
 import tempfile
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from openvla_ros.errors import DatasetError
+from openvla_ros.dataset.bag_common import (
+    ZSTD_FRAME_MAGIC,
+    BagError,
+    Entry,
+    StorageTopic,
+    decompress,
+)
+from openvla_ros.dataset.bag_layout import decompress_file, read_layout
+from openvla_ros.dataset.bag_mcap import McapFile
+from openvla_ros.dataset.bag_sqlite import SqliteFile
 
-Entry = tuple[int, str, Any, "bytes | None"]
-
-
-# The first bytes of every zstd frame (RFC 8878), little-endian 0xFD2FB528.
-ZSTD_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-class BagError(DatasetError):
-    """A bag cannot be read: missing or damaged files, unreadable metadata, an unsupported storage feature.
-
-    Messages name the bag (or its file), the topic where one is involved, and the way out.
-    """
-
-
-@dataclass
-class StorageTopic:
-    """One topic as a storage file records it.
-
-    Attributes:
-        name: the topic name.
-        types: the message types recorded for it (more than one only in a damaged or odd bag).
-        count: the number of messages the storage declares, or None when it keeps no count.
-    """
-
-    name: str
-    types: tuple[str, ...]
-    count: int | None
-
-    @property
-    def msgtype(self) -> str:
-        """The message type (the first one when several were recorded)."""
-        return self.types[0] if self.types else ""
-
+__all__ = ["BagError", "Entry", "StorageFile", "StorageTopic", "StoredBag", "open_bag", "open_storage_file"]
 
 class StorageFile(Protocol):
     """One storage file of a bag (sqlite3 ``.db3`` or ``.mcap``)."""
@@ -161,8 +137,6 @@ class StoredBag:
         return data
 
     def _decompress_message(self, data: bytes | memoryview, topic: str) -> bytes:
-        from openvla_ros.dataset.bag_layout import decompress
-
         try:
             return decompress(self._message_compression, data)
         except Exception as exc:
@@ -187,11 +161,7 @@ def open_storage_file(path: Path, storage: str, bag: Path | None = None) -> Stor
         BagError: when the file is not a readable file of that storage.
     """
     if storage == "mcap":
-        from openvla_ros.dataset.bag_mcap import McapFile
-
         return McapFile(path, bag)
-    from openvla_ros.dataset.bag_sqlite import SqliteFile
-
     return SqliteFile(path, bag)
 
 
@@ -201,8 +171,6 @@ def open_bag(path: str | Path) -> StoredBag:
     Raises:
         BagError: when the path holds no readable bag; the message says what is missing.
     """
-    from openvla_ros.dataset.bag_layout import decompress_file, read_layout
-
     layout = read_layout(Path(path))
     temporary: Path | None = None
     files: list[StorageFile] = []

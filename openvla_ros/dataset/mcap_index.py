@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from openvla_ros.dataset.bag_storage import BagError, StorageTopic
+from openvla_ros.dataset.bag_common import BagError, StorageTopic, decompress
 
 MAGIC = b"\x89MCAP0\r\n"
 SCHEMA, CHANNEL, MESSAGE, CHUNK, MESSAGE_INDEX, CHUNK_INDEX, STATISTICS = 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x0B
@@ -289,8 +289,6 @@ class McapIndex:
         try:
             if prefix is not None and prefix < chunk.size:
                 return _decompress_prefix(chunk.compression, stored, prefix)
-            from openvla_ros.dataset.bag_layout import decompress
-
             data = decompress(chunk.compression, stored)
         except BagError:
             raise

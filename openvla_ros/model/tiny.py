@@ -1,6 +1,6 @@
 """A tiny, randomly initialised OpenVLA checkpoint with the official layout, built offline.
 
-    python -m openvla_ros.tiny OUT_DIR [--seed N] [--prismatic]
+    python -m openvla_ros.tiny OUT_DIR [--seed N] [--prismatic]   (the command: :mod:`openvla_ros.tiny`)
     python -m openvla_ros.tiny OUT_DIR --oft [--chunk K] [--proprio-dim N] [--images N] [--film] [--ours]
 
 The checkpoint has the same structure as OpenVLA-7B at toy sizes: the same timm architectures
@@ -23,11 +23,9 @@ With ``--oft`` it gets OpenVLA-OFT heads, written in the official OFT layout (se
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -377,108 +375,3 @@ def make_tiny_prismatic_run(out_dir: str | Path, seed: int = 0, size: str = "tin
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m openvla_ros.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path, help="directory to create (must not exist or be empty)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--size", default=None, choices=sorted(SIZES),
-                        help="tiny (tests, the default), small (4 Llama layers: the --pretrain default) or mid "
-                             "(~200M, benchmarks)")
-    parser.add_argument(
-        "--prismatic", action="store_true",
-        help="write a Prismatic training run directory (config.json, dataset_statistics.json, "
-        "checkpoints/latest-checkpoint.pt) instead of a checkpoint",
-    )
-    oft = parser.add_argument_group("OpenVLA-OFT (--oft)")
-    oft.add_argument("--oft", action="store_true",
-                     help="add the OFT L1 action head: official layout (.pt heads with the module. prefix)")
-    oft.add_argument("--chunk", type=int, default=8, help="actions per chunk K (default 8)")
-    oft.add_argument("--proprio-dim", type=int, default=0, help="proprio vector length (default 0: no proprio)")
-    oft.add_argument("--images", type=int, default=1, help="input images: primary + wrist cameras (default 1)")
-    oft.add_argument("--film", action="store_true", help="FiLM in every ViT block")
-    oft.add_argument("--ours", action="store_true",
-                     help="write this package's OFT layout (safetensors heads) instead of the official one")
-    pretrain = parser.add_argument_group("pretrained base (--pretrain; see openvla_ros.pretrain)")
-    pretrain.add_argument("--pretrain", action="store_true",
-                          help="train the tiny OFT model fully on a broad simulated dataset; reuses a finished "
-                          "OUT_DIR, resumes an interrupted build, rebuilds a corrupt one")
-    pretrain.add_argument("--tasks", default="", help="task families, comma-separated (default: reach)")
-    pretrain.add_argument("--episodes", type=int, default=0, help="expert episodes (default 2000)")
-    pretrain.add_argument("--steps", type=int, default=0, help="training steps (default 4000)")
-    pretrain.add_argument("--eval-episodes", type=int, default=-1,
-                          help="closed-loop episodes per task after training (default 20)")
-    pretrain.add_argument("--no-film", action="store_true",
-                          help="train the base without FiLM (default: FiLM in every ViT block, as OpenVLA-OFT+)")
-    args = parser.parse_args(argv)
-    from openvla_ros.errors import OpenVLAError
-
-    if args.pretrain:
-        return _pretrain_main(parser, args)
-
-    if args.oft and args.prismatic:
-        parser.error("--oft and --prismatic exclude each other")
-    if args.no_film:
-        parser.error("--no-film is a --pretrain option")
-    if not args.oft and (args.film or args.ours or args.proprio_dim or args.images != 1 or args.chunk != 8):
-        parser.error("--chunk, --proprio-dim, --images, --film and --ours need --oft")
-    try:
-        if args.oft:
-            from openvla_ros.model.tiny_oft import make_tiny_oft_checkpoint
-
-            path = make_tiny_oft_checkpoint(
-                args.out_dir, seed=args.seed, size=args.size or "tiny", chunk=args.chunk, proprio_dim=args.proprio_dim,
-                num_images=args.images, film=args.film, official=not args.ours,
-            )
-        else:
-            make = make_tiny_prismatic_run if args.prismatic else make_tiny_checkpoint
-            path = make(args.out_dir, seed=args.seed, size=args.size or "tiny")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OpenVLAError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``--pretrain``: builds (or reuses) the pretrained base and prints its success rates."""
-    from openvla_ros.pretrain import PretrainError, PretrainSettings, ensure_pretrained
-
-    if args.oft or args.prismatic:
-        parser.error("--pretrain builds an OFT model of its own; drop --oft/--prismatic")
-    given = {"seed": args.seed}
-    if args.size:
-        given["size"] = args.size
-    if args.tasks:
-        given["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    for name in ("episodes", "steps"):
-        if getattr(args, name):
-            given[name] = getattr(args, name)
-    if args.eval_episodes >= 0:
-        given["eval_episodes"] = args.eval_episodes
-    if args.no_film:
-        given["film"] = False
-    from openvla_ros.interrupts import interrupt_exit_status, interrupt_name, termination_as_interrupt
-    from openvla_ros.pretrain import kept_stages_note
-
-    try:
-        with termination_as_interrupt():
-            manifest = ensure_pretrained(args.out_dir, PretrainSettings(**given))
-    except PretrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as interrupt:
-        print(f"interrupted ({interrupt_name(interrupt)}): {kept_stages_note(args.out_dir)}", file=sys.stderr)
-        return interrupt_exit_status(interrupt)
-    for task, result in manifest["success"].items():
-        print(f"{task}: success {result['successes']}/{result['episodes']} on fresh episodes")
-    print(args.out_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
