@@ -118,15 +118,3 @@ def remove_stale_staging(directory: Path, pattern: str) -> list[Path]:
         logger.warning("removed %s, left by an earlier run that was killed before it could clean up", path)
     return removed
 
-
-def newest_checkpoint_note(out: Path | None) -> str:
-    """Returns what an interrupted training run kept: its newest complete ``checkpoints/step-N``, or that
-    none was complete yet (only complete checkpoints have that name; one being written is staged)."""
-    if out is None:
-        return "no checkpoint was complete yet"
-    root = Path(out) / "checkpoints"
-    found = sorted(root.glob("step-*")) if root.is_dir() else []
-    complete = [path for path in found if path.is_dir() and path.name[5:].isdigit()]
-    if not complete:
-        return f"no checkpoint was complete yet in {root}"
-    return f"the newest complete checkpoint is {complete[-1]}"

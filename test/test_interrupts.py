@@ -16,7 +16,6 @@ from openvla_ros.interrupts import (
     interrupt_exit_status,
     interrupt_name,
     mark_owner,
-    newest_checkpoint_note,
     remove_stale_staging,
     termination_as_interrupt,
 )
@@ -62,8 +61,10 @@ def test_stale_staging_is_removed_unless_its_owner_runs(tmp_path: Path) -> None:
 
 
 def test_the_interrupted_runs_note_names_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    from openvla_ros.finetune.checkpoints import newest_checkpoint_note
+
     assert newest_checkpoint_note(None) == "no checkpoint was complete yet"
     assert newest_checkpoint_note(tmp_path).startswith("no checkpoint was complete yet in")
-    for name in ("step-000004", "step-000012", ".staging-abc"):
+    for name in ("step-000004", "step-000012", "step-00003", ".staging-abc"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert newest_checkpoint_note(tmp_path).endswith("checkpoints/step-000012")

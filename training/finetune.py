@@ -13,14 +13,10 @@ import logging
 import sys
 
 from openvla_ros.errors import OpenVLAError
+from openvla_ros.finetune.checkpoints import newest_checkpoint_note
 from openvla_ros.finetune.config import load_config
 from openvla_ros.finetune.trainer import run_finetune
-from openvla_ros.interrupts import (
-    interrupt_exit_status,
-    interrupt_name,
-    newest_checkpoint_note,
-    termination_as_interrupt,
-)
+from openvla_ros.interrupts import interrupt_exit_status, interrupt_name, termination_as_interrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,9 @@ import sys
 from pathlib import Path
 
 from openvla_ros.errors import OpenVLAError
+from openvla_ros.finetune.checkpoints import newest_checkpoint_note
 from openvla_ros.finetune.energy_training import EnergyTrainingConfig, run_energy_training
-from openvla_ros.interrupts import (
-    interrupt_exit_status,
-    interrupt_name,
-    newest_checkpoint_note,
-    termination_as_interrupt,
-)
+from openvla_ros.interrupts import interrupt_exit_status, interrupt_name, termination_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:

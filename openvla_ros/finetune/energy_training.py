@@ -26,9 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +34,16 @@ import numpy as np
 import torch
 
 from openvla_ros.errors import OpenVLAError, TrainingError
+from openvla_ros.finetune.checkpoints import (
+    list_checkpoints,
+    newest_checkpoint,
+    remove_stale_checkpoint_staging,
+    restore_training_state,
+    training_state,
+    write_checkpoint,
+)
 from openvla_ros.finetune.chunks import ChunkBatch, ChunkSampleBuilder, check_chunk_data, collate_chunks
 from openvla_ros.finetune.data import epoch_order, load_frames, open_rlds, sample_rng
-from openvla_ros.finetune.trainer import CHECKPOINT_PATTERN
-from openvla_ros.interrupts import remove_stale_staging
 from openvla_ros.model.action_codec import select_unnorm_key
 from openvla_ros.model.energy import EnergyModel, EnergySpec, energy_context_mask
 from openvla_ros.model.loading import (
@@ -258,7 +261,7 @@ class EnergyTrainer:
                 unreadable checkpoint.
         """
         config = self.config
-        remove_stale_staging(self.out / "checkpoints", ".staging-*")  # what a killed run left half-written
+        remove_stale_checkpoint_staging(self.out)  # what a killed run left half-written
         if config.resume:
             self._resume()
         elif self._checkpoints():
@@ -325,44 +328,21 @@ class EnergyTrainer:
 
     # ---------------------------------------------------------------------------- checkpoints
     def _checkpoints(self) -> list[Path]:
-        root = self.out / "checkpoints"
-        if not root.is_dir():
-            return []
-        found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-        return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+        return list_checkpoints(self.out)
 
     def _save_checkpoint(self) -> None:
         """Writes the energy weights, optimiser, scheduler, step and RNG states atomically; prunes old ones."""
-        root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step:06d}"
-        if not final.exists():
-            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
-            try:
-                save_energy_model(self.energy, staging, {"steps": self.step})
-                torch.save({
-                    "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": np.random.get_state(),
-                    "python_rng": random.getstate(),
-                    "config": self.config.to_dict(),
-                }, staging / STATE_NAME)
-                staging.rename(final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-        for old in self._checkpoints()[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        def write(directory: Path) -> None:
+            save_energy_model(self.energy, directory, {"steps": self.step})
+            torch.save(training_state(self.step, self.optimizer, self.scheduler, self.config.to_dict()),
+                       directory / STATE_NAME)
+
+        write_checkpoint(self.out, self.step, write, self.config.keep_checkpoints)
 
     def _resume(self) -> None:
         from safetensors.torch import load_file
 
-        checkpoints = self._checkpoints()
-        if not checkpoints:
-            raise TrainingError(f"--resume given but {self.out / 'checkpoints'} holds no checkpoint; drop --resume")
-        latest = checkpoints[-1]
+        latest = newest_checkpoint(self.out)
         try:
             state = torch.load(latest / STATE_NAME, map_location="cpu", weights_only=False)
             weights = load_file(str(latest / ENERGY_NAME))
@@ -379,12 +359,7 @@ class EnergyTrainer:
             load_component_state(self.energy, weights, str(latest / ENERGY_NAME))
         except OpenVLAError as exc:
             raise TrainingError(str(exc)) from exc
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
-        self.step = int(state["step"])
+        self.step = restore_training_state(state, self.optimizer, self.scheduler)
         logger.info("resumed from %s at step %d", latest, self.step)
 
     def _write_outputs(self) -> None:

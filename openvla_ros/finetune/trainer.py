@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import os
-import random
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -34,6 +32,14 @@ import yaml
 from torch import nn
 
 from openvla_ros.errors import TrainingError
+from openvla_ros.finetune.checkpoints import (
+    list_checkpoints,
+    newest_checkpoint,
+    remove_stale_checkpoint_staging,
+    restore_training_state,
+    training_state,
+    write_checkpoint,
+)
 from openvla_ros.finetune.chunks import ChunkMetrics, ChunkSampleBuilder, check_chunk_data, collate_chunks
 from openvla_ros.finetune.config import DEFAULT_CHUNK, FinetuneConfig
 from openvla_ros.finetune.data import (
@@ -69,7 +75,6 @@ from openvla_ros.model.policy import attach_adapter
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's checkpoint weights (LoRA runs keep adapter/)
 
 
@@ -378,7 +383,7 @@ class Trainer:
 
         config = self.config
         if self.dist.is_main:  # what a killed run (SIGKILL, power loss) left half-written
-            remove_stale_staging(self.out / "checkpoints", ".staging-*")
+            remove_stale_checkpoint_staging(self.out)
             remove_stale_staging(self.out, ".adapter-*")
             remove_stale_staging(self.out, ".merged.*")
         if config.resume:
@@ -465,49 +470,26 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- checkpoints
     def _checkpoints(self) -> list[Path]:
-        root = self.out / "checkpoints"
-        if not root.is_dir():
-            return []
-        found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-        return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+        return list_checkpoints(self.out)
 
     def _save_checkpoint(self) -> None:
         """Writes adapter + optimizer/scheduler/step/RNG atomically (rank 0) and prunes old ones."""
         if self.dist.is_main:
-            root = self.out / "checkpoints"
-            root.mkdir(parents=True, exist_ok=True)
-            final = root / f"step-{self.step:06d}"
-            if not final.exists():
-                staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
-                try:
-                    self._save_weights(staging)
-                    if self.chunked:
-                        self._save_heads(staging / "heads")
-                    torch.save({
-                        "step": self.step,
-                        "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "numpy_rng": np.random.get_state(),
-                        "python_rng": random.getstate(),
-                        "config": self.config.to_dict(),
-                    }, staging / "training_state.pt")
-                    staging.rename(final)
-                except BaseException:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise
-            for old in self._checkpoints()[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            def write(directory: Path) -> None:
+                self._save_weights(directory)
+                if self.chunked:
+                    self._save_heads(directory / "heads")
+                torch.save(training_state(self.step, self.optimizer, self.scheduler, self.config.to_dict()),
+                           directory / "training_state.pt")
+
+            write_checkpoint(self.out, self.step, write, self.config.keep_checkpoints)
         self.dist.barrier()
 
     def _resume(self) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        checkpoints = self._checkpoints()
-        if not checkpoints:
-            raise TrainingError(f"--resume given but {self.out / 'checkpoints'} holds no checkpoint; drop --resume")
-        latest = checkpoints[-1]
+        latest = newest_checkpoint(self.out)
         try:
             state = torch.load(latest / "training_state.pt", map_location="cpu", weights_only=False)
             if self.full:
@@ -527,12 +509,7 @@ class Trainer:
                 raise TrainingError(f"checkpoint {latest} does not fit this model: unexpected {result.unexpected_keys[:3]}")
         if self.chunked:
             self._load_heads(latest / "heads")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
-        self.step = int(state["step"])
+        self.step = restore_training_state(state, self.optimizer, self.scheduler)
         logger.info("resumed from %s at step %d", latest, self.step)
 
     def _tied_names(self) -> list[str]:
