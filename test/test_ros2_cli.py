@@ -425,14 +425,20 @@ class ShutdownRound:
     signals: int
     status: int | None = None
     exit_s: float = math.nan
+    node_exit_s: float = math.nan
     last_action: list[float] | None = None
     last_twist_zero: bool | None = None
     escalated: bool = False
+    node_clean: bool = False
 
     def problems(self) -> list[str]:
         found = []
-        if self.status != 0:
-            found.append(f"exit status {self.status}")
+        if not self.node_clean:
+            found.append("the node did not finish cleanly (exit status 0)")
+        # ros2 launch itself dies of a SIGINT that arrives after its node has finished and its own
+        # handlers are gone (the node now exits within tens of ms): the node's status is what counts.
+        if self.status != 0 and not (self.status == -signal.SIGINT and self.node_clean):
+            found.append(f"ros2 launch exit status {self.status}")
         if self.last_action is None or not (len(self.last_action) == 7 and not any(self.last_action[:6])):
             found.append(f"last action {self.last_action} is not a zero delta")
         if not self.last_twist_zero:
@@ -477,14 +483,17 @@ def test_repeated_signals_under_load_deliver_the_zero_delta_last_and_exit_at_onc
                     if number:
                         time.sleep(SIGNAL_GAP_S)
                     os.killpg(launch.process.pid, signal.SIGINT)
-                try:
-                    record.status = launch.process.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    record.status = None
+                deadline = signalled + STOP_TIMEOUT_S
+                while launch.process.poll() is None and time.monotonic() < deadline:
+                    if math.isnan(record.node_exit_s) and "process has finished cleanly" in launch.output():
+                        record.node_exit_s = time.monotonic() - signalled  # as seen by ros2 launch
+                    time.sleep(0.01)
+                record.status = launch.process.poll()
                 record.exit_s = time.monotonic() - signalled
                 time.sleep(LATE_MESSAGE_WAIT_S)  # anything still in flight arrives, or is lost
                 output = launch.output()
                 record.escalated = "failed to terminate" in output
+                record.node_clean = "process has finished cleanly" in output
                 received = actions.since(started)
                 record.last_action = list(received[-1][1].data) if received else None
                 last_twists = twists.since(started)
@@ -496,7 +505,8 @@ def test_repeated_signals_under_load_deliver_the_zero_delta_last_and_exit_at_onc
     finally:
         hog.stop()
     summary = "\n".join(
-        f"round {index}: {record.signals} signal(s), exit {record.exit_s:.2f} s, status {record.status}: "
+        f"round {index}: {record.signals} signal(s), node exit {record.node_exit_s:.2f} s, ros2 launch exit "
+        f"{record.exit_s:.2f} s, status {record.status}: "
         + ("; ".join(record.problems()) or "ok")
         for index, record in enumerate(rounds)
     )
