@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,8 +289,26 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else math.nan
 
 
-def save_episode_png(path: Path, readings: Readings, instruction: str, start: float, rate_hz: float) -> Path:
-    """Saves a figure of the episode: last camera frame with the gripper path, actions, action timing."""
+def control_intervals(times: np.ndarray, resets: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Returns a mask of the intervals ``times[k] -> times[k + 1]`` that are control periods.
+
+    An interval that reaches into a reset window ``(disable requested, enabled again)`` is not: the zero
+    delta that disabling publishes comes right after the last action (a point at ~100 Hz) and the first
+    action of the next episode long after it. ``resets`` are on the same clock as ``times``.
+    """
+    keep = np.ones(max(len(times) - 1, 0), dtype=bool)
+    for disabled, enabled in resets:
+        keep &= ~((times[1:] >= disabled) & (times[:-1] <= enabled))
+    return keep
+
+
+def save_episode_png(path: Path, readings: Readings, instruction: str, start: float, rate_hz: float,
+                     resets: Sequence[tuple[float, float]] = ()) -> Path:
+    """Saves a figure of the episode: last camera frame with the gripper path, actions, action timing.
+
+    ``resets`` are the ``(disabled, enabled again)`` times of the episode resets (monotonic): they are
+    marked, and the rate panel leaves their intervals out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,7 +335,8 @@ def save_episode_png(path: Path, readings: Readings, instruction: str, start: fl
             camera_axis.plot(pixels[:, 0], pixels[:, 1], color="white", linewidth=1.5, label="gripper path (on the table)")
             camera_axis.plot(*pixels[0], "o", color="lime", label="start")
             camera_axis.plot(*pixels[-1], "x", color="magenta", markersize=9, label="end")
-            camera_axis.legend(loc="lower right", fontsize=8)
+            # below the image, so it hides nothing of the scene or the path
+            camera_axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=8, frameon=False)
     camera_axis.set_title(f'"{instruction}": {task.get("status", "?")}', fontsize=10)
     camera_axis.axis("off")
 
@@ -328,8 +347,14 @@ def save_episode_png(path: Path, readings: Readings, instruction: str, start: fl
             action_axis.plot(times, values[:, index] * 1000, label=f"{label} (mm)")
         action_axis.plot(times, values[:, 6] * 10, "--", label="gripper x10")
         intervals = np.diff(times)
-        if len(intervals):
-            timing_axis.plot(times[1:], 1.0 / np.maximum(intervals, 1e-3), ".", label="achieved (Hz)")
+        keep = control_intervals(times + start, resets)
+        if keep.any():
+            timing_axis.plot(times[1:][keep], 1.0 / np.maximum(intervals[keep], 1e-3), ".", label="achieved (Hz)")
+        for number, (disabled, enabled) in enumerate(resets):
+            end = enabled if math.isfinite(enabled) else max(disabled, times[-1] + start)
+            for axis in (action_axis, timing_axis):
+                axis.axvspan(disabled - start, end - start, color="grey", alpha=0.15,
+                             label="episode reset (not in the rate)" if number == 0 and axis is timing_axis else None)
     timing_axis.axhline(rate_hz, color="grey", linestyle=":", label=f"target {rate_hz:g} Hz")
     action_axis.set_xlabel("time (s)")
     action_axis.set_title("actions", fontsize=10)
@@ -526,6 +551,7 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
 
     start = time.monotonic()
     episode_start, episodes, reported = start, [], set()
+    resets: list[tuple[float, float]] = []
     next_line = start + 1.0
     while time.monotonic() - start < args.duration:
         if should_stop():
@@ -544,6 +570,7 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
                   flush=True)
             if time.monotonic() - start > args.duration - 3.0:
                 break
+            disabled = time.monotonic()
             monitor.call(monitor.enable_client, SetBool.Request(data=False), 10.0, should_stop)
             reset = monitor.call(monitor.reset_client, Trigger.Request(), 10.0, should_stop)
             if reset is None:
@@ -551,13 +578,16 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
             instruction, episode_start = reset.message, time.monotonic()
             print(f'episode {len(episodes) + 1}: "{instruction}"', flush=True)
             monitor.call(monitor.enable_client, SetBool.Request(data=True), 10.0, should_stop)
+            resets.append((disabled, time.monotonic()))
         time.sleep(0.02)
     elapsed = time.monotonic() - start
     if not stop.is_set():
+        resets.append((time.monotonic(), math.inf))  # the final disable: its zero delta is no control step
         monitor.call(monitor.enable_client, SetBool.Request(data=False), 10.0, should_stop)
 
     _print_summary(monitor.readings, start, elapsed, args.rate_hz, choice, episodes)
-    png = save_episode_png(args.out / "episode.png", monitor.readings, instruction, episode_start, args.rate_hz)
+    png = save_episode_png(args.out / "episode.png", monitor.readings, instruction, episode_start, args.rate_hz,
+                           resets)
     print(f"saved {png}", flush=True)
     return _interrupted(stop) if stop.is_set() else 0
 

@@ -176,3 +176,19 @@ def test_demo_stops_its_child_processes_when_terminated(tiny_checkpoint: Path, t
     assert "stopped sim_scene" in output and "openvla_policy" in output
     for pid in pids:
         assert not pid_alive(pid), f"child {pid} still running\n{output}"
+
+
+def test_the_rate_panel_leaves_the_intervals_around_a_reset_out() -> None:
+    import numpy as np
+
+    from openvla_ros.demo import control_intervals
+
+    # 5 Hz control, disabled at 1.01 (its zero delta arrives at 1.02), enabled again at 3.0, then 5 Hz again
+    times = np.array([0.2, 0.4, 0.6, 0.8, 1.0, 1.02, 3.1, 3.3, 3.5])
+    keep = control_intervals(times, [(1.01, 3.0)])
+    assert keep.tolist() == [True, True, True, True, False, False, True, True]
+    rates = 1.0 / np.diff(times)[keep]
+    assert np.allclose(rates, 5.0)  # without the mask: a 50 Hz point and a 0.5 Hz point
+    assert control_intervals(times, []).all() and control_intervals(times[:1], []).size == 0
+    final = control_intervals(times, [(3.45, float("inf"))])
+    assert final.tolist() == [True] * 7 + [False]
