@@ -78,7 +78,8 @@ def test_converted_run_has_the_tiny_checkpoints_weights_and_config(
     assert config["arch_specifier"] == "no-align+fused-gelu-mlp"
     statistics = json.loads((out / "dataset_statistics.json").read_text())
     assert statistics == json.loads((tiny_checkpoint / "dataset_statistics.json").read_text())
-    assert json.loads((out / "preprocessor_config.json").read_text()) == {
+    written = json.loads((out / "preprocessor_config.json").read_text())
+    assert {key: value for key, value in written.items() if not key.startswith("tvf_")} == {
         "image_processor_type": "PrismaticImageProcessor",
         "processor_class": "PrismaticProcessor",
         "use_fused_vision_backbone": True,
@@ -88,6 +89,12 @@ def test_converted_run_has_the_tiny_checkpoints_weights_and_config(
         "means": [[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]],
         "stds": [[0.229, 0.224, 0.225], [0.5, 0.5, 0.5]],
     }
+    # and the form the official processor's apply_transform reads
+    assert written["tvf_normalize_params"] == [
+        {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "inplace": False},
+        {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "inplace": False},
+    ]
+    assert written["tvf_resize_params"][0]["size"] == [224, 224] and written["tvf_do_letterbox"] is False
     assert (out / "tokenizer.model").read_bytes() == (tiny_checkpoint / "tokenizer.model").read_bytes()
     assert sorted(p.name for p in out.parent.iterdir()) == ["converted"]  # no staging left beside it
 

@@ -122,9 +122,11 @@ def _copy(merged: Path, tmp_path: Path, name: str) -> Path:
 
 
 def _with_preprocessor(merged: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of the model whose preprocessor file has ``changes``; the ``tvf_*`` fields, which the
+    official processor applies in preference, are dropped so that the changed fields take effect."""
     target = _copy(merged, tmp_path, "resized")
     path = target / "preprocessor_config.json"
-    data = json.loads(path.read_text())
+    data = {key: value for key, value in json.loads(path.read_text()).items() if not key.startswith("tvf_")}
     data.update(changes)
     path.write_text(json.dumps(data))
     return target

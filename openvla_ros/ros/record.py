@@ -137,9 +137,16 @@ def load_record_settings(path: str | Path | None = None) -> RecordSettings:
     if not isinstance(data, dict):
         raise RecordError(f"config file {path} must hold a mapping with topics/record sections")
     try:
-        topics = config_from_mapping(data).topics.recorded_topics()
+        configured = config_from_mapping(data).topics
     except DatasetError as exc:
         raise RecordError(f"config file {path}: {exc}") from exc
+    for name, topic in vars(configured).items():
+        if topic and not topic.startswith("/"):
+            raise RecordError(
+                f"config file {path}: topics.{name} {topic!r} must be an absolute topic name starting with '/' "
+                "to be recorded"
+            )
+    topics = configured.recorded_topics()
     record = data.get("record") or {}
     if not isinstance(record, dict):
         raise RecordError(f"config file {path}: section 'record' must be a mapping")
