@@ -1,9 +1,11 @@
-"""Shared test fixtures: one tiny OpenVLA checkpoint per test session, built locally."""
+"""Shared test fixtures: one tiny OpenVLA checkpoint per test session, built locally; the DDS driver node."""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,3 +40,25 @@ def small_pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pretrained") / "tiny-pretrained"
     build_pretrained(out, PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1), progress=lambda _: None)
     return out
+
+
+# The DDS driver node of the test modules that talk to nodes (module scope: each module gets its own,
+# named after it), and the /diagnostics it receives. rclpy is imported only when a test asks for them;
+# the modules themselves import ros_helpers first, which isolates their DDS traffic.
+
+
+@pytest.fixture(scope="module")
+def ros_node(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """This test module's rclpy node, spinning in the background."""
+    from ros_helpers import spinning_node
+
+    with spinning_node(f"{request.module.__name__.rsplit('.', 1)[-1]}_driver") as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def diagnostics(ros_node: Any) -> Any:
+    """The policy_helpers.Received of everything published on /diagnostics while the module runs."""
+    from policy_helpers import subscribe_diagnostics
+
+    return subscribe_diagnostics(ros_node)

@@ -27,11 +27,10 @@ from policy_helpers import (
     latest_status,
     start_node,
     status_values,
-    subscribe_diagnostics,
     wait_active,
     zero_delta_then_silence,
 )
-from ros_helpers import spinning_node, wait_until  # sets up DDS isolation first
+from ros_helpers import wait_until  # sets up DDS isolation first
 from standin_policy_node import STEP_UNIT, decode_action
 
 CHUNK = 8
@@ -52,16 +51,6 @@ def _start(name: str, log_dir: Path, step_s: float, chunk: dict[str, int], *over
         "publish_step_timing:=true", *overrides, standin_step_s=step_s, standin_chunk=chunk,
     )
 
-
-@pytest.fixture(scope="module")
-def ros_node() -> Iterator[rclpy.node.Node]:
-    with spinning_node("chunk_mode_test_driver") as node:
-        yield node
-
-
-@pytest.fixture(scope="module")
-def diagnostics(ros_node: rclpy.node.Node) -> Received:
-    return subscribe_diagnostics(ros_node)
 
 
 @pytest.fixture(scope="module")

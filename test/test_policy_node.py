@@ -33,11 +33,10 @@ from policy_helpers import (
     rate_over,
     start_node,
     status_values,
-    subscribe_diagnostics,
     typical_rate_over,
     wait_active,
 )
-from ros_helpers import spinning_node, wait_until  # sets up DDS isolation first
+from ros_helpers import wait_until  # sets up DDS isolation first
 
 LAUNCH_FILE = REPO / "launch" / "policy.launch.py"
 MIN_RATE_HZ, MAX_TEST_RATE_HZ = 1.0, 5.0
@@ -84,16 +83,6 @@ def nodes(
     for node_process in started.values():
         node_process.stop()
 
-
-@pytest.fixture(scope="module")
-def ros_node() -> Iterator[rclpy.node.Node]:
-    with spinning_node("policy_node_test_driver") as node:
-        yield node
-
-
-@pytest.fixture(scope="module")
-def diagnostics(ros_node: rclpy.node.Node) -> Received:
-    return subscribe_diagnostics(ros_node)
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,11 @@ from policy_helpers import (
     rate_over,
     start_node,
     status_values,
-    subscribe_diagnostics,
     wait_active,
     zero_delta_then_silence,
 )
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
-from ros_helpers import LATCHED_QOS, spinning_node, wait_until  # sets up DDS isolation first
+from ros_helpers import LATCHED_QOS, wait_until  # sets up DDS isolation first
 from std_msgs.msg import String  # noqa: E402
 
 VOLATILE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE)
@@ -49,16 +48,6 @@ STANDIN_TRANSLATION = (0.01, -0.02, 0.03)
 def _topics(name: str) -> tuple[str, str]:
     return f"/{name}/camera", f"/{name}/instruction"
 
-
-@pytest.fixture(scope="module")
-def ros_node() -> Iterator[rclpy.node.Node]:
-    with spinning_node("policy_timing_test_driver") as node:
-        yield node
-
-
-@pytest.fixture(scope="module")
-def diagnostics(ros_node: rclpy.node.Node) -> Received:
-    return subscribe_diagnostics(ros_node)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import yaml
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
-from ros_helpers import LATCHED_QOS, spinning_node, wait_until  # sets up DDS isolation first
+from ros_helpers import LATCHED_QOS, wait_until  # sets up DDS isolation first
 from rosbags.highlevel import AnyReader  # noqa: E402
 from std_msgs.msg import Float64MultiArray, String  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
@@ -46,12 +45,6 @@ def read_bag(path: Path) -> tuple[dict[str, list[Any]], dict[str, int]]:
         for connection, _, raw in reader.messages():
             messages.setdefault(connection.topic, []).append(reader.deserialize(raw, connection.msgtype))
     return messages, declared
-
-
-@pytest.fixture(scope="module")
-def ros_node() -> Iterator[Any]:
-    with spinning_node("record_test_driver") as node:
-        yield node
 
 
 # ---------------------------------------------------------------------------------------- settings
