@@ -244,9 +244,10 @@ def test_predict_refines_on_request_and_reports_the_energies(
     assert after <= before and "2 step(s)" in line
 
 
+@pytest.mark.parametrize("at_save", [1, 2])
 def test_sigterm_during_a_checkpoint_keeps_the_previous_one_and_resume_finishes(
     oft_model: Path, dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, at_save: int
 ) -> None:
     import os
     import signal
@@ -264,17 +265,23 @@ def test_sigterm_during_a_checkpoint_keeps_the_previous_one_and_resume_finishes(
     def save_then_terminated(value, path, *args, **kwargs):
         saves.append(path)
         real_save(value, path, *args, **kwargs)
-        if len(saves) == 2:  # the second checkpoint is written into its staging directory, not yet in place
+        if len(saves) == at_save:  # this checkpoint is written into its staging directory, not yet in place
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(energy_training.torch, "save", save_then_terminated)
     capsys.readouterr()
     assert main(command) == 143
-    kept = out / "checkpoints" / "step-000002"
-    assert f"interrupted (SIGTERM): the newest complete checkpoint is {kept}" in capsys.readouterr().err
-    assert [path.name for path in (out / "checkpoints").iterdir()] == ["step-000002"]
+    stderr = capsys.readouterr().err
+    if at_save == 1:
+        assert "interrupted (SIGTERM): no checkpoint was complete yet" in stderr
+        assert list((out / "checkpoints").iterdir()) == []
+    else:
+        kept = out / "checkpoints" / "step-000002"
+        assert f"interrupted (SIGTERM): the newest complete checkpoint is {kept}" in stderr
+        assert [path.name for path in (out / "checkpoints").iterdir()] == ["step-000002"]
     assert not (out / "energy").exists()
     monkeypatch.setattr(energy_training.torch, "save", real_save)
-    assert main([*command, "--resume"]) == 0, capsys.readouterr().err[-2000:]
+    again = [*command, "--resume"] if at_save > 1 else [*command]
+    assert main(again) == 0, capsys.readouterr().err[-2000:]
     assert (out / "energy" / ENERGY_NAME).is_file()
     assert not list((out / "checkpoints").glob(".staging-*"))

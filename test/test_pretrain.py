@@ -169,7 +169,8 @@ def test_no_film_is_a_pretrain_option(tmp_path, capsys) -> None:
     assert not (tmp_path / "tiny").exists()
 
 
-def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tmp_path) -> None:
+@pytest.mark.parametrize(("stage", "kept"), [("demos", ("base",)), ("train", ("base", "demos", "data"))])
+def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tmp_path, stage, kept) -> None:
     import os
     import signal
     import time
@@ -184,7 +185,7 @@ def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tm
         )
     try:
         deadline = time.monotonic() + 300
-        while "[pretrain] train ..." not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+        while f"[pretrain] {stage} ..." not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert process.poll() is None, log.read_text()[-3000:]
         process.send_signal(signal.SIGTERM)
@@ -195,18 +196,17 @@ def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tm
     text = log.read_text()
     assert process.returncode == 143, text[-3000:]
     build = out.parent / "base.build"
-    assert f"interrupted (SIGTERM): finished stages kept in {build} (base, demos, data)" in text, text[-3000:]
+    assert f"interrupted (SIGTERM): finished stages kept in {build} ({', '.join(kept)})" in text, text[-3000:]
     assert not out.exists(), "an interrupted build must not leave a base that looks finished"
 
     resumed: list[str] = []
 
     def stop_at_training(message: str) -> None:
         resumed.append(message)
-        if message == "[pretrain] train ...":
+        if message == f"[pretrain] {stage} ...":
             raise InterruptError
 
     with pytest.raises(InterruptError):
         build_pretrained(out, PretrainSettings(episodes=4, steps=400, eval_episodes=1), progress=stop_at_training)
-    assert [m for m in resumed if m.endswith("done before, kept")] == [
-        f"[pretrain] {stage}: done before, kept" for stage in ("base", "demos", "data")
-    ]
+    assert [m for m in resumed if m.endswith("done before, kept")] == [f"[pretrain] {done}: done before, kept"
+                                                                      for done in kept]
