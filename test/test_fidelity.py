@@ -66,22 +66,23 @@ def _rounded_pixels(image: np.ndarray) -> np.ndarray:
     return np.concatenate([dino.transpose(2, 0, 1), ((resized - 0.5) / 0.5).transpose(2, 0, 1)])
 
 
+def _with_preprocessor(tiny_checkpoint: Path, target: Path, preprocessor: dict) -> Path:
+    """A copy of the tiny checkpoint at ``target`` with ``preprocessor`` as its preprocessor_config.json."""
+    shutil.copytree(tiny_checkpoint, target)
+    (target / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor))
+    return target
+
+
 @pytest.fixture(scope="module")
 def training_code_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint with a preprocessor file laid out as the original training code saves it."""
-    out = tmp_path_factory.mktemp("tvf") / "ckpt"
-    shutil.copytree(tiny_checkpoint, out)
-    (out / PREPROCESSOR_NAME).write_text(json.dumps(_saved_by_training_code()))
-    return out
+    return _with_preprocessor(tiny_checkpoint, tmp_path_factory.mktemp("tvf") / "ckpt", _saved_by_training_code())
 
 
 @pytest.fixture(scope="module")
 def rounded_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint with openvla-7b's preprocessor_config.json (bf16-rounded DINOv2 constants)."""
-    out = tmp_path_factory.mktemp("rounded") / "ckpt"
-    shutil.copytree(tiny_checkpoint, out)
-    (out / PREPROCESSOR_NAME).write_text(json.dumps(_official_preprocessor()))
-    return out
+    """The tiny checkpoint whose preprocessor_config.json holds bf16-rounded DINOv2 `means`/`stds` only."""
+    return _with_preprocessor(tiny_checkpoint, tmp_path_factory.mktemp("rounded") / "ckpt", _official_preprocessor())
 
 
 def test_tiny_checkpoint_ships_the_textbook_preprocessor_settings(tiny_checkpoint: Path) -> None:
@@ -161,9 +162,7 @@ def test_without_a_preprocessor_file_the_textbook_values_apply(tiny_checkpoint: 
 def test_preprocessor_settings_that_do_not_fit_are_one_clear_error(
     tiny_checkpoint: Path, tmp_path: Path, layout, changes: dict, words: str
 ) -> None:
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_checkpoint, broken)
-    (broken / PREPROCESSOR_NAME).write_text(json.dumps(layout(**changes)))
+    broken = _with_preprocessor(tiny_checkpoint, tmp_path / "broken", layout(**changes))
     with pytest.raises(CheckpointError, match=PREPROCESSOR_NAME) as caught:
         OpenVLAPolicy.from_pretrained(str(broken), device="cpu")
     assert words in str(caught.value)

@@ -252,7 +252,8 @@ def _processes_in_domain(domain_id: str) -> list[str]:
 
 def test_sigterm_stops_the_children_and_says_what_is_left(tiny_checkpoint: Path, tmp_path: Path) -> None:
     import signal
-    import time
+
+    from process_helpers import signal_when
 
     from openvla_ros.pipeline import MARKER, prepare_out_dir
 
@@ -265,20 +266,13 @@ def test_sigterm_stops_the_children_and_says_what_is_left(tiny_checkpoint: Path,
             [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(out), "--base", str(tiny_checkpoint)],
             cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT,
         )
-    try:
-        deadline = time.monotonic() + 300
-        while process.poll() is None and time.monotonic() < deadline and not (
-            (out / "bags").is_dir() and any((out / "bags").iterdir())
-        ):
-            time.sleep(0.05)
-        assert process.poll() is None, log.read_text()[-3000:]
-        children = [line for line in _processes_in_domain(domain) if "--ros-args" in line]
-        assert children, "the recording stage runs no child nodes: the test signals too early or too late"
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    bags = out / "bags"
+
+    def recording() -> bool:  # a bag is being written and the stage's child nodes run
+        return bags.is_dir() and any(bags.iterdir()) and any("--ros-args" in line
+                                                             for line in _processes_in_domain(domain))
+
+    signal_when(process, recording, signal.SIGTERM, "to recording with its child nodes", log.read_text)
     output = log.read_text()
     assert process.returncode == 143, output[-3000:]
     assert f"interrupted (SIGTERM): the child processes are stopped; {out} holds a partial run" in output

@@ -173,7 +173,8 @@ def test_no_film_is_a_pretrain_option(tmp_path, capsys) -> None:
 def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tmp_path, stage, kept) -> None:
     import os
     import signal
-    import time
+
+    from process_helpers import signal_when
 
     out = tmp_path / "base"
     log = tmp_path / "pretrain.log"
@@ -183,16 +184,8 @@ def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tm
              "--eval-episodes", "1"],
             cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=output, stderr=subprocess.STDOUT,
         )
-    try:
-        deadline = time.monotonic() + 300
-        while f"[pretrain] {stage} ..." not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert process.poll() is None, log.read_text()[-3000:]
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    signal_when(process, lambda: f"[pretrain] {stage} ..." in log.read_text(), signal.SIGTERM, f"to its {stage} stage",
+                log.read_text)
     text = log.read_text()
     assert process.returncode == 143, text[-3000:]
     build = out.parent / "base.build"
