@@ -398,7 +398,7 @@ def convert(settings: PipelineSettings, bags: list[str], data_dir: Path) -> dict
 class _TrainerLog(logging.Handler):
     """Collects the trainer's ``step N split: key value ...`` log lines into a curve."""
 
-    PATTERN = re.compile(r"([a-z_]+) (-?[0-9.]+|nan)")
+    PATTERN = re.compile(r"\b([a-z][a-z0-9_]*) (-?[0-9.]+|nan)")  # names such as l1_first_step have digits
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)

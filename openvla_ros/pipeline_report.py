@@ -59,7 +59,7 @@ def plot_trajectories(results: dict[str, Any], task: str, path: Path, max_panels
     count = min(max_panels, len(results["seeds"]))
     columns = min(4, count)
     rows = (count + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.2 * rows), squeeze=False)
     for index, axis in enumerate(axes.flat):
         if index >= count:
             axis.axis("off")
@@ -88,11 +88,12 @@ def plot_trajectories(results: dict[str, Any], task: str, path: Path, max_panels
         axis.set_ylim(-half_y - 0.01, half_y + 0.01)
         axis.set_aspect("equal")
         axis.tick_params(labelsize=6)
-        axis.legend(fontsize=6, loc="lower left")
+        # below the table, so it hides no block, path or target
+        axis.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     figure.suptitle("closed loop, overhead view (x right, y up, metres): start o, end x, target circle")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.94))
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=80, bbox_inches="tight")  # "tight" keeps the legends below the panels
     plt.close(figure)
     return path
 

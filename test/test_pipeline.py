@@ -280,3 +280,22 @@ def test_sigterm_stops_the_children_and_says_what_is_left(tiny_checkpoint: Path,
     assert [line for line in _processes_in_domain(domain) if "--ros-args" in line] == []
     prepare_out_dir(out)  # the next run takes the directory over
     assert [path.name for path in out.iterdir()] == [MARKER]
+
+
+def test_the_training_curve_keeps_metric_names_with_digits() -> None:
+    import logging
+
+    from openvla_ros.pipeline import _TrainerLog
+
+    handler = _TrainerLog()
+    logger = logging.getLogger("curve_test")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("step %d %s: %s", 3, "val", "loss 0.5167  l1_normalized 0.5167  l1_first_step 0.4809  acc nan")
+    finally:
+        logger.removeHandler(handler)
+    (point,) = handler.curve
+    assert point["step"] == 3 and point["split"] == "val"
+    assert point["l1_first_step"] == 0.4809 and point["l1_normalized"] == 0.5167 and point["loss"] == 0.5167
+    assert "_first_step" not in point
