@@ -7,7 +7,6 @@ training/finetune.py --action-head l1 does; the energy model then trains on its 
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import shutil
 from pathlib import Path
@@ -15,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from toy_rlds import write_toy_dataset
 
-from openvla_ros.dataset.rlds_writer import EpisodeStep, RldsWriter
 from openvla_ros.errors import TrainingError
 from openvla_ros.finetune.config import FinetuneConfig
 from openvla_ros.finetune.energy_training import EnergyTrainer, EnergyTrainingConfig, pair_metrics
@@ -30,40 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "toy_energy"
 STEPS = 10
 CHUNK = 4
-COLOURS = {"red": (230, 30, 30), "green": (30, 200, 60)}
-
-
-def _jpeg(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def _episode(index: int) -> list[EpisodeStep]:
-    colour = "red" if index % 2 == 0 else "green"
-    sign = 1.0 if colour == "red" else -1.0
-    steps = []
-    for t in range(STEPS):
-        image = np.full((224, 224, 3), 40, np.uint8)
-        image[90:140, 10 + 18 * t:50 + 18 * t] = COLOURS[colour]
-        wrist = np.full((224, 224, 3), 90, np.uint8)
-        wrist[:, : 20 + 20 * t] = COLOURS[colour]
-        action = np.array([0.01 * sign, 0.004 * np.cos(t), 0.002 * sign * t, 0.0, 0.0, 0.05 * sign,
-                           float(t >= STEPS // 2)])
-        steps.append(EpisodeStep(images={"image": _jpeg(image), "wrist_image": _jpeg(wrist)}, action=action,
-                                 instruction=f"move to the {colour} block",
-                                 state=np.array([t / STEPS, sign, 0.5 + 0.01 * index])))
-    return steps
 
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data_dir = tmp_path_factory.mktemp("rlds_energy")
-    with RldsWriter(data_dir, NAME, image_keys=["image", "wrist_image"]) as writer:
-        for index in range(6):
-            writer.add_episode(_episode(index), file_path=f"episode_{index}", start_time_ns=index)
-        writer.finish(val_fraction=0.34, seed=0)
-    return data_dir
+    return write_toy_dataset(tmp_path_factory.mktemp("rlds_energy"), NAME, steps=STEPS, x_start=10, x_step=18,
+                             extras=True, dz_ramp=True)
 
 
 @pytest.fixture(scope="module")

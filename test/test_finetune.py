@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -13,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from toy_rlds import write_toy_dataset
 
-from openvla_ros.dataset.rlds_writer import EpisodeStep, RldsWriter
 from openvla_ros.errors import DatasetError, TrainingError
 from openvla_ros.finetune.config import FinetuneConfig, load_config
 from openvla_ros.finetune.data import SampleBuilder, collate, load_frames, open_rlds
@@ -28,36 +26,11 @@ from openvla_ros.model.processor import ImageSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "toy_reach"
-COLOURS = {"red": (230, 30, 30), "green": (30, 200, 60)}
-
-
-def _jpeg(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def _episode(index: int, steps: int = 8) -> list[EpisodeStep]:
-    colour = "red" if index % 2 == 0 else "green"
-    sign = 1.0 if colour == "red" else -1.0
-    episode = []
-    for t in range(steps):
-        image = np.full((224, 224, 3), 40, np.uint8)
-        x = 20 + 20 * t
-        image[90:140, x:x + 40] = COLOURS[colour]
-        action = np.array([0.01 * sign, 0.004 * np.cos(t), 0.002 * sign, 0.0, 0.0, 0.05 * sign, float(t >= steps // 2)])
-        episode.append(EpisodeStep(images={"image": _jpeg(image)}, action=action, instruction=f"move to the {colour} block"))
-    return episode
 
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data_dir = tmp_path_factory.mktemp("rlds")
-    with RldsWriter(data_dir, NAME, image_keys=["image"]) as writer:
-        for index in range(6):
-            writer.add_episode(_episode(index), file_path=f"episode_{index}", start_time_ns=index)
-        writer.finish(val_fraction=0.34, seed=0)
-    return data_dir
+    return write_toy_dataset(tmp_path_factory.mktemp("rlds"), NAME, steps=8, x_start=20, x_step=20)
 
 
 def _config(tiny: Path, data: Path, out: Path, **overrides) -> FinetuneConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import subprocess
@@ -12,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from toy_rlds import write_toy_dataset
 
-from openvla_ros.dataset.rlds_writer import EpisodeStep, RldsWriter
 from openvla_ros.errors import DatasetError, TrainingError
 from openvla_ros.finetune.chunks import (
     ChunkSampleBuilder,
@@ -34,45 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "toy_chunks"
 STEPS = 10
 CHUNK = 4
-COLOURS = {"red": (230, 30, 30), "green": (30, 200, 60)}
-
-
-def _jpeg(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def _action(sign: float, t: int) -> np.ndarray:
-    return np.array([0.01 * sign, 0.004 * np.cos(t), 0.002 * sign, 0.0, 0.0, 0.05 * sign, float(t >= STEPS // 2)])
-
-
-def _episode(index: int, with_extras: bool = True) -> list[EpisodeStep]:
-    colour = "red" if index % 2 == 0 else "green"
-    sign = 1.0 if colour == "red" else -1.0
-    episode = []
-    for t in range(STEPS):
-        image = np.full((224, 224, 3), 40, np.uint8)
-        x = 10 + 18 * t
-        image[90:140, x:x + 40] = COLOURS[colour]
-        wrist = np.full((224, 224, 3), 90, np.uint8)
-        wrist[:, : 20 + 20 * t] = COLOURS[colour]
-        images = {"image": _jpeg(image)}
-        if with_extras:
-            images["wrist_image"] = _jpeg(wrist)
-        state = np.array([t / STEPS, sign, 0.5 + 0.01 * index]) if with_extras else None
-        episode.append(EpisodeStep(images=images, action=_action(sign, t), instruction=f"move to the {colour} block",
-                                   state=state))
-    return episode
 
 
 def _write(data_dir: Path, with_extras: bool) -> Path:
-    keys = ["image", "wrist_image"] if with_extras else ["image"]
-    with RldsWriter(data_dir, NAME, image_keys=keys) as writer:
-        for index in range(6):
-            writer.add_episode(_episode(index, with_extras), file_path=f"episode_{index}", start_time_ns=index)
-        writer.finish(val_fraction=0.34, seed=0)
-    return data_dir
+    return write_toy_dataset(data_dir, NAME, steps=STEPS, x_start=10, x_step=18, extras=with_extras)
 
 
 @pytest.fixture(scope="module")
