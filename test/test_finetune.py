@@ -321,7 +321,7 @@ def _finetune_command(tiny: Path, data: Path, out: Path, max_steps: int) -> list
 
 def _half_written(out: Path) -> list[str]:
     """What only an unfinished write leaves: staging directories of checkpoints, the adapter or merged/."""
-    patterns = ("checkpoints/.staging-*", ".adapter-*", ".merged.*")
+    patterns = ("checkpoints/.staging-*", ".adapter-*", "..merged-new.*")
     return sorted(str(path) for pattern in patterns for path in out.glob(pattern))
 
 

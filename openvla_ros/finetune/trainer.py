@@ -61,6 +61,7 @@ from openvla_ros.model.loading import (
     read_image_settings,
     resolve_checkpoint_dir,
     save_checkpoint,
+    staging_prefix,
 )
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
 from openvla_ros.model.oft import OFTSpec, OpenVLAOFT
@@ -76,6 +77,9 @@ from openvla_ros.model.policy import attach_adapter
 logger = logging.getLogger(__name__)
 
 FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's checkpoint weights (LoRA runs keep adapter/)
+ADAPTER_STAGING_PREFIX = ".adapter-"  # adapter/ is written here first, then renamed
+# merged/ is saved as .merged-new (itself staged by save_checkpoint) and swapped in via .merged-old
+MERGED_DIR, MERGED_NEW, MERGED_OLD = "merged", ".merged-new", ".merged-old"
 
 
 @dataclass
@@ -384,8 +388,8 @@ class Trainer:
         config = self.config
         if self.dist.is_main:  # what a killed run (SIGKILL, power loss) left half-written
             remove_stale_checkpoint_staging(self.out)
-            remove_stale_staging(self.out, ".adapter-*")
-            remove_stale_staging(self.out, ".merged.*")
+            remove_stale_staging(self.out, f"{ADAPTER_STAGING_PREFIX}*")
+            remove_stale_staging(self.out, f"{staging_prefix(self.out / MERGED_NEW)}*")
         if config.resume:
             self._resume()
         elif self._checkpoints():
@@ -569,7 +573,7 @@ class Trainer:
             merged = self.model.to("cpu")
         else:
             adapter_dir = self.out / "adapter"
-            staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=self.out))
+            staging = Path(tempfile.mkdtemp(prefix=ADAPTER_STAGING_PREFIX, dir=self.out))
             self.model.save_pretrained(str(staging))
             if adapter_dir.exists():
                 shutil.rmtree(adapter_dir)
@@ -587,7 +591,7 @@ class Trainer:
         }
         # Written beside the previous merged model and swapped in at the end, so a failure or Ctrl-C while
         # saving never leaves the run without a loadable merged model.
-        merged_dir, fresh, previous = self.out / "merged", self.out / ".merged-new", self.out / ".merged-old"
+        merged_dir, fresh, previous = self.out / MERGED_DIR, self.out / MERGED_NEW, self.out / MERGED_OLD
         for leftover in (fresh, previous):
             shutil.rmtree(leftover, ignore_errors=True)
         if self.chunked:

@@ -111,6 +111,12 @@ def read_config(checkpoint_dir: Path) -> OpenVLAConfig:
     return config
 
 
+def staging_prefix(out_dir: Path) -> str:
+    """Returns the name prefix of the directory beside ``out_dir`` that a checkpoint is written into
+    before it is renamed to ``out_dir`` (what a killed write leaves behind)."""
+    return f".{out_dir.name}."
+
+
 def read_image_settings(checkpoint_dir: Path, config: OpenVLAConfig) -> ImageSettings:
     """Returns the image settings the official processor would apply to this checkpoint.
 
@@ -421,7 +427,7 @@ def save_checkpoint(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
     try:
         state = {
             internal_to_official_key(key): (tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor)

@@ -51,7 +51,6 @@ INTERPOLATIONS = {
 # ``tvf_resize_params[i]["interpolation"]`` holds PIL's integer filter code (torchvision's
 # ``pil_modes_mapping``), e.g. 3 for bicubic.
 INTERPOLATION_BY_CODE = {int(code): name for name, code in INTERPOLATIONS.items()}
-TVF_KEYS = ("tvf_resize_params", "tvf_crop_params", "tvf_normalize_params", "tvf_do_letterbox", "tvf_letterbox_fill")
 
 
 @dataclass(frozen=True)

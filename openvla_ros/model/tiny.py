@@ -34,7 +34,7 @@ import torch
 
 from openvla_ros.model.action_codec import DEFAULT_MASK
 from openvla_ros.model.configuration_openvla import DEFAULT_TIMM_IDS, OpenVLAConfig, make_text_config
-from openvla_ros.model.loading import save_checkpoint
+from openvla_ros.model.loading import save_checkpoint, staging_prefix
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
 
 TINY_UNNORM_KEY = "tiny_demo"
@@ -357,7 +357,7 @@ def make_tiny_prismatic_run(out_dir: str | Path, seed: int = 0, size: str = "tin
         },
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
     try:
         tokenizer = make_tiny_tokenizer(staging / "scratch", seed=seed)
         tokenizer.save_pretrained(str(staging / "tokenizer"))

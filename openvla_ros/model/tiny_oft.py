@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from openvla_ros.errors import CheckpointError
-from openvla_ros.model.loading import internal_to_official_key, save_checkpoint
+from openvla_ros.model.loading import internal_to_official_key, save_checkpoint, staging_prefix
 from openvla_ros.model.oft import OFTSpec, OpenVLAOFT
 from openvla_ros.model.oft_loading import save_oft_checkpoint
 from openvla_ros.model.tiny import TINY_UNNORM_KEY, _tiny_model, make_tiny_tokenizer
@@ -125,7 +125,7 @@ def make_tiny_oft_checkpoint(out_dir: str | Path, seed: int = 0, size: str = "ti
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
     model = tiny_oft_model(seed, size, chunk, proprio_dim, num_images, film)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
     try:
         tokenizer = make_tiny_tokenizer(staging / "tokenizer", seed=seed)
         target = staging / "model"
