@@ -59,3 +59,13 @@ def timing_array(name: str, stamp: Any, values: Mapping[str, float]) -> Diagnost
         )
     ]
     return timing
+
+
+def diagnostic_array(name: str, level: bytes, summary: str, hardware_id: str, values: Mapping[str, str],
+                     stamp: Any) -> DiagnosticArray:
+    """Returns a ``/diagnostics`` message with one status of ``values``."""
+    array = DiagnosticArray()
+    array.header.stamp = stamp
+    array.status = [DiagnosticStatus(level=level, name=name, message=summary, hardware_id=hardware_id,
+                                     values=[KeyValue(key=key, value=value) for key, value in values.items()])]
+    return array

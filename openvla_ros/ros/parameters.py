@@ -13,6 +13,7 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.parameter import Parameter
 
+from openvla_ros.ros.chunk_mode import ChunkModel, actions_per_inference_problem, energy_steps_problem
 from openvla_ros.ros.control import (
     CHUNK_BLENDS,
     GRIPPER_MODES,
@@ -303,4 +304,42 @@ def value_problem(name: str, value: Any) -> str | None:
         return f"{name} must be one of {', '.join(spec.choices)}; got {value!r}"
     if name in ("image_topic", "instruction_topic") and not str(value).strip():
         return f"{name} must not be empty"
+    return None
+
+
+def settings_from(values: dict[str, Any], rate_limit_hz: float) -> ControlSettings:
+    """Returns the control settings of the parameter ``values`` under the loaded model's rate limit.
+
+    Raises:
+        ValueError: naming the field that does not validate.
+    """
+    return ControlSettings(**{name: values[name] for name in CONTROL_FIELDS}, rate_limit_hz=rate_limit_hz)
+
+
+def change_problem(values: dict[str, Any], changes: list[Parameter], model_loaded: bool,
+                   chunk_model: ChunkModel | None, rate_limit_hz: float) -> str | None:
+    """Returns why the parameter ``changes`` cannot be applied to the current ``values``, or None.
+
+    Each value on its own (choices, empty topics), against the loaded model (``actions_per_inference``
+    within K, ``energy_steps`` only with an energy model), and the control settings together.
+    """
+    candidate = dict(values)
+    for parameter in changes:
+        if parameter.name not in SPECS:
+            continue
+        problem = value_problem(parameter.name, parameter.value)
+        if problem is None and parameter.name == "actions_per_inference" and chunk_model is not None:
+            problem = actions_per_inference_problem(int(parameter.value), chunk_model.chunk_size)
+        if problem is None and parameter.name == "energy_steps" and model_loaded:
+            problem = energy_steps_problem(chunk_model, int(parameter.value))
+        if problem:
+            return problem
+        candidate[parameter.name] = parameter.value
+    if any(parameter.name in CONTROL_FIELDS for parameter in changes):
+        try:
+            settings_from(candidate, rate_limit_hz)
+        except ValueError as exc:
+            return str(exc)
+    if candidate["image_topic"] == candidate["instruction_topic"]:
+        return "image_topic and instruction_topic must differ"
     return None

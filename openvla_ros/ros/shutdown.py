@@ -1,4 +1,4 @@
-"""Signal handling and executor shut-down of the policy node's process."""
+"""The policy node's process: signal handling, the spin loop, delivery of the last output, exit."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from rclpy.executors import MultiThreadedExecutor
+import rclpy
+from rclpy.duration import Duration
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
+
+from openvla_ros.ros.executor import HandoffExecutor
 
 
 class StoppableNode(Protocol):
@@ -19,6 +26,20 @@ class StoppableNode(Protocol):
     def get_logger(self) -> Any: ...
 
     def stop_now(self, reason: str) -> None: ...
+
+
+class ControlNode(StoppableNode, Protocol):
+    """What :func:`run_node` needs of the node."""
+
+    autostart: bool
+
+    def start(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def wait_for_delivery(self) -> bool: ...
+
+    def destroy_node(self) -> None: ...
 
 
 class ShutdownSignals:
@@ -85,3 +106,70 @@ def exit_now(status: int = 0) -> None:
     except (OSError, AttributeError):
         pass
     os._exit(status)
+
+
+def wait_for_acknowledgement(publishers: Sequence[Any], timeout_s: float, logger: Any) -> bool:
+    """Waits until the reliable subscribers of ``publishers`` acknowledged everything published, at most
+    ``timeout_s`` in all; returns True when they all did.
+
+    A reliable publisher destroyed right after its last message can lose it (the zero delta of a stop):
+    call this before the publishers go. False is not proof of a loss (rclpy can report it although the
+    message arrived), only that the wait ended: it never holds a shutdown longer.
+    """
+    deadline = time.monotonic() + timeout_s
+    acknowledged = True
+    for publisher in publishers:
+        remaining_ns = max(0, int((deadline - time.monotonic()) * 1e9))
+        try:
+            acknowledged = publisher.wait_for_all_acked(Duration(nanoseconds=remaining_ns)) and acknowledged
+        except Exception as exc:  # the context may be shut down already: nothing more can be waited for
+            logger.warning(f"could not wait for the outputs' delivery: {exc}")
+            return False
+    if not acknowledged:  # common and harmless: Fast DDS readers acknowledge on the writer's heartbeat
+        logger.debug(f"not every subscriber acknowledged the last output within {timeout_s:g} s")
+    return acknowledged
+
+
+def run_node(make_node: Callable[[], ControlNode], args: list[str] | None = None) -> None:
+    """Runs the node ``make_node`` builds until shutdown (SIGINT, SIGTERM or an external shutdown), then
+    stops its output, waits for the zero delta's delivery and ends the process with status 0."""
+    # rclpy's own SIGINT handler would shut the context down before the final zero delta could be
+    # published: the node's handlers stop the output first (see ShutdownSignals).
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signals = ShutdownSignals()
+    signals.install()
+    node: ControlNode | None = None
+    executor: HandoffExecutor | None = None
+    try:
+        node = make_node()
+        if node.autostart and not node.start():
+            node.get_logger().error("autostart did not reach the active state; see the errors above")
+        executor = HandoffExecutor(num_threads=2)
+        executor.add_node(node)
+        signals.node = node
+        while not signals.requested.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        signals.closing = True
+        if node is not None:
+            signals.node = node
+            node.stop_now("shutdown")
+        if executor is not None:
+            finish_callbacks(executor)
+            executor.shutdown(timeout_sec=10.0)
+        if node is not None:
+            node.close()
+            node.wait_for_delivery()  # the zero delta of the stop must arrive before the publishers go
+            node.destroy_node()
+        rclpy.try_shutdown()
+        # The process ends now: a signal that comes late (ros2 launch forwards the terminal's Ctrl-C a
+        # moment after the terminal delivered it) must not turn a clean exit into death by signal.
+        for signum in ShutdownSignals.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+    # Reached only after a clean stop (an error above propagates with its traceback instead): the
+    # outputs are stopped and delivered, the model released and the context shut down. Exit at once:
+    # the interpreter's own teardown (torch's finalisers) takes seconds on a busy machine, longer than
+    # `ros2 launch` waits before it escalates to SIGTERM and SIGKILL.
+    exit_now(0)
