@@ -92,7 +92,7 @@ def measure(size: str, mode: str, steps: int, batch_size: int, scratch: Path) ->
 
 def adaptation(base_dir: Path, pipeline_dir: Path) -> int:
     """Prints the pretrained base's build time and success, and the pipeline's success per policy."""
-    from openvla_ros.pipeline_report import wilson_interval
+    from openvla_ros.pipeline.report import wilson_interval
     from openvla_ros.pretrain import PretrainError, verify_pretrained
 
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  {platform.machine()}, {os.cpu_count()} CPUs")

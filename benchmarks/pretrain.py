@@ -25,7 +25,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from openvla_ros.pipeline_report import wilson_interval
+from openvla_ros.pipeline.report import wilson_interval
 
 
 def report(manifest: dict) -> dict:

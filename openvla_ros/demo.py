@@ -20,19 +20,19 @@ import argparse
 import json
 import math
 import os
-import random
 import signal
-import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from openvla_ros.demo_report import Readings, live_line, print_summary, save_episode_png
+from openvla_ros.ros.child_nodes import ChildNode, local_ros_environment
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path("artifacts")
@@ -109,59 +109,7 @@ def resolve_unnorm_key(model: str) -> str:
 # ---------------------------------------------------------------------------------------- child processes
 
 
-@dataclass
-class Child:
-    """A node started as a child process, its output going to a log file."""
-
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(f"    {line}" for line in text[-lines:])
-
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        """Asks the node to stop (SIGINT, as Ctrl-C would), then kills it after ``timeout_s``."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-        return self.process.returncode
-
-
-def start_child(name: str, module: str, ros_args: list[str], log_dir: Path, env: dict[str, str]) -> Child:
-    """Starts ``python -m module --ros-args ...`` with its output in ``log_dir/name.log``."""
-    log_path = log_dir / f"{name}.log"
-    command = [sys.executable, "-m", module, "--ros-args", *ros_args]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return Child(name, process, log_path)
-
-
 # ---------------------------------------------------------------------------------------- monitoring
-
-
-@dataclass
-class Readings:
-    """What the demo has seen on the topics, with arrival times (monotonic seconds)."""
-
-    actions: deque = field(default_factory=lambda: deque(maxlen=10_000))
-    poses: deque = field(default_factory=lambda: deque(maxlen=20_000))
-    policy_status: dict[str, str] = field(default_factory=dict)
-    task_status: dict[str, str] = field(default_factory=dict)
-    first_frame: Any = None
-    last_frame: Any = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class DemoMonitor:
@@ -247,129 +195,6 @@ class DemoMonitor:
         return future.result()
 
 
-# ---------------------------------------------------------------------------------------- reporting
-
-
-def action_rate(times: list[float], now: float, window_s: float = 2.0) -> float:
-    """Returns the arrival rate (Hz) of the events in the last ``window_s`` seconds before ``now``."""
-    recent = [t for t in times if now - window_s <= t <= now]
-    if len(recent) < 2:
-        return 0.0
-    return (len(recent) - 1) / (recent[-1] - recent[0]) if recent[-1] > recent[0] else 0.0
-
-
-def format_action(action: np.ndarray | None) -> str:
-    if action is None or len(action) != 7:
-        return "[no action yet]"
-    translation = " ".join(f"{v * 1000:+5.1f}" for v in action[:3])
-    rotation = " ".join(f"{v:+.2f}" for v in action[3:6])
-    return f"[d(mm) {translation} | rot {rotation} | grip {action[6]:+.2f}]"
-
-
-def live_line(elapsed_s: float, readings: Readings, now: float) -> str:
-    """Returns the one-line status printed every second."""
-    with readings.lock:
-        times = [t for t, _ in readings.actions]
-        last = readings.actions[-1][1] if readings.actions else None
-        policy = dict(readings.policy_status)
-        task = dict(readings.task_status)
-    rate = action_rate(times, now)
-    latency = policy.get("inference_latency_ms_last", "nan")
-    image_age = policy.get("image_age_s", "nan")
-    state = task.get("status", "?")
-    distance = task.get("goal_distance_m", "?")
-    return (
-        f"t={elapsed_s:4.0f}s  rate {rate:4.1f} Hz  latency {float(latency):6.1f} ms  "
-        f"image age {float(image_age):5.3f} s  action {format_action(last)}  "
-        f"task {state} (steps {task.get('steps', '?')}, distance {distance} m)"
-    )
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else math.nan
-
-
-def control_intervals(times: np.ndarray, resets: Sequence[tuple[float, float]]) -> np.ndarray:
-    """Returns a mask of the intervals ``times[k] -> times[k + 1]`` that are control periods.
-
-    An interval that reaches into a reset window ``(disable requested, enabled again)`` is not: the zero
-    delta that disabling publishes comes right after the last action (a point at ~100 Hz) and the first
-    action of the next episode long after it. ``resets`` are on the same clock as ``times``.
-    """
-    keep = np.ones(max(len(times) - 1, 0), dtype=bool)
-    for disabled, enabled in resets:
-        keep &= ~((times[1:] >= disabled) & (times[:-1] <= enabled))
-    return keep
-
-
-def save_episode_png(path: Path, readings: Readings, instruction: str, start: float, rate_hz: float,
-                     resets: Sequence[tuple[float, float]] = ()) -> Path:
-    """Saves a figure of the episode: last camera frame with the gripper path, actions, action timing.
-
-    ``resets`` are the ``(disabled, enabled again)`` times of the episode resets (monotonic): they are
-    marked, and the rate panel leaves their intervals out.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from openvla_ros.ros.ros_conversions import message_to_rgb
-    from openvla_ros.sim.render import CameraModel
-
-    with readings.lock:
-        actions = list(readings.actions)
-        poses = list(readings.poses)
-        frame = readings.last_frame
-        task = dict(readings.task_status)
-    figure, (camera_axis, action_axis, timing_axis) = plt.subplots(
-        1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1.35, 1, 1]}
-    )
-    if frame is not None:
-        rgb = message_to_rgb(frame)
-        camera_axis.imshow(rgb)
-        camera = CameraModel(width=rgb.shape[1], height=rgb.shape[0])
-        path_poses = [p for t, p in poses if t >= start]
-        if path_poses:
-            pixels = np.array([camera.project(x, y, 0.0) for x, y, _ in path_poses])
-            camera_axis.plot(pixels[:, 0], pixels[:, 1], color="white", linewidth=1.5, label="gripper path (on the table)")
-            camera_axis.plot(*pixels[0], "o", color="lime", label="start")
-            camera_axis.plot(*pixels[-1], "x", color="magenta", markersize=9, label="end")
-            # below the image, so it hides nothing of the scene or the path
-            camera_axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=8, frameon=False)
-    camera_axis.set_title(f'"{instruction}": {task.get("status", "?")}', fontsize=10)
-    camera_axis.axis("off")
-
-    if actions:
-        times = np.array([t - start for t, _ in actions])
-        values = np.array([a for _, a in actions])
-        for index, label in enumerate(("dx", "dy", "dz")):
-            action_axis.plot(times, values[:, index] * 1000, label=f"{label} (mm)")
-        action_axis.plot(times, values[:, 6] * 10, "--", label="gripper x10")
-        intervals = np.diff(times)
-        keep = control_intervals(times + start, resets)
-        if keep.any():
-            timing_axis.plot(times[1:][keep], 1.0 / np.maximum(intervals[keep], 1e-3), ".", label="achieved (Hz)")
-        for number, (disabled, enabled) in enumerate(resets):
-            end = enabled if math.isfinite(enabled) else max(disabled, times[-1] + start)
-            for axis in (action_axis, timing_axis):
-                axis.axvspan(disabled - start, end - start, color="grey", alpha=0.15,
-                             label="episode reset (not in the rate)" if number == 0 and axis is timing_axis else None)
-    timing_axis.axhline(rate_hz, color="grey", linestyle=":", label=f"target {rate_hz:g} Hz")
-    action_axis.set_xlabel("time (s)")
-    action_axis.set_title("actions", fontsize=10)
-    action_axis.legend(fontsize=8)
-    timing_axis.set_xlabel("time (s)")
-    timing_axis.set_ylabel("Hz")
-    timing_axis.set_title("action rate (1 / interval)", fontsize=10)
-    timing_axis.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    return path
-
-
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -416,7 +241,7 @@ class _Stop:
 class DemoProcesses:
     """Everything the demo started, so that it can all be stopped whatever happens."""
 
-    children: list[Child] = field(default_factory=list)
+    children: list[ChildNode] = field(default_factory=list)
     monitor: DemoMonitor | None = None
     context: Any = None
 
@@ -447,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as exc:
         print(f"error: {exc}", flush=True)
         for child in processes.children:
-            print(f"--- last lines of {child.log_path}:\n{child.log_tail()}", flush=True)
+            print(f"--- last lines of {child.log_path}:\n{child.log_tail(indent='    ')}", flush=True)
         return 1
     finally:
         processes.close()
@@ -484,12 +309,7 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
         + (f", unnorm_key {unnorm_key}" if unnorm_key else "")
     )
 
-    env = dict(os.environ, RCUTILS_LOGGING_BUFFERED_STREAM="0", PYTHONUNBUFFERED="1")
-    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    if not env.get("ROS_DOMAIN_ID"):
-        env["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = env["ROS_AUTOMATIC_DISCOVERY_RANGE"]
-    os.environ["ROS_DOMAIN_ID"] = env["ROS_DOMAIN_ID"]
+    env = local_ros_environment()
     args.out.mkdir(parents=True, exist_ok=True)
     print(
         f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']} ROS_AUTOMATIC_DISCOVERY_RANGE={env['ROS_AUTOMATIC_DISCOVERY_RANGE']}; "
@@ -504,7 +324,7 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
         # the model was fine-tuned on demonstrations seen by the camera mounted upside down
         print(f"sim camera: upside down, as the model was fine-tuned ({SIM_SETUP_FILE})", flush=True)
         sim_args += ["-p", "camera_upside_down:=true"]
-    children.append(start_child(SIM_NODE, "openvla_ros.sim_scene_node", sim_args, args.out, env))
+    children.append(ChildNode(SIM_NODE, "openvla_ros.sim_scene_node", sim_args, args.out, env))
     policy_args = ["--params-file", str(REPO / "config" / "policy.yaml"), "-p", f"model:={choice.model}"]
     policy_args += ["-p", f"rate_hz:={args.rate_hz}"]
     if unnorm_key:
@@ -512,7 +332,7 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
     if model_proprio_dim(choice.model):
         # the sim's gantry joint states are the robot state the demonstrations record
         policy_args += ["-p", "proprio_topic:=/joint_states", "-p", "proprio_type:=joint_state"]
-    children.append(start_child(POLICY_NODE, "openvla_ros.policy_node", policy_args, args.out, env))
+    children.append(ChildNode(POLICY_NODE, "openvla_ros.policy_node", policy_args, args.out, env))
     print(f"started {', '.join(f'{c.name} (pid {c.process.pid})' for c in children)}", flush=True)
 
     import rclpy
@@ -585,7 +405,7 @@ def _run(args: argparse.Namespace, stop: _Stop, processes: DemoProcesses) -> int
         resets.append((time.monotonic(), math.inf))  # the final disable: its zero delta is no control step
         monitor.call(monitor.enable_client, SetBool.Request(data=False), 10.0, should_stop)
 
-    _print_summary(monitor.readings, start, elapsed, args.rate_hz, choice, episodes)
+    print_summary(monitor.readings, start, elapsed, args.rate_hz, choice.source == "tiny", episodes)
     png = save_episode_png(args.out / "episode.png", monitor.readings, instruction, episode_start, args.rate_hz,
                            resets)
     print(f"saved {png}", flush=True)
@@ -596,40 +416,6 @@ def _interrupted(stop: _Stop) -> int:
     name = signal.Signals(stop.signal_number).name if stop.signal_number else "signal"
     print(f"stopped early ({name})", flush=True)
     return EXIT_INTERRUPTED
-
-
-def _print_summary(
-    readings: Readings, start: float, elapsed: float, rate_hz: float, choice: ModelChoice,
-    finished: list[dict[str, str]] = (),
-) -> None:
-    with readings.lock:
-        times = [t for t, _ in readings.actions if t >= start]
-        policy = dict(readings.policy_status)
-        task = dict(readings.task_status)
-    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-    print("summary:", flush=True)
-    print(f"  actions: {len(times)} in {elapsed:.1f} s, {rate:.2f} Hz achieved (target {rate_hz:g} Hz)")
-    print(
-        f"  model latency median {float(policy.get('inference_latency_ms_median', 'nan')):.1f} ms, "
-        f"image-to-action median {float(policy.get('image_to_action_latency_ms_median', 'nan')):.1f} ms, "
-        f"dropped camera frames {policy.get('dropped_frames', '?')}, skipped ticks {policy.get('skipped_ticks', '?')}"
-    )
-    successes = sum(episode.get("status") == "success" for episode in finished)
-    for number, episode in enumerate(finished, start=1):
-        print(f'  episode {number} "{episode.get("instruction", "?")}": {episode.get("status")} after '
-              f"{episode.get('steps', '?')} steps")
-    if finished:
-        print(f"  success {successes}/{len(finished)} finished episodes")
-    if task and task.get("episode") not in {episode.get("episode") for episode in finished}:
-        print(f'  episode "{task.get("instruction", "?")}" (unfinished at the end): {task.get("status", "?")} '
-              f"after {task.get('steps', '?')} steps, goal distance {task.get('goal_distance_m', '?')} m")
-    if choice.source == "tiny":
-        print(
-            "  (the tiny model is random and untrained: it is not expected to solve the task; "
-            "make pretrained builds a pretrained tiny base, make pipeline fine-tunes a model on expert "
-            "demonstrations; either is used by make demo once it exists)"
-        )
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def test_demo_stops_its_child_processes_when_terminated(tiny_checkpoint: Path, t
 def test_the_rate_panel_leaves_the_intervals_around_a_reset_out() -> None:
     import numpy as np
 
-    from openvla_ros.demo import control_intervals
+    from openvla_ros.demo_report import control_intervals
 
     # 5 Hz control, disabled at 1.01 (its zero delta arrives at 1.02), enabled again at 3.0, then 5 Hz again
     times = np.array([0.2, 0.4, 0.6, 0.8, 1.0, 1.02, 3.1, 3.3, 3.5])

@@ -285,7 +285,7 @@ def test_sigterm_stops_the_children_and_says_what_is_left(tiny_checkpoint: Path,
 def test_the_training_curve_keeps_metric_names_with_digits() -> None:
     import logging
 
-    from openvla_ros.pipeline import _TrainerLog
+    from openvla_ros.pipeline.stages import _TrainerLog
 
     handler = _TrainerLog()
     logger = logging.getLogger("curve_test")

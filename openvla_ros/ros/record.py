@@ -18,285 +18,24 @@ is always closed with valid metadata.
 from __future__ import annotations
 
 import argparse
-import importlib
-import queue
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-STORAGE_PLUGINS = ("mcap", "sqlite3")
-BAG_VERSION = 9
+from openvla_ros.ros.bag_writing import BagWriterThread, message_class, offered_qos, subscription_qos
+from openvla_ros.ros.record_settings import (
+    STORAGE_PLUGINS,
+    RecordError,
+    RecordSummary,
+    TopicRecord,
+    load_record_settings,
+)
+
 DISCOVERY_PERIOD_S = 0.1
-RECORD_DEPTH = 100
-_INFINITE_NS = 0x7FFFFFFFFFFFFFFF
-
-
-class RecordError(RuntimeError):
-    """The recorder cannot start: a bad config, an existing output, an unknown storage plugin."""
-
-
-@dataclass(frozen=True)
-class RecordSettings:
-    """What to record and where, from the config file's ``topics`` and ``record`` sections."""
-
-    topics: tuple[str, ...]
-    storage: str = "mcap"
-    output_dir: str = "demos"
-    max_bag_duration_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.storage not in STORAGE_PLUGINS:
-            raise RecordError(f"storage must be one of {', '.join(STORAGE_PLUGINS)}, got {self.storage!r}")
-        if not self.topics:
-            raise RecordError("no topics to record")
-        for topic in self.topics:
-            if not topic.startswith("/"):
-                raise RecordError(f"topic {topic!r} must be an absolute name starting with '/'")
-
-
-@dataclass
-class TopicRecord:
-    """One recorded topic: its type and the messages written so far."""
-
-    topic: str
-    msgtype: str
-    count: int = 0
-    first_ns: int = 0
-    last_ns: int = 0
-
-    @property
-    def rate_hz(self) -> float:
-        span = (self.last_ns - self.first_ns) / 1e9
-        return (self.count - 1) / span if self.count > 1 and span > 0 else 0.0
-
-
-@dataclass
-class RecordSummary:
-    """What a recording wrote: the bag directory, per-topic records and topics never seen."""
-
-    path: Path
-    storage: str
-    topics: dict[str, TopicRecord] = field(default_factory=dict)
-    missing: tuple[str, ...] = ()
-    duration_s: float = 0.0
-
-    @property
-    def message_count(self) -> int:
-        return sum(record.count for record in self.topics.values())
-
-    def describe(self) -> str:
-        """Returns a multi-line human summary (one line per topic)."""
-        lines = [
-            f"bag {self.path} ({self.storage}): {self.message_count} messages in {self.duration_s:.1f} s"
-        ]
-        for record in self.topics.values():
-            lines.append(
-                f"  {record.topic:<28} {record.msgtype:<34} {record.count:>6}  {record.rate_hz:6.1f} Hz"
-            )
-        for topic in self.missing:
-            lines.append(f"  {topic:<28} not recorded: no publisher appeared")
-        return "\n".join(lines)
-
-
-def default_config_path() -> Path:
-    """Returns the package's ``config/record.yaml`` (installed share directory, else the source tree)."""
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        installed = Path(get_package_share_directory("openvla_ros")) / "config" / "record.yaml"
-    except (ImportError, LookupError, OSError):  # no ament index, or the package is not installed in it
-        installed = None
-    if installed is not None and installed.is_file():
-        return installed
-    return Path(__file__).resolve().parents[2] / "config" / "record.yaml"
-
-
-def load_record_settings(path: str | Path | None = None) -> RecordSettings:
-    """Returns the recording settings of a ``record.yaml`` file (the package's own when None).
-
-    Raises:
-        RecordError: when the file is missing or unreadable, or its topics or record section are bad.
-    """
-    import yaml
-
-    from openvla_ros.dataset.config import config_from_mapping
-    from openvla_ros.errors import DatasetError
-
-    path = Path(path) if path is not None else default_config_path()
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise RecordError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise RecordError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise RecordError(f"config file {path} must hold a mapping with topics/record sections")
-    try:
-        configured = config_from_mapping(data).topics
-    except DatasetError as exc:
-        raise RecordError(f"config file {path}: {exc}") from exc
-    for name, topic in vars(configured).items():
-        if topic and not topic.startswith("/"):
-            raise RecordError(
-                f"config file {path}: topics.{name} {topic!r} must be an absolute topic name starting with '/' "
-                "to be recorded"
-            )
-    topics = configured.recorded_topics()
-    record = data.get("record") or {}
-    if not isinstance(record, dict):
-        raise RecordError(f"config file {path}: section 'record' must be a mapping")
-    extra = [str(topic) for topic in record.get("extra_topics") or []]
-    return RecordSettings(
-        topics=tuple(dict.fromkeys([*topics, *extra])),
-        storage=str(record.get("storage") or "mcap"),
-        output_dir=str(record.get("output_dir") or "demos"),
-        max_bag_duration_s=float(record.get("max_bag_duration_s") or 0.0),
-    )
-
-
-def message_class(msgtype: str) -> Any:
-    """Returns the Python message class of a ROS type name such as ``sensor_msgs/msg/Image``.
-
-    Raises:
-        RecordError: when the type's Python package is not installed.
-    """
-    package, _, name = msgtype.rpartition("/")
-    try:
-        return getattr(importlib.import_module(package.replace("/", ".")), name)
-    except (ImportError, AttributeError) as exc:
-        raise RecordError(f"message type {msgtype} is not importable here: {exc}") from exc
-
-
-def _qos_time(duration: Any) -> Any:
-    from rosbags.interfaces import QosTime
-
-    nanoseconds = int(getattr(duration, "nanoseconds", 0))
-    if nanoseconds >= _INFINITE_NS or nanoseconds < 0:
-        return QosTime(sec=2147483647, nsec=4294967295)
-    return QosTime(sec=nanoseconds // 1_000_000_000, nsec=nanoseconds % 1_000_000_000)
-
-
-def offered_qos(profile: Any) -> Any:
-    """Returns a publisher's rclpy ``QoSProfile`` as the rosbags ``Qos`` written to metadata.yaml."""
-    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability
-
-    return Qos(
-        history=QosHistory(int(profile.history)),
-        depth=int(profile.depth),
-        reliability=QosReliability(int(profile.reliability)),
-        durability=QosDurability(int(profile.durability)),
-        deadline=_qos_time(profile.deadline),
-        lifespan=_qos_time(profile.lifespan),
-        liveliness=QosLiveliness(int(profile.liveliness)),
-        liveliness_lease_duration=_qos_time(profile.liveliness_lease_duration),
-        avoid_ros_namespace_conventions=bool(profile.avoid_ros_namespace_conventions),
-    )
-
-
-def subscription_qos(publisher_profiles: Iterable[Any]) -> Any:
-    """Returns the QoS that receives from all given publishers, as ``ros2 bag record`` chooses it.
-
-    Reliable only if every publisher is reliable, transient-local only if every publisher is (so a
-    latched message is replayed to the recorder), keep-last with a deep queue.
-    """
-    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-
-    profiles = list(publisher_profiles)
-    reliable = bool(profiles) and all(p.reliability == ReliabilityPolicy.RELIABLE for p in profiles)
-    latched = bool(profiles) and all(p.durability == DurabilityPolicy.TRANSIENT_LOCAL for p in profiles)
-    return QoSProfile(
-        history=HistoryPolicy.KEEP_LAST,
-        depth=RECORD_DEPTH,
-        reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
-        durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE,
-    )
-
-
-class _WriterThread:
-    """Owns a rosbags ``Writer`` in a thread of its own.
-
-    The sqlite3 storage may only be used from the thread that opened it, and subscription callbacks
-    may run on any executor thread: every writer call therefore goes through this thread's queue.
-    """
-
-    def __init__(self, path: Path, storage: str) -> None:
-        self.path = path
-        self.storage = storage
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="bag-writer", daemon=True)
-        self._writer: Any = None
-        self.error: BaseException | None = None
-
-    def open(self) -> None:
-        """Creates the bag. Raises RecordError when it cannot be created."""
-        from rosbags.rosbag2 import StoragePlugin, Writer
-        from rosbags.rosbag2.errors import WriterError
-
-        plugin = StoragePlugin.MCAP if self.storage == "mcap" else StoragePlugin.SQLITE3
-
-        def open_writer() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            writer = Writer(self.path, version=BAG_VERSION, storage_plugin=plugin)
-            writer.open()
-            self._writer = writer
-
-        self._thread.start()
-        try:
-            self.call(open_writer)
-        except (OSError, WriterError) as exc:
-            self._queue.put(None)
-            raise RecordError(f"cannot create the bag {self.path}: {exc}") from exc
-
-    def call(self, function: Callable[[], Any]) -> Any:
-        """Runs ``function`` in the writer thread and returns its result (or raises its exception)."""
-        done = threading.Event()
-        outcome: dict[str, Any] = {}
-
-        def job() -> None:
-            try:
-                outcome["result"] = function()
-            except BaseException as exc:  # handed back to the calling thread
-                outcome["error"] = exc
-            done.set()
-
-        self._queue.put(job)
-        done.wait()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome.get("result")
-
-    def add_connection(self, topic: str, msgtype: str, **options: Any) -> Any:
-        return self.call(lambda: self._writer.add_connection(topic, msgtype, **options))
-
-    def write(self, connection: Any, time_ns: int, data: bytes) -> None:
-        """Queues one message (returns at once)."""
-        self._queue.put(lambda: self._writer.write(connection, time_ns, data))
-
-    def close(self) -> None:
-        """Writes the queued messages, closes the bag (writing metadata.yaml) and ends the thread."""
-        try:
-            self.call(self._writer.close)
-        finally:
-            self._queue.put(None)
-            self._thread.join()
-        if self.error is not None:
-            raise RecordError(f"writing {self.path} failed: {self.error}") from self.error
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            try:
-                job()
-            except BaseException as exc:  # a failed write: remembered and reported on close
-                if self.error is None:
-                    self.error = exc
 
 
 class BagRecorder:
@@ -335,7 +74,7 @@ class BagRecorder:
         if self.path.exists():
             raise RecordError(f"{self.path} exists already; choose another episode name or remove it")
         self._typestore = get_typestore(Stores.ROS2_KILTED)
-        writer = _WriterThread(self.path, self.storage)
+        writer = BagWriterThread(self.path, self.storage)
         writer.open()
         self._writer = writer
         self._started = time.monotonic()

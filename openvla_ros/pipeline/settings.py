@@ -1,0 +1,166 @@
+"""The pipeline's settings, defaults, errors and command line."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = Path("artifacts") / "pipeline"
+DEFAULT_BASE = Path("artifacts") / "tiny"
+DEFAULT_PRETRAINED = Path("artifacts") / "tiny-pretrained"
+DEFAULT_CONFIG = REPO / "config" / "pipeline.yaml"
+MARKER = ".openvla_pipeline"
+# Energy refinement in the closed-loop comparison: the node's and the policy's defaults.
+ENERGY_STEP_SIZE = 0.5
+ENERGY_MAX_STEP_FRACTION = 0.2
+OFT_LEARNING_RATE = 1e-3
+SIM_NODE = "sim_scene"
+TRAINER_LOGGER = "openvla_ros.finetune.trainer"
+QUICK = {"episodes": 3, "eval_episodes": 2, "steps": 3, "batch_size": 2, "node_episodes": 0}
+
+
+class PipelineError(RuntimeError):
+    """A stage of the pipeline failed; the message says which and why."""
+
+
+class WaitTimeoutError(PipelineError):
+    """Something the pipeline waited for did not happen in time (the processes are still alive)."""
+
+
+@dataclass
+class PipelineSettings:
+    """What the pipeline does (see ``--help`` for each option)."""
+
+    out: Path = DEFAULT_OUT
+    base: Path = DEFAULT_BASE
+    config: Path = DEFAULT_CONFIG
+    task: str = "reach"
+    episodes: int = 300
+    eval_episodes: int = 20
+    node_episodes: int = 10
+    steps: int = 2000
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    lora_rank: int = 32
+    image_aug: bool = False
+    energy_steps: int = 0
+    energy_train_steps: int = 300
+    camera_upside_down: bool = False
+    expert_rate_hz: float = 10.0
+    # Demonstrations go on after the success until the expert comes to rest (the sim's expert_settle_steps)
+    expert_settle_steps: int = 10
+    record_seed: int = 0
+    eval_seed: int = 1
+    train_seed: int = 7
+
+    def __post_init__(self) -> None:
+        from openvla_ros.sim import TASKS
+
+        if self.task not in TASKS:
+            raise PipelineError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.episodes < 2:
+            raise PipelineError(f"episodes must be >= 2 (one train and one val episode), got {self.episodes}")
+        for name in ("eval_episodes", "steps", "batch_size", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("node_episodes", "energy_steps", "energy_train_steps"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.record_seed == self.eval_seed:
+            raise PipelineError("eval_seed must differ from record_seed: evaluation needs episodes never recorded")
+
+    @property
+    def dataset_name(self) -> str:
+        return f"sim_{self.task}"
+
+
+def base_spec(base: Path) -> Any:
+    """Returns the OFT layout (chunk, proprio, images) of an OpenVLA-OFT base, or None for a token model."""
+    from openvla_ros.model.loading import read_config
+    from openvla_ros.model.oft_loading import is_oft_checkpoint, read_oft_spec
+
+    config = read_config(base)
+    return read_oft_spec(base, config) if is_oft_checkpoint(base, config) else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the command-line parser."""
+    defaults = PipelineSettings.__dataclass_fields__
+    parser = argparse.ArgumentParser(prog="python -m openvla_ros.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (emptied first)")
+    parser.add_argument("--base", type=Path, default=None,
+                        help=f"checkpoint to fine-tune (default: the pretrained tiny base {DEFAULT_PRETRAINED} when "
+                             f"`make pretrained` built it, else the random tiny model {DEFAULT_BASE}, built if missing)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="topics and conversion YAML")
+    parser.add_argument("--task", default="reach", help="reach, pick or stack")
+    for name, help_text in (
+        ("episodes", "expert episodes to record"),
+        ("eval_episodes", "fresh episodes per policy in the closed-loop evaluation"),
+        ("node_episodes", "episodes of the fine-tuned model through the real nodes (0: skip)"),
+        ("steps", "fine-tuning optimizer steps"),
+        ("batch_size", "fine-tuning batch size"),
+        ("lora_rank", "LoRA rank"),
+        ("record_seed", "sim seed of the recorded episodes"),
+        ("eval_seed", "sim seed of the evaluation episodes (must differ)"),
+        ("energy_steps", "OFT bases: also train an energy model and evaluate with this many refinement steps "
+                         "(0: off)"),
+        ("energy_train_steps", "energy model training steps (with --energy-steps)"),
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name].default, help=help_text)
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help=f"fine-tuning learning rate (default {OFT_LEARNING_RATE:g} for an OpenVLA-OFT base, whose "
+                             f"heads train fully, {defaults['learning_rate'].default:g} for a token model)")
+    parser.add_argument("--expert-rate", type=float, default=defaults["expert_rate_hz"].default,
+                        help="scripted expert rate (Hz); the conversion rate of the config must match")
+    parser.add_argument("--image-aug", action="store_true", help="train with crop/colour augmentation")
+    parser.add_argument("--camera-upside-down", action=argparse.BooleanOptionalAction, default=None,
+                        help="record and evaluate with the sim's camera mounted rotated by 180 degrees, a camera "
+                             "pose the pretrained base never saw (default: on for an OpenVLA-OFT base such as the "
+                             "pretrained one, off for a token model)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke-test sizes ({', '.join(f'{k} {v}' for k, v in QUICK.items())})")
+    return parser
+
+
+def default_base() -> Path:
+    """Returns the pretrained tiny base when a finished, intact one is cached, else the random tiny model's path."""
+    from openvla_ros.pretrain import PretrainError, verify_pretrained
+
+    if DEFAULT_PRETRAINED.exists():
+        try:
+            verify_pretrained(DEFAULT_PRETRAINED)
+            return DEFAULT_PRETRAINED
+        except PretrainError as exc:
+            print(f"note: not using {DEFAULT_PRETRAINED}: {exc}", flush=True)
+    print(f"note: starting from the random tiny model {DEFAULT_BASE} (`make pretrained` builds the pretrained base)",
+          flush=True)
+    return DEFAULT_BASE
+
+
+def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
+    """Returns the settings of parsed arguments (``--quick`` replaces the sizes).
+
+    Raises:
+        PipelineError: for invalid values.
+    """
+    base = args.base if args.base is not None else default_base()
+    oft = (base / "config.json").is_file() and base_spec(base) is not None
+    upside_down = oft if args.camera_upside_down is None else args.camera_upside_down
+    values = {
+        "out": args.out, "base": base, "config": args.config, "task": args.task, "episodes": args.episodes,
+        "eval_episodes": args.eval_episodes, "node_episodes": args.node_episodes, "steps": args.steps,
+        "batch_size": args.batch_size, "lora_rank": args.lora_rank,
+        "image_aug": args.image_aug, "expert_rate_hz": args.expert_rate, "record_seed": args.record_seed,
+        "eval_seed": args.eval_seed, "energy_steps": args.energy_steps,
+        "energy_train_steps": args.energy_train_steps, "camera_upside_down": upside_down,
+    }
+    if args.learning_rate is not None:
+        values["learning_rate"] = args.learning_rate
+    elif oft:
+        values["learning_rate"] = OFT_LEARNING_RATE
+    if args.quick:
+        values.update(QUICK)
+    return PipelineSettings(**values)
