@@ -68,3 +68,33 @@ def test_the_interrupted_runs_note_names_the_newest_complete_checkpoint(tmp_path
     for name in ("step-000004", "step-000012", "step-00003", ".staging-abc"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert newest_checkpoint_note(tmp_path).endswith("checkpoints/step-000012")
+
+
+@pytest.mark.parametrize("left", [("fresh", "previous"), ("previous",), ("fresh",)])
+def test_a_model_swap_cut_between_its_renames_is_put_back(tmp_path: Path, left: tuple[str, ...],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A run killed after merged/ -> .merged-old and before .merged-new -> merged/ leaves no merged/: the
+    newest complete model is put back and the other removed, never both deleted."""
+    from openvla_ros.finetune.checkpoints import recover_model_swap
+
+    names = {"fresh": ".merged-new", "previous": ".merged-old"}
+    for kind in left:
+        (tmp_path / names[kind]).mkdir()
+        (tmp_path / names[kind] / "config.json").write_text(kind)
+    with caplog.at_level("WARNING"):
+        restored = recover_model_swap(tmp_path, "merged", ".merged-new", ".merged-old")
+    assert restored == tmp_path / "merged"
+    assert (tmp_path / "merged" / "config.json").read_text() == left[0], "the newest complete model wins"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]
+    assert "put back" in caplog.text
+
+
+def test_with_the_model_in_place_only_the_leftovers_go(tmp_path: Path) -> None:
+    from openvla_ros.finetune.checkpoints import recover_model_swap
+
+    for name in ("merged", ".merged-new", ".merged-old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(name)
+    assert recover_model_swap(tmp_path, "merged", ".merged-new", ".merged-old") is None
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]
+    assert (tmp_path / "merged" / "config.json").read_text() == "merged"

@@ -107,3 +107,31 @@ def restore_training_state(state: dict[str, Any], optimizer: Any, scheduler: Any
     np.random.set_state(state["numpy_rng"])
     random.setstate(state["python_rng"])
     return int(state["step"])
+
+
+def recover_model_swap(out: Path, name: str, fresh_name: str, previous_name: str) -> Path | None:
+    """Puts back the model a run killed in the middle of its swap left aside; returns what became ``name``.
+
+    A finished model is written as ``fresh_name`` (complete once it has that name), then swapped in:
+    ``name`` -> ``previous_name``, ``fresh_name`` -> ``name``. A kill between the two renames leaves no
+    ``name``: the newest complete model (``fresh_name``, else ``previous_name``) is renamed back to it.
+    With ``name`` in place, the leftovers are removed. Every step is logged as a warning.
+    """
+    import logging
+
+    logger = logging.getLogger(__name__)
+    target, fresh, previous = out / name, out / fresh_name, out / previous_name
+    restored = None
+    if not target.exists():
+        for candidate in (fresh, previous):
+            if candidate.is_dir():
+                candidate.rename(target)
+                restored = target
+                logger.warning("put back %s from %s: an earlier run was killed while it swapped in its model",
+                               target, candidate.name)
+                break
+    for leftover in (fresh, previous):
+        if leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+            logger.warning("removed %s, left by an earlier run that was killed before it could clean up", leftover)
+    return restored

@@ -35,6 +35,7 @@ from openvla_ros.errors import TrainingError
 from openvla_ros.finetune.checkpoints import (
     list_checkpoints,
     newest_checkpoint,
+    recover_model_swap,
     remove_stale_checkpoint_staging,
     restore_training_state,
     training_state,
@@ -390,6 +391,7 @@ class Trainer:
             remove_stale_checkpoint_staging(self.out)
             remove_stale_staging(self.out, f"{ADAPTER_STAGING_PREFIX}*")
             remove_stale_staging(self.out, f"{staging_prefix(self.out / MERGED_NEW)}*")
+            recover_model_swap(self.out, MERGED_DIR, MERGED_NEW, MERGED_OLD)
         if config.resume:
             self._resume()
         elif self._checkpoints():
@@ -592,8 +594,7 @@ class Trainer:
         # Written beside the previous merged model and swapped in at the end, so a failure or Ctrl-C while
         # saving never leaves the run without a loadable merged model.
         merged_dir, fresh, previous = self.out / MERGED_DIR, self.out / MERGED_NEW, self.out / MERGED_OLD
-        for leftover in (fresh, previous):
-            shutil.rmtree(leftover, ignore_errors=True)
+        recover_model_swap(self.out, MERGED_DIR, MERGED_NEW, MERGED_OLD)
         if self.chunked:
             merged_oft = OpenVLAOFT(merged, self.spec)
             for name, module in (("action_head", merged_oft.action_head),
