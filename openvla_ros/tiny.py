@@ -4,6 +4,7 @@ pretrained tiny base (``--pretrain``, :mod:`openvla_ros.pretrain`).
     python -m openvla_ros.tiny OUT_DIR [--seed N] [--size tiny|small|mid] [--prismatic]
     python -m openvla_ros.tiny OUT_DIR --oft [--chunk K] [--proprio-dim N] [--images N] [--film] [--ours]
     python -m openvla_ros.tiny OUT_DIR --pretrain [--tasks reach] [--episodes N] [--steps N]
+    python -m openvla_ros.tiny OUT_DIR --size 7b [--dry-run] [--layers N]   # openvla-7b's shapes, random
 
 This command lives above the model core so that the core never imports the pretraining application.
 """
@@ -22,9 +23,15 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Write a tiny OpenVLA checkpoint, or build the pretrained tiny base.")
     parser.add_argument("out_dir", type=Path, help="directory to create (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--size", default=None, choices=sorted(SIZES),
-                        help="tiny (tests, the default), small (4 Llama layers: the --pretrain default) or mid "
-                             "(~200M, benchmarks)")
+    parser.add_argument("--size", default=None, choices=[*sorted(SIZES), "7b"],
+                        help="tiny (tests, the default), small (4 Llama layers: the --pretrain default), mid "
+                             "(~200M, benchmarks) or 7b (openvla-7b's shapes and layout, 15 GB in bf16, written "
+                             "tensor by tensor)")
+    full = parser.add_argument_group("full size (--size 7b)")
+    full.add_argument("--dry-run", action="store_true",
+                      help="print the files, tensor count and bytes it would write, and write nothing")
+    full.add_argument("--layers", type=int, default=32,
+                      help="Llama layers (default 32); fewer keep every width, for quick checks")
     parser.add_argument(
         "--prismatic", action="store_true",
         help="write a Prismatic training run directory (config.json, dataset_statistics.json, "
@@ -56,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.pretrain:
         return _pretrain_main(parser, args)
 
+    if args.size == "7b":
+        return _full_size_main(parser, args)
+    if args.dry_run or args.layers != 32:
+        parser.error("--dry-run and --layers need --size 7b")
     if args.oft and args.prismatic:
         parser.error("--oft and --prismatic exclude each other")
     if args.no_film:
@@ -76,6 +87,38 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OpenVLAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _full_size_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--size 7b``: writes (or with ``--dry-run`` lists) the full-size random checkpoint."""
+    from openvla_ros.errors import OpenVLAError
+    from openvla_ros.model.full_size import (
+        FULL_SHARD_BYTES,
+        full_config,
+        plan_checkpoint,
+        write_full_checkpoint,
+    )
+
+    if args.oft or args.prismatic or args.pretrain:
+        parser.error("--size 7b writes the token model; --oft, --prismatic and --pretrain are not available at 7b")
+    if not 1 <= args.layers <= 32:
+        parser.error(f"--layers must be 1..32, got {args.layers}")
+    if args.dry_run:
+        plan = plan_checkpoint(full_config(args.layers), FULL_SHARD_BYTES)
+        for shard in dict.fromkeys(tensor.shard for tensor in plan):
+            tensors = [tensor for tensor in plan if tensor.shard == shard]
+            print(f"{shard}: {len(tensors)} tensors, {sum(t.nbytes for t in tensors) / 1e9:.2f} GB")
+        parameters = sum(tensor.nbytes for tensor in plan) // 2
+        print(f"total: {len(plan)} tensors, {parameters / 1e9:.3f} B parameters, "
+              f"{2 * parameters / 1e9:.2f} GB in bf16 (nothing written)")
+        return 0
+    try:
+        path = write_full_checkpoint(args.out_dir, seed=args.seed, layers=args.layers)
     except OpenVLAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,13 @@ from torch import nn
 
 from openvla_ros.errors import CheckpointError, QuantizationError
 from openvla_ros.model.configuration_openvla import OpenVLAConfig
+from openvla_ros.model.memory import (
+    LOAD_GROUP_BYTES,
+    check_fits,
+    check_index_total,
+    parameter_count,
+    read_headers,
+)
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
 from openvla_ros.model.processor import ImageSettings, default_image_settings
 
@@ -35,6 +42,8 @@ STATISTICS_NAME = "dataset_statistics.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+# dtype "auto" on the CPU is float32 up to this many parameters, bfloat16 above (a 7B model: 30 GB in float32).
+AUTO_FLOAT32_LIMIT = 2 * 10**9
 HUB_FILE_PATTERNS = [
     "*.json", "*.safetensors", "tokenizer.model",
     # OpenVLA-OFT heads (read with torch.load(weights_only=True)) and the LoRA settings FiLM needs.
@@ -328,33 +337,49 @@ def load_model(
         _require_bitsandbytes(quantization)
     config = config or read_config(checkpoint_dir)
     files = weight_files(checkpoint_dir)
+    headers = read_headers(files)  # a truncated shard is refused here, before anything is loaded
+    if dtype == "auto" and target_device.type == "cpu" and parameter_count(headers) > AUTO_FLOAT32_LIMIT:
+        compute_dtype = torch.bfloat16  # a full-size model in float32 needs 30 GB: only when asked for
+        logger.info("dtype auto: bfloat16 on the CPU for a model of %.1f B parameters (pass dtype float32 for "
+                    "float32)", parameter_count(headers) / 1e9)
+    check_fits(checkpoint_dir, headers, quantization, compute_dtype, target_device)
     with init_empty_weights(include_buffers=False):
         model = OpenVLAForActionPrediction(config)
     expected = set(model.state_dict())
     pending_linears = set(quantizable_linears(model)) if quantization != "none" else set()
     seen: set[str] = set()
     unexpected: list[str] = []
-    for path in files:
-        shard: dict[str, torch.Tensor] = {}
-        for key, tensor in _iter_shard(path):
-            name = official_to_internal_key(key)
-            if name not in expected:
-                unexpected.append(key)
-                continue
-            shard[name] = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
+    def assign(group: dict[str, torch.Tensor], path: Path) -> None:
+        """Puts a group of loaded weights into the model and quantises the Linear layers now complete."""
         try:
-            model.load_state_dict(shard, strict=False, assign=True)
+            model.load_state_dict(group, strict=False, assign=True)
         except RuntimeError as exc:
-            raise CheckpointError(
-                f"weights in {path.name} do not fit the architecture in config.json: {exc}"
-            ) from exc
-        seen.update(shard)
-        del shard
+            raise CheckpointError(f"weights in {path.name} do not fit the architecture in config.json: {exc}") from exc
+        seen.update(group)
         for name in sorted(pending_linears):
             linear = model.get_submodule(name)
             if all(not p.is_meta for p in linear.parameters()):
                 _set_submodule(model, name, _quantized_linear(linear, quantization, compute_dtype, target_device))
                 pending_linears.discard(name)
+
+    # Weights go in by groups of at most LOAD_GROUP_BYTES, each quantised as soon as it is complete: a
+    # 4-bit load holds the quantised model plus one group, never a whole 7 GB shard in bf16.
+    for path in files:
+        group: dict[str, torch.Tensor] = {}
+        group_bytes = 0
+        for key, tensor in _iter_shard(path):
+            name = official_to_internal_key(key)
+            if name not in expected:
+                unexpected.append(key)
+                continue
+            group[name] = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
+            group_bytes += group[name].numel() * group[name].element_size()
+            if group_bytes >= LOAD_GROUP_BYTES:
+                assign(group, path)
+                group, group_bytes = {}, 0
+        if group:
+            assign(group, path)
+        del group
     missing = sorted(expected - seen)
     if missing or unexpected:
         raise CheckpointError(
@@ -362,6 +387,7 @@ def load_model(
             f"{_preview(missing)} and {len(unexpected)} unexpected weight(s) {_preview(unexpected)}; "
             "the files may be incomplete or from another architecture"
         )
+    check_index_total(checkpoint_dir / INDEX_NAME, headers)
     model.to(target_device)
     model.eval()
     model.requires_grad_(False)

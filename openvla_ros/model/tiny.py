@@ -12,7 +12,7 @@ action tokens are ids 31744..31999. It carries ``norm_stats`` for the key ``tiny
 
 Random weights at the libraries' default initialisation make the image barely matter (LayerScale
 1e-5, unit norms, zero biases); those are redrawn so that images and instructions visibly change the
-output, the action tokens' output rows are ordered by bin (see :func:`_order_action_rows`) and the
+output, the action tokens' output rows are ordered by bin (see :func:`order_action_rows`) and the
 ViTs' position embeddings are a 2D sine-cosine grid (see :func:`grid_position_embedding`).
 
 With ``--prismatic`` the same model is written as a run directory of the original Prismatic training
@@ -210,7 +210,7 @@ def _redraw_parameters(model: OpenVLAForActionPrediction, generator: torch.Gener
             elif parameter.ndim == 2:
                 fan_in = parameter.shape[1]
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in**0.5)
-        _order_action_rows(model.language_model.lm_head.weight, generator)
+        order_action_rows(model.language_model.lm_head.weight, generator)
         for vit in (model.vision_backbone.featurizer, model.vision_backbone.fused_featurizer):
             if vit is not None:
                 vit.pos_embed.copy_(grid_position_embedding(vit.pos_embed.shape[1], vit.pos_embed.shape[2]))
@@ -240,7 +240,7 @@ def grid_position_embedding(num_patches: int, dim: int) -> torch.Tensor:
     return torch.cat([embedding, padding], dim=1).float()[None]
 
 
-def _order_action_rows(lm_head: torch.Tensor, generator: torch.Generator) -> None:
+def order_action_rows(lm_head: torch.Tensor, generator: torch.Generator) -> None:
     """Lays the 256 action tokens' output rows on an arc, so that neighbouring bins score alike.
 
     Independent random rows make every bin unrelated to its neighbours, so a fine-tune on a few

@@ -1,0 +1,215 @@
+"""Full-size random checkpoints: openvla-7b's exact shapes, names and file layout, written offline.
+
+    python -m openvla_ros.tiny OUT --size 7b [--seed N] [--dry-run]
+
+The model is DINOv2 ViT-L/14-reg4 + SigLIP so400m/14 at 224 px, the fused projector 2176 -> 8704 ->
+4096 -> 4096 and Llama-2-7B (4096 wide, 32 layers, 32 heads, MLP 11008, vocabulary 32064): 7.54 B
+parameters, 15.1 GB in bf16. Nothing of that size is ever held in memory: the names and shapes come
+from a model built on the ``meta`` device, and each tensor is drawn (deterministically per seed and
+name), converted to bf16 and appended to its safetensors shard before the next one is drawn, so the
+writer's peak memory is about one tensor (the 0.5 GB embedding in float32), not the model.
+
+The values follow the tiny checkpoint's rules (:mod:`openvla_ros.model.tiny`): fan-in scaled matrices,
+non-trivial norms, biases and LayerScale, grid position embeddings and ordered action rows, so images
+and instructions change the output at full size too. ``layers`` and ``vision_depth`` shrink the depth
+(never the widths) for tests that write and load a real file of the full widths.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from openvla_ros.errors import CheckpointError
+from openvla_ros.model.configuration_openvla import DEFAULT_TIMM_IDS, OpenVLAConfig, make_text_config
+from openvla_ros.model.loading import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    PREPROCESSOR_NAME,
+    STATISTICS_NAME,
+    internal_to_official_key,
+    staging_prefix,
+)
+from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
+from openvla_ros.model.processor import default_image_settings
+from openvla_ros.model.tiny import (
+    PADDED_VOCAB_SIZE,
+    VOCAB_SIZE,
+    grid_position_embedding,
+    make_tiny_tokenizer,
+    order_action_rows,
+    tiny_norm_stats,
+)
+
+LLAMA_2_7B = {
+    "vocab_size": PADDED_VOCAB_SIZE,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 2048,
+    "pad_token_id": VOCAB_SIZE,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+# The official checkpoint's three shards hold 6.9 + 6.9 + 1.3 GB.
+FULL_SHARD_BYTES = 7 * 10**9
+_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def full_config(layers: int = 32, vision_depth: int | None = None) -> OpenVLAConfig:
+    """Returns openvla-7b's config; ``layers`` (LLM) and ``vision_depth`` (both towers) shrink only the depth."""
+    text = dict(LLAMA_2_7B, num_hidden_layers=layers)
+    overrides = None if vision_depth is None else [{"depth": vision_depth}, {"depth": vision_depth}]
+    return OpenVLAConfig(
+        timm_model_ids=list(DEFAULT_TIMM_IDS), image_sizes=[224, 224], use_fused_vision_backbone=True,
+        llm_backbone_id="llama2-7b-pure", text_config=make_text_config(text), norm_stats=tiny_norm_stats(),
+        timm_override_args=overrides,
+    )
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the checkpoint: its official name, shape, the internal name it is drawn under, and shard."""
+
+    name: str
+    internal_name: str
+    shape: tuple[int, ...]
+    shard: str
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for side in self.shape:
+            count *= side
+        return count * 2  # bf16
+
+
+def plan_checkpoint(config: OpenVLAConfig, max_shard_bytes: int = FULL_SHARD_BYTES) -> list[PlannedTensor]:
+    """Returns every tensor the checkpoint of ``config`` holds, in file order, with its shard file name.
+
+    Built on the ``meta`` device: no memory is used for the weights.
+    """
+    with torch.device("meta"):
+        model = OpenVLAForActionPrediction(config)
+    entries = sorted((internal_to_official_key(key), key, tuple(tensor.shape))
+                     for key, tensor in model.state_dict().items())
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, internal, shape in entries:
+        nbytes = 2 * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, internal, shape))
+        size += nbytes
+    planned = []
+    for number, shard in enumerate(shards, start=1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        planned += [PlannedTensor(name, internal, shape, file) for name, internal, shape in shard]
+    return planned
+
+
+def draw_tensor(internal_name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Returns the float32 values of one tensor, the same for the same (seed, name) on every machine."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(internal_name.encode()))
+    name = internal_name
+    if name.endswith(("ls1.gamma", "ls2.gamma")):
+        return 0.5 + torch.rand(shape, generator=generator)
+    if name.endswith(".bias"):
+        return 0.1 * torch.randn(shape, generator=generator)
+    if len(shape) == 1 and "norm" in name:
+        return 1.0 + 0.3 * torch.randn(shape, generator=generator)
+    if name.endswith("pos_embed"):
+        return grid_position_embedding(shape[1], shape[2])
+    if name.endswith("embed_tokens.weight"):
+        return torch.randn(shape, generator=generator)
+    if name.endswith("lm_head.weight"):
+        values = torch.randn(shape, generator=generator)
+        order_action_rows(values, generator)
+        return values
+    if len(shape) >= 2:
+        fan_in = 1
+        for side in shape[1:]:
+            fan_in *= side
+        return torch.randn(shape, generator=generator) / fan_in**0.5
+    return 0.02 * torch.randn(shape, generator=generator)  # cls and register tokens
+
+
+def _write_shard(path: Path, tensors: list[PlannedTensor], seed: int) -> None:
+    """Writes one safetensors file tensor by tensor: the header first (offsets are known from the shapes)."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        header[tensor.name] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)))
+        file.write(encoded)
+        for tensor in tensors:
+            values = draw_tensor(tensor.internal_name, tensor.shape, seed).to(torch.bfloat16).contiguous()
+            file.write(values.view(torch.int16).numpy().tobytes())
+
+
+def _shards(plan: list[PlannedTensor]) -> Iterator[tuple[str, list[PlannedTensor]]]:
+    current: list[PlannedTensor] = []
+    for tensor in plan:
+        if current and tensor.shard != current[-1].shard:
+            yield current[-1].shard, current
+            current = []
+        current.append(tensor)
+    if current:
+        yield current[-1].shard, current
+
+
+def write_full_checkpoint(out_dir: str | Path, seed: int = 0, layers: int = 32, vision_depth: int | None = None,
+                          max_shard_bytes: int = FULL_SHARD_BYTES) -> Path:
+    """Writes the full-size random checkpoint (bf16, sharded with its index) and returns ``out_dir``.
+
+    Written beside ``out_dir`` and renamed into place at the end, so an interrupted write leaves nothing
+    that looks like a checkpoint.
+
+    Raises:
+        CheckpointError: when ``out_dir`` exists and is not empty.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
+    config = full_config(layers, vision_depth)
+    plan = plan_checkpoint(config, max_shard_bytes)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
+    try:
+        for file, tensors in _shards(plan):
+            _write_shard(staging / file, tensors, seed)
+        index = {"metadata": {"total_size": sum(t.nbytes for t in plan)},
+                 "weight_map": {t.name: t.shard for t in plan}}
+        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        config_dict = config.to_dict()
+        config_dict["torch_dtype"] = "bfloat16"
+        (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2))
+        (staging / STATISTICS_NAME).write_text(json.dumps(config.norm_stats, indent=2))
+        settings = default_image_settings(True, config.image_size)
+        (staging / PREPROCESSOR_NAME).write_text(json.dumps(settings.to_preprocessor_config(True), indent=2))
+        with tempfile.TemporaryDirectory() as scratch:
+            tokenizer = make_tiny_tokenizer(Path(scratch) / "tokenizer", seed=seed)
+            tokenizer.save_pretrained(str(staging))
+            shutil.copyfile(tokenizer.vocab_file, staging / "tokenizer.model")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
