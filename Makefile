@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test files run in parallel, each file in one worker (its module fixtures built once); 2 fits a 2-core machine.
+TEST_WORKERS ?= 2
 
 .PHONY: venv test lint demo tiny bench clean ros2-tooling
 
@@ -37,7 +39,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint ros2-tooling
-	$(PY) -m pytest -q $(PYTEST_ARGS) test
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) test
 
 tiny: $(STAMP)
 	$(PY) -m openvla_ros.tiny artifacts/tiny
