@@ -174,3 +174,25 @@ def test_dtype_auto_on_the_cpu_is_bfloat16_for_a_large_model(shallow_full_width:
     model = loading.load_model(shallow_full_width, device="cpu", dtype="auto")
     assert next(model.parameters()).dtype == torch.bfloat16
     del model
+
+
+def test_the_gpu_check_runs_its_cpu_path_end_to_end(tmp_path: Path) -> None:
+    """``benchmarks/gpu_check.py --device cpu --size tiny``: every row (token and OFT, bf16 / 8-bit / 4-bit, one
+    image and two images + proprio) timed, one JSON, one table; so the script cannot rot unseen."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+         "--size", "tiny", "--steps", "2", "--warmup", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(row["model"], row["mode"], row.get("images", 1)) for row in rows] == [
+        ("token", "bf16", 1), ("token", "8bit", 1), ("token", "4bit", 1),
+        ("oft", "bf16", 1), ("oft", "8bit", 1), ("oft", "4bit", 1),
+        ("oft", "bf16", 2), ("oft", "8bit", 2), ("oft", "4bit", 2)]
+    for row in rows:
+        assert row["steps"] == 2 and row["median_ms"] > 0 and row["p95_ms"] >= row["median_ms"]
+        assert row["actions_per_s"] == pytest.approx((8 if row["model"] == "oft" else 1) * row["hz"])
+    assert report["info"]["device"] == "cpu" and "skipped" in report["checks"]["cuda_against_cpu"]
+    assert "| oft + proprio 8 | 4bit | 2 |" in result.stdout

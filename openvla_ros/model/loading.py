@@ -304,6 +304,13 @@ def _quantized_linear(linear: nn.Linear, quantization: str, compute_dtype: torch
     return layer.to(device)
 
 
+def quantize_llm(model: OpenVLAForActionPrediction, quantization: str, compute_dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Replaces the LLM's Linear layers of a loaded model by bitsandbytes 8-bit or 4-bit layers, one by one."""
+    for name in quantizable_linears(model):
+        _set_submodule(model, name, _quantized_linear(model.get_submodule(name), quantization, compute_dtype, device))
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name), child, module)
