@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Under `make test` the files run on two workers (pytest-xdist): one thread each for torch and OpenMP, in
+# the worker and in the processes it starts, so two workers on two cores do not each spin two threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:

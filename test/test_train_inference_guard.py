@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from openvla_ros.dataset import convert_bags
 from openvla_ros.dataset.config import config_from_mapping
@@ -68,11 +69,19 @@ def merged(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     })
     convert_bags(bags, root / "data", NAME, config)
     out = root / "run"
-    run_finetune(FinetuneConfig(
-        vla_path=str(tiny_checkpoint), data_dir=str(root / "data"), dataset_name=NAME, out=str(out),
-        max_steps=STEPS, batch_size=8, learning_rate=3e-3, lora_rank=16, save_steps=STEPS, eval_steps=0,
-        log_steps=50, image_aug=False, device="cpu", seed=1, action_head="l1", chunk=2,
-    ))
+    # Two torch threads whatever the worker's setting: the thread count changes the floating-point order,
+    # and this short run learns the left/right cue with two (the order the check was set up with) but not
+    # always with one. The check is of the chain, so its training is kept fixed.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_finetune(FinetuneConfig(
+            vla_path=str(tiny_checkpoint), data_dir=str(root / "data"), dataset_name=NAME, out=str(out),
+            max_steps=STEPS, batch_size=8, learning_rate=3e-3, lora_rank=16, save_steps=STEPS, eval_steps=0,
+            log_steps=50, image_aug=False, device="cpu", seed=1, action_head="l1", chunk=2,
+        ))
+    finally:
+        torch.set_num_threads(threads)
     return out / "merged"
 
 
