@@ -58,10 +58,20 @@ def small_pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     The same stages as ``make pretrained`` (expert bags, converter, full training, evaluation) with a few
     episodes and steps: its layout is the real one, its skill is not.
     """
+    import fcntl
+
     from openvla_ros.pretrain import PretrainSettings, build_pretrained
 
-    out = tmp_path_factory.mktemp("pretrained") / "tiny-pretrained"
-    build_pretrained(out, PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1), progress=lambda _: None)
+    # Built once per test run: under pytest-xdist the workers share their base directory's parent, and
+    # the first to get the lock builds it (the base appears in one rename, with its pretrain.json).
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "shared-pretrained" / "tiny-pretrained"
+    with open(shared / "shared-pretrained.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "pretrain.json").is_file():
+            build_pretrained(out, PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1),
+                             progress=lambda _: None)
     return out
 
 
