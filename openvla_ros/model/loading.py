@@ -31,6 +31,7 @@ from openvla_ros.model.memory import (
     check_index_total,
     parameter_count,
     read_headers,
+    read_tensors,
 )
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
 from openvla_ros.model.processor import ImageSettings, default_image_settings
@@ -213,18 +214,8 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
 
 
 def _iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                yield key, handle.get_tensor(key)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(
-            f"weight file {path} is corrupt or truncated ({exc}); download or save the checkpoint again"
-        ) from exc
+    """Yields the tensors of one weight file, each in memory of its own (see :func:`memory.read_tensors`)."""
+    yield from read_tensors(path)
 
 
 def resolve_device(device: str) -> torch.device:
