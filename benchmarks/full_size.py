@@ -114,7 +114,8 @@ def node_first_action(checkpoint: Path, mode: str, timeout_s: float) -> dict:
     started = time.perf_counter()
     child = ChildNode("policy_node", "openvla_ros.policy_node", [
         "-p", f"model:={checkpoint}", "-p", f"quantization:={quantization}", "-p", f"dtype:={dtype}",
-        "-p", "device:=cpu", "-p", "start_enabled:=true", "-p", "max_image_age_s:=600.0", "-p", "rate_hz:=1.0"],
+        "-p", "device:=cpu", "-p", "start_enabled:=true", "-p", "max_image_age_s:=10.0", "-p", "rate_hz:=1.0",
+        "-p", "cpu_threads:=2"],
         log_dir, env)
     enable = node.create_client(SetBool, "/openvla_policy/enable")
     try:
