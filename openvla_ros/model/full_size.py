@@ -36,31 +36,18 @@ from openvla_ros.model.loading import (
     PREPROCESSOR_NAME,
     STATISTICS_NAME,
     internal_to_official_key,
-    staging_prefix,
+    staged_directory,
 )
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
+from openvla_ros.model.prismatic_config import LLAMA2_7B_TEXT_CONFIG
 from openvla_ros.model.processor import default_image_settings
 from openvla_ros.model.tiny import (
-    PADDED_VOCAB_SIZE,
-    VOCAB_SIZE,
     grid_position_embedding,
     make_tiny_tokenizer,
     order_action_rows,
     tiny_norm_stats,
 )
 
-LLAMA_2_7B = {
-    "vocab_size": PADDED_VOCAB_SIZE,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 2048,
-    "pad_token_id": VOCAB_SIZE,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 # The official checkpoint's three shards hold 6.9 + 6.9 + 1.3 GB.
 FULL_SHARD_BYTES = 7 * 10**9
 _SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -68,7 +55,7 @@ _SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32"}
 
 def full_config(layers: int = 32, vision_depth: int | None = None) -> OpenVLAConfig:
     """Returns openvla-7b's config; ``layers`` (LLM) and ``vision_depth`` (both towers) shrink only the depth."""
-    text = dict(LLAMA_2_7B, num_hidden_layers=layers)
+    text = dict(LLAMA2_7B_TEXT_CONFIG, num_hidden_layers=layers)
     overrides = None if vision_depth is None else [{"depth": vision_depth}, {"depth": vision_depth}]
     return OpenVLAConfig(
         timm_model_ids=list(DEFAULT_TIMM_IDS), image_sizes=[224, 224], use_fused_vision_backbone=True,
@@ -188,9 +175,7 @@ def write_full_checkpoint(out_dir: str | Path, seed: int = 0, layers: int = 32, 
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
     config = full_config(layers, vision_depth)
     plan = plan_checkpoint(config, max_shard_bytes)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         for file, tensors in _shards(plan):
             _write_shard(staging / file, tensors, seed)
         index = {"metadata": {"total_size": sum(t.nbytes for t in plan)},
@@ -206,10 +191,4 @@ def write_full_checkpoint(out_dir: str | Path, seed: int = 0, layers: int = 32, 
             tokenizer = make_tiny_tokenizer(Path(scratch) / "tokenizer", seed=seed)
             tokenizer.save_pretrained(str(staging))
             shutil.copyfile(tokenizer.vocab_file, staging / "tokenizer.model")
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,27 @@ def staging_prefix(out_dir: Path) -> str:
     """Returns the name prefix of the directory beside ``out_dir`` that a checkpoint is written into
     before it is renamed to ``out_dir`` (what a killed write leaves behind)."""
     return f".{out_dir.name}."
+
+
+@contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """Yields a fresh directory beside ``out_dir`` to write into; renames it to ``out_dir`` (an empty one is
+    replaced) when the block ends, removes it when the block raises. Nothing half-written ever has the
+    final name."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
+    try:
+        yield staging
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            if path.is_file():
+                path.chmod(0o644)
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def read_image_settings(checkpoint_dir: Path, config: OpenVLAConfig) -> ImageSettings:
@@ -450,9 +472,7 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         state = {
             internal_to_official_key(key): (tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor)
             .detach().cpu().contiguous()
@@ -497,13 +517,4 @@ def save_checkpoint(
             vocab_file = getattr(tokenizer, "vocab_file", None)
             if vocab_file and os.path.isfile(vocab_file):
                 shutil.copyfile(vocab_file, staging / "tokenizer.model")
-        staging.chmod(0o755)
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

@@ -34,7 +34,7 @@ import torch
 
 from openvla_ros.model.action_codec import DEFAULT_MASK
 from openvla_ros.model.configuration_openvla import DEFAULT_TIMM_IDS, OpenVLAConfig, make_text_config
-from openvla_ros.model.loading import save_checkpoint, staging_prefix
+from openvla_ros.model.loading import save_checkpoint, staged_directory
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
 
 TINY_UNNORM_KEY = "tiny_demo"
@@ -356,9 +356,7 @@ def make_tiny_prismatic_run(out_dir: str | Path, seed: int = 0, size: str = "tin
             "tokenizer": "tokenizer",
         },
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         tokenizer = make_tiny_tokenizer(staging / "scratch", seed=seed)
         tokenizer.save_pretrained(str(staging / "tokenizer"))
         shutil.copyfile(tokenizer.vocab_file, staging / "tokenizer" / "tokenizer.model")
@@ -367,11 +365,4 @@ def make_tiny_prismatic_run(out_dir: str | Path, seed: int = 0, size: str = "tin
         torch.save({"model": _prismatic_state(model)}, staging / "checkpoints" / "latest-checkpoint.pt")
         (staging / "config.json").write_text(json.dumps(run_config, indent=2))
         (staging / "dataset_statistics.json").write_text(json.dumps(config["norm_stats"], indent=2))
-        staging.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
