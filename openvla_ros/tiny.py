@@ -5,6 +5,7 @@ pretrained tiny base (``--pretrain``, :mod:`openvla_ros.pretrain`).
     python -m openvla_ros.tiny OUT_DIR --oft [--chunk K] [--proprio-dim N] [--images N] [--film] [--ours]
     python -m openvla_ros.tiny OUT_DIR --pretrain [--tasks reach] [--episodes N] [--steps N]
     python -m openvla_ros.tiny OUT_DIR --size 7b [--dry-run] [--layers N]   # openvla-7b's shapes, random
+    python -m openvla_ros.tiny OUT_DIR --size 7b --oft [--film]              # OFT-7B (LIBERO layout), random
 
 This command lives above the model core so that the core never imports the pretraining application.
 """
@@ -40,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     oft = parser.add_argument_group("OpenVLA-OFT (--oft)")
     oft.add_argument("--oft", action="store_true",
                      help="add the OFT L1 action head: official layout (.pt heads with the module. prefix)")
-    oft.add_argument("--chunk", type=int, default=8, help="actions per chunk K (default 8)")
-    oft.add_argument("--proprio-dim", type=int, default=0, help="proprio vector length (default 0: no proprio)")
-    oft.add_argument("--images", type=int, default=1, help="input images: primary + wrist cameras (default 1)")
+    oft.add_argument("--chunk", type=int, default=None, help="actions per chunk K (default 8)")
+    oft.add_argument("--proprio-dim", type=int, default=None,
+                     help="proprio vector length (default 0: no proprio; at --size 7b LIBERO's 8)")
+    oft.add_argument("--images", type=int, default=None,
+                     help="input images: primary + wrist cameras (default 1; at --size 7b LIBERO's 2)")
     oft.add_argument("--film", action="store_true", help="FiLM in every ViT block")
     oft.add_argument("--ours", action="store_true",
                      help="write this package's OFT layout (safetensors heads) instead of the official one")
@@ -65,13 +68,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.size == "7b":
         return _full_size_main(parser, args)
+    oft_given = args.chunk is not None or args.proprio_dim is not None or args.images is not None
+    args.chunk = 8 if args.chunk is None else args.chunk
+    args.proprio_dim = 0 if args.proprio_dim is None else args.proprio_dim
+    args.images = 1 if args.images is None else args.images
     if args.dry_run or args.layers != 32:
         parser.error("--dry-run and --layers need --size 7b")
     if args.oft and args.prismatic:
         parser.error("--oft and --prismatic exclude each other")
     if args.no_film:
         parser.error("--no-film is a --pretrain option")
-    if not args.oft and (args.film or args.ours or args.proprio_dim or args.images != 1 or args.chunk != 8):
+    if not args.oft and (args.film or args.ours or oft_given):
         parser.error("--chunk, --proprio-dim, --images, --film and --ours need --oft")
     try:
         if args.oft:
@@ -96,29 +103,52 @@ def main(argv: list[str] | None = None) -> int:
 
 def _full_size_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``--size 7b``: writes (or with ``--dry-run`` lists) the full-size random checkpoint."""
+    import torch
+
     from openvla_ros.errors import OpenVLAError
     from openvla_ros.model.full_size import (
         FULL_SHARD_BYTES,
+        LIBERO_OFT,
         full_config,
+        oft_head_files,
         plan_checkpoint,
         write_full_checkpoint,
     )
+    from openvla_ros.model.oft import OFTSpec
 
-    if args.oft or args.prismatic or args.pretrain:
-        parser.error("--size 7b writes the token model; --oft, --prismatic and --pretrain are not available at 7b")
+    if args.prismatic or args.ours:
+        parser.error("--size 7b writes the official layouts only; --prismatic and --ours are not available at 7b")
     if not 1 <= args.layers <= 32:
         parser.error(f"--layers must be 1..32, got {args.layers}")
+    if not args.oft and (args.film or args.chunk is not None or args.proprio_dim is not None or args.images is not None):
+        parser.error("--chunk, --proprio-dim, --images and --film need --oft")
+    spec = None
+    if args.oft:
+        layout = dict(LIBERO_OFT)
+        for key, given in (("chunk", args.chunk), ("proprio_dim", args.proprio_dim), ("num_images", args.images)):
+            if given is not None:
+                layout[key] = given
+        try:
+            spec = OFTSpec(action_dim=7, film=args.film, **layout)
+        except ValueError as exc:
+            parser.error(str(exc))
+    config = full_config(args.layers)
     if args.dry_run:
-        plan = plan_checkpoint(full_config(args.layers), FULL_SHARD_BYTES)
+        plan = plan_checkpoint(config, FULL_SHARD_BYTES)
         for shard in dict.fromkeys(tensor.shard for tensor in plan):
             tensors = [tensor for tensor in plan if tensor.shard == shard]
             print(f"{shard}: {len(tensors)} tensors, {sum(t.nbytes for t in tensors) / 1e9:.2f} GB")
         parameters = sum(tensor.nbytes for tensor in plan) // 2
         print(f"total: {len(plan)} tensors, {parameters / 1e9:.3f} B parameters, "
               f"{2 * parameters / 1e9:.2f} GB in bf16 (nothing written)")
+        if spec is not None:
+            for file, entries in oft_head_files(config, spec).items():
+                count = sum(int(torch.Size(shape).numel()) for _, shape, _ in entries)
+                size = sum(int(torch.Size(shape).numel()) * dtype.itemsize for _, shape, dtype in entries)
+                print(f"{file}: {len(entries)} tensors, {count / 1e6:.1f} M parameters, {size / 1e9:.2f} GB")
         return 0
     try:
-        path = write_full_checkpoint(args.out_dir, seed=args.seed, layers=args.layers)
+        path = write_full_checkpoint(args.out_dir, seed=args.seed, layers=args.layers, oft=spec)
     except OpenVLAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -97,6 +97,82 @@ def test_a_full_width_write_is_sharded_with_its_index_and_loads(shallow_full_wid
     policy.release()
 
 
+def test_the_oft_dry_run_lists_the_official_head_files_with_their_sizes(tmp_path: Path) -> None:
+    """OFT-7B (LIBERO): the L1 head 151,117,831 and the proprio projector 16,818,176 parameters (FACTS-OFT), and
+    FiLM's backbone file with rank-32 LoRA sublayers; nothing written."""
+    out = tmp_path / "oft-7b"
+    result = subprocess.run([sys.executable, "-m", "openvla_ros.tiny", str(out), "--size", "7b", "--oft", "--film",
+                             "--dry-run"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "action_head--100_checkpoint.pt: 16 tensors, 151.1 M parameters, 0.30 GB" in result.stdout
+    assert "proprio_projector--100_checkpoint.pt: 4 tensors, 16.8 M parameters, 0.07 GB" in result.stdout
+    assert "vision_backbone--100_checkpoint.pt:" in result.stdout and not out.exists()
+
+
+def test_the_oft_head_plan_has_the_official_keys_shapes_and_dtypes() -> None:
+    from openvla_ros.model.full_size import oft_head_files
+    from openvla_ros.model.oft import OFTSpec
+
+    files = oft_head_files(full_config(), OFTSpec(chunk=8, action_dim=7, proprio_dim=8, num_images=2, film=True))
+    head = {key: (shape, dtype) for key, shape, dtype in files["action_head--100_checkpoint.pt"]}
+    assert head["module.model.layer_norm1.weight"] == ((28672,), torch.bfloat16)
+    assert head["module.model.fc1.weight"][0] == (4096, 28672)
+    assert head["module.model.mlp_resnet_blocks.1.ffn.1.weight"][0] == (4096, 4096)
+    assert head["module.model.fc2.weight"][0] == (7, 4096)
+    assert sum(int(np.prod(shape)) for shape, _ in head.values()) == 151_117_831
+    proprio = {key: (shape, dtype) for key, shape, dtype in files["proprio_projector--100_checkpoint.pt"]}
+    assert proprio["module.fc1.weight"] == ((4096, 8), torch.float32)
+    assert sum(int(np.prod(shape)) for shape, _ in proprio.values()) == 16_818_176
+    film = {key: shape for key, shape, _ in files["vision_backbone--100_checkpoint.pt"]}
+    assert film["vision_backbone.featurizer.blocks.0.scale.weight"] == (1024, 4096)
+    assert film["vision_backbone.fused_featurizer.blocks.26.shift.weight"] == (1152, 4096)
+    assert film["vision_backbone.featurizer.blocks.3.block.attn.qkv.lora_A.default.weight"] == (32, 1024)
+    assert film["vision_backbone.featurizer.blocks.3.block.attn.qkv.base_layer.weight"] == (3072, 1024)
+    assert film["vision_backbone.featurizer.blocks.3.block.ls1.scale_factor"] == (1024,)
+    film_parameters = sum(int(np.prod(shape)) for key, shape in film.items() if ".scale." in key or ".shift." in key)
+    assert 450e6 < film_parameters < 460e6  # FACTS-OFT: about 255 M (SigLIP) + 201 M (DINOv2)
+
+
+@pytest.fixture(scope="module")
+def shallow_oft(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OFT-7B's widths (LIBERO layout, FiLM) at one Llama layer and two blocks per tower."""
+    from openvla_ros.model.oft import OFTSpec
+
+    spec = OFTSpec(chunk=8, action_dim=7, proprio_dim=8, num_images=2, film=True)
+    return write_full_checkpoint(tmp_path_factory.mktemp("full") / "oft-shallow", seed=0, layers=1, vision_depth=2,
+                                 max_shard_bytes=400 * 10**6, oft=spec)
+
+
+def test_a_full_width_oft_write_loads_and_every_input_changes_the_chunk(shallow_oft: Path) -> None:
+    """The official files load through the same code as OFT-7B's: the layout comes from config.json and the head
+    shapes, FiLM's LoRA sublayers merge back to the weights in the safetensors, and the primary image, the wrist
+    image, the proprio and the instruction each change the chunk."""
+    from openvla_ros.model.full_size import draw_tensor
+    from openvla_ros.model.oft_policy import OFTPolicy
+
+    assert json.loads((shallow_oft / "config.json").read_text())["num_actions_chunk"] == 8
+    policy = OFTPolicy.from_pretrained(str(shallow_oft), device="cpu", dtype="bfloat16")
+    spec = policy.model.spec
+    assert (spec.chunk, spec.action_dim, spec.proprio_dim, spec.num_images, spec.film) == (8, 7, 8, 2, True)
+    assert next(policy.model.action_head.parameters()).dtype == torch.bfloat16
+    qkv = "vision_backbone.featurizer.blocks.1.attn.qkv.weight"
+    merged = policy.model.vla.state_dict()[qkv].float()
+    torch.testing.assert_close(merged, draw_tensor(qkv, tuple(merged.shape), 0), atol=0.02, rtol=0.02)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8) for _ in range(3)]
+    proprio = np.linspace(-1.0, 1.0, 8)
+
+    def chunk(primary=0, wrist=1, state=proprio, instruction=INSTRUCTION) -> np.ndarray:
+        return policy.predict_chunk(frames[primary], instruction, wrist_images=[frames[wrist]], proprio=state)
+
+    base = chunk()
+    assert base.shape == (8, 7) and np.isfinite(base).all()
+    for name, other in (("primary image", chunk(primary=2)), ("wrist image", chunk(wrist=2)),
+                        ("proprio", chunk(state=-proprio)), ("instruction", chunk(instruction="open the drawer"))):
+        assert np.abs(other - base).max() > 1e-3, f"the {name} does not change the chunk at full width"
+    policy.release()
+
+
 def _header_bytes(path: Path) -> int:
     with open(path, "rb") as file:
         return 8 + int.from_bytes(file.read(8), "little")

@@ -1,6 +1,7 @@
 """Full-size random checkpoints: openvla-7b's exact shapes, names and file layout, written offline.
 
     python -m openvla_ros.tiny OUT --size 7b [--seed N] [--dry-run]
+    python -m openvla_ros.tiny OUT --size 7b --oft [--film] [--chunk K] [--proprio-dim N] [--images N]
 
 The model is DINOv2 ViT-L/14-reg4 + SigLIP so400m/14 at 224 px, the fused projector 2176 -> 8704 ->
 4096 -> 4096 and Llama-2-7B (4096 wide, 32 layers, 32 heads, MLP 11008, vocabulary 32064): 7.54 B
@@ -13,6 +14,14 @@ The values follow the tiny checkpoint's rules (:mod:`openvla_ros.model.tiny`): f
 non-trivial norms, biases and LayerScale, grid position embeddings and ordered action rows, so images
 and instructions change the output at full size too. ``layers`` and ``vision_depth`` shrink the depth
 (never the widths) for tests that write and load a real file of the full widths.
+
+With an :class:`~openvla_ros.model.oft.OFTSpec` the checkpoint is an OpenVLA-OFT-7B fine-tune in the
+official layout (by default LIBERO's: 2 images, proprio 8, K = 8): the same VLA files plus
+``action_head--100_checkpoint.pt`` (the L1 MLP-ResNet head, 151 M parameters, bf16, DDP ``module.``
+prefix), ``proprio_projector--100_checkpoint.pt`` (fp32) and, with FiLM,
+``vision_backbone--100_checkpoint.pt`` (the whole FiLM-wrapped vision backbone in bf16 with rank-32 LoRA
+sublayers whose merged value is the weights in the safetensors, 2.3 GB). These head files are built in
+memory one at a time (the largest, FiLM's, holds 1.2 B parameters).
 """
 
 from __future__ import annotations
@@ -39,9 +48,11 @@ from openvla_ros.model.loading import (
     staged_directory,
 )
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
+from openvla_ros.model.oft import OFTSpec, OpenVLAOFT
 from openvla_ros.model.prismatic_config import LLAMA2_7B_TEXT_CONFIG
 from openvla_ros.model.processor import default_image_settings
 from openvla_ros.model.tiny import (
+    TINY_UNNORM_KEY,
     grid_position_embedding,
     make_tiny_tokenizer,
     order_action_rows,
@@ -50,6 +61,10 @@ from openvla_ros.model.tiny import (
 
 # The official checkpoint's three shards hold 6.9 + 6.9 + 1.3 GB.
 FULL_SHARD_BYTES = 7 * 10**9
+# OpenVLA-OFT-7B for LIBERO: two images (third-person + wrist), 8-D proprio, chunks of 8 actions.
+LIBERO_OFT = {"chunk": 8, "proprio_dim": 8, "num_images": 2}
+# The official fine-tuning's LoRA rank (its FiLM file holds rank-32 LoRA sublayers).
+OFFICIAL_LORA_RANK = 32
 _SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
@@ -114,7 +129,7 @@ def draw_tensor(internal_name: str, shape: tuple[int, ...], seed: int) -> torch.
         return 0.5 + torch.rand(shape, generator=generator)
     if name.endswith(".bias"):
         return 0.1 * torch.randn(shape, generator=generator)
-    if len(shape) == 1 and "norm" in name:
+    if len(shape) == 1 and ("norm" in name or name.startswith("action_head.")):  # norms (the head's LayerNorms)
         return 1.0 + 0.3 * torch.randn(shape, generator=generator)
     if name.endswith("pos_embed"):
         return grid_position_embedding(shape[1], shape[2])
@@ -128,7 +143,9 @@ def draw_tensor(internal_name: str, shape: tuple[int, ...], seed: int) -> torch.
         fan_in = 1
         for side in shape[1:]:
             fan_in *= side
-        return torch.randn(shape, generator=generator) / fan_in**0.5
+        # FiLM's scale and shift stay moderate, so that 1 + scale(e) stays near 1 (as the tiny model's)
+        gain = 0.3 if name.startswith("film.") else 1.0
+        return gain * torch.randn(shape, generator=generator) / fan_in**0.5
     return 0.02 * torch.randn(shape, generator=generator)  # cls and register tokens
 
 
@@ -160,10 +177,56 @@ def _shards(plan: list[PlannedTensor]) -> Iterator[tuple[str, list[PlannedTensor
         yield current[-1].shard, current
 
 
+def oft_head_files(config: OpenVLAConfig, spec: OFTSpec) -> dict[str, list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    """Returns the official OFT head files of a full-size model: {file name: [(key, shape, dtype)]}.
+
+    Built on the ``meta`` device; the FiLM file's entries come from
+    :func:`~openvla_ros.model.tiny_oft.official_film_names`.
+    """
+    from openvla_ros.model.tiny_oft import STEP, official_film_names
+
+    with torch.device("meta"):
+        model = OpenVLAOFT(OpenVLAForActionPrediction(config), spec)
+    files = {f"action_head--{STEP}_checkpoint.pt": [(f"module.{key}", tuple(tensor.shape), torch.bfloat16)
+                                                   for key, tensor in model.action_head.state_dict().items()]}
+    if model.proprio_projector is not None:
+        files[f"proprio_projector--{STEP}_checkpoint.pt"] = [
+            (f"module.{key}", tuple(tensor.shape), torch.float32)
+            for key, tensor in model.proprio_projector.state_dict().items()]
+    if model.film is not None:
+        files[f"vision_backbone--{STEP}_checkpoint.pt"] = [
+            (key, shape, torch.bfloat16) for key, _, _, shape in official_film_names(model, OFFICIAL_LORA_RANK)]
+    return files
+
+
+def _write_oft_heads(directory: Path, config: OpenVLAConfig, spec: OFTSpec, seed: int) -> None:
+    """Writes the official head files, each drawn with the same rules (and names) as the VLA's tensors."""
+    from openvla_ros.model.tiny_oft import STEP, official_film_state
+
+    with torch.device("meta"):
+        model = OpenVLAOFT(OpenVLAForActionPrediction(config), spec)
+
+    def drawn(prefix: str, module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {f"module.{key}": draw_tensor(f"{prefix}.{key}", tuple(tensor.shape), seed).to(dtype)
+                for key, tensor in module.state_dict().items()}
+
+    torch.save(drawn("action_head", model.action_head, torch.bfloat16), directory / f"action_head--{STEP}_checkpoint.pt")
+    if model.proprio_projector is not None:
+        torch.save(drawn("proprio_projector", model.proprio_projector, torch.float32),
+                   directory / f"proprio_projector--{STEP}_checkpoint.pt")
+    if model.film is not None:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + 2)
+        state = official_film_state(model, generator, rank=OFFICIAL_LORA_RANK, dtype=torch.bfloat16,
+                                    value=lambda name, shape: draw_tensor(name, shape, seed))
+        torch.save(state, directory / f"vision_backbone--{STEP}_checkpoint.pt")
+        del state
+
+
 def write_full_checkpoint(out_dir: str | Path, seed: int = 0, layers: int = 32, vision_depth: int | None = None,
-                          max_shard_bytes: int = FULL_SHARD_BYTES) -> Path:
+                          max_shard_bytes: int = FULL_SHARD_BYTES, oft: OFTSpec | None = None) -> Path:
     """Writes the full-size random checkpoint (bf16, sharded with its index) and returns ``out_dir``.
 
+    With ``oft``, the official OpenVLA-OFT head files are written beside it (see the module's docstring).
     Written beside ``out_dir`` and renamed into place at the end, so an interrupted write leaves nothing
     that looks like a checkpoint.
 
@@ -174,6 +237,12 @@ def write_full_checkpoint(out_dir: str | Path, seed: int = 0, layers: int = 32, 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
     config = full_config(layers, vision_depth)
+    if oft is not None:
+        from openvla_ros.model.tiny_oft import tiny_proprio_stats
+
+        config.extra.update(num_actions_chunk=oft.chunk, num_images_in_input=oft.num_images)
+        if oft.proprio_dim:
+            config.norm_stats[TINY_UNNORM_KEY]["proprio"] = tiny_proprio_stats(oft.proprio_dim)
     plan = plan_checkpoint(config, max_shard_bytes)
     with staged_directory(out_dir) as staging:
         for file, tensors in _shards(plan):
@@ -191,4 +260,6 @@ def write_full_checkpoint(out_dir: str | Path, seed: int = 0, layers: int = 32, 
             tokenizer = make_tiny_tokenizer(Path(scratch) / "tokenizer", seed=seed)
             tokenizer.save_pretrained(str(staging))
             shutil.copyfile(tokenizer.vocab_file, staging / "tokenizer.model")
+        if oft is not None:
+            _write_oft_heads(staging, config, oft, seed)
     return out_dir

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,35 +80,80 @@ def _module_state(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tens
     return {f"module.{k}": v.detach().to(dtype).clone() for k, v in module.state_dict().items()}
 
 
-def official_film_state(model: OpenVLAOFT, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Returns the official FiLM ``vision_backbone`` state dict of the model (LoRA sublayers included)."""
-    state: dict[str, torch.Tensor] = {}
+def official_film_names(model: OpenVLAOFT, rank: int = FILM_LORA_RANK
+                        ) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """Returns what an official FiLM ``vision_backbone`` file of ``model`` holds, in order.
+
+    Each entry is (official key, role, model tensor name, shape). ``role`` is ``plain`` (a copy of the
+    model tensor), ``film`` (a FiLM layer's tensor), ``lora_base`` (the base weight: the model weight minus
+    the LoRA update), ``lora_A`` or ``lora_B`` (the LoRA factors of that weight; the name is the weight's).
+    Works on a model built on the ``meta`` device.
+    """
+    names: list[tuple[str, str, str, tuple[int, ...]]] = []
     backbone = model.vla.vision_backbone
     towers = [("featurizer", backbone.featurizer, model.film.featurizer)]
     if backbone.fused_featurizer is not None:
         towers.append(("fused_featurizer", backbone.fused_featurizer, model.film.fused_featurizer))
-    scale = 1.0  # lora_alpha = min(rank, 16) = rank in the official default
     for tower, vit, film in towers:
         for key, tensor in vit.state_dict().items():
-            name = internal_to_official_key(f"vision_backbone.{tower}.{key}")[len("vision_backbone."):]
+            internal = f"vision_backbone.{tower}.{key}"
+            name = internal_to_official_key(internal)[len("vision_backbone."):]
             parts = name.split(".")
             if parts[1] == "blocks":
                 name = ".".join(parts[:3] + ["block"] + parts[3:])
             layer, _, param = name.rpartition(".")
+            shape = tuple(tensor.shape)
             if any(layer.endswith(f".block.{lora}") for lora in FILM_LORA_LAYERS):
                 if param == "weight":
-                    down = torch.randn((FILM_LORA_RANK, tensor.shape[1]), generator=generator) * 0.05
-                    up = torch.randn((tensor.shape[0], FILM_LORA_RANK), generator=generator) * 0.05
-                    state[f"vision_backbone.{layer}.base_layer.weight"] = tensor - scale * up @ down
-                    state[f"vision_backbone.{layer}.lora_A.default.weight"] = down
-                    state[f"vision_backbone.{layer}.lora_B.default.weight"] = up
+                    names.append((f"vision_backbone.{layer}.base_layer.weight", "lora_base", internal, shape))
+                    names.append((f"vision_backbone.{layer}.lora_A.default.weight", "lora_A", internal,
+                                  (rank, shape[1])))
+                    names.append((f"vision_backbone.{layer}.lora_B.default.weight", "lora_B", internal,
+                                  (shape[0], rank)))
                 else:
-                    state[f"vision_backbone.{layer}.base_layer.{param}"] = tensor.clone()
+                    names.append((f"vision_backbone.{layer}.base_layer.{param}", "plain", internal, shape))
                 continue
-            state[f"vision_backbone.{name}"] = tensor.clone()
+            names.append((f"vision_backbone.{name}", "plain", internal, shape))
         for index, layer in enumerate(film):
             for key, tensor in layer.state_dict().items():
-                state[f"vision_backbone.{tower}.blocks.{index}.{key}"] = tensor.clone()
+                names.append((f"vision_backbone.{tower}.blocks.{index}.{key}", "film",
+                              f"film.{tower}.{index}.{key}", tuple(tensor.shape)))
+    return names
+
+
+def official_film_state(model: OpenVLAOFT, generator: torch.Generator, rank: int = FILM_LORA_RANK,
+                        value: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
+                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Returns the official FiLM ``vision_backbone`` state dict of the model (LoRA sublayers included).
+
+    ``value(name, shape)`` gives a model tensor by name (default: the model's own values); the LoRA
+    factors are drawn from ``generator`` and the base weights are set so that the merged weight
+    (``base + min(rank, 16) / rank * B @ A``, the official alpha) equals the model weight.
+    """
+    if value is None:
+        own = {**{f"vision_backbone.{k}": v for k, v in model.vla.vision_backbone.state_dict().items()},
+               **{f"film.{k}": v for k, v in model.film.state_dict().items()}}
+
+        def value(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            return own[name]
+
+    scale = min(rank, 16) / rank
+    state: dict[str, torch.Tensor] = {}
+    factors: dict[str, torch.Tensor] = {}
+    for key, role, internal, shape in official_film_names(model, rank):
+        if role == "lora_A":
+            factors["A"] = torch.randn(shape, generator=generator) * 0.05
+            state[key] = factors["A"].to(dtype)
+        elif role == "lora_B":
+            factors["B"] = torch.randn(shape, generator=generator) * 0.05
+            state[key] = factors["B"].to(dtype)
+            base_key = key.replace(".lora_B.default.weight", ".base_layer.weight")
+            weight_shape = (shape[0], factors["A"].shape[1])
+            state[base_key] = (value(internal, weight_shape).float() - scale * factors["B"] @ factors["A"]).to(dtype)
+        elif role == "lora_base":
+            state[key] = torch.empty(0)  # a placeholder, filled once both factors are drawn (keeps file order)
+        else:
+            state[key] = value(internal, shape).detach().to(dtype).clone()
     return state
 
 
