@@ -110,3 +110,40 @@ def test_adapter_on_quantised_base_stays_unmerged(tiny_checkpoint: Path, adapter
 def test_bad_adapter_directory(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a LoRA adapter directory"):
         OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), adapter=str(tmp_path), device="cpu")
+
+
+def test_weights_go_straight_to_the_target_device_in_the_compute_dtype(tiny_checkpoint: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path's placement, seen here with the ``meta`` device standing in for CUDA: every weight arrives
+    on the target device in the compute dtype as it is read (no CPU copy of the model to move afterwards: the
+    loader moves only the buffers at the end), and a 4-bit load keeps the towers and projector in bf16."""
+    from openvla_ros.model import loading
+
+    monkeypatch.setattr(loading, "resolve_device", lambda device: torch.device("meta"))
+    model = load_model(tiny_checkpoint, device="cuda", dtype="bfloat16")
+    placed = {name: (tensor.device.type, tensor.dtype) for name, tensor in model.state_dict().items()}
+    assert placed and all(device == "meta" for device, _ in placed.values())
+    assert all(dtype == torch.bfloat16 for device, dtype in placed.values() if dtype.is_floating_point)
+    assert all(buffer.device.type == "meta" for buffer in model.buffers())
+
+
+def test_a_4bit_load_keeps_towers_projector_and_head_in_the_compute_dtype(tiny_checkpoint: Path) -> None:
+    policy = OpenVLAPolicy.from_pretrained(str(tiny_checkpoint), quantization="4bit", dtype="bfloat16", device="cpu")
+    model = policy.model
+    for part in (model.vision_backbone, model.projector, model.language_model.lm_head,
+                 model.language_model.model.embed_tokens):
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
+    assert model.language_model.model.layers[0].mlp.up_proj.weight.dtype == torch.uint8  # packed nf4
+    input_ids, pixel_values = policy.prepare_inputs(_image(0), INSTRUCTION)
+    assert pixel_values.dtype == torch.float32  # uploaded as computed; the towers cast it to their dtype
+    assert model.vision_backbone(pixel_values).dtype == torch.bfloat16
+
+
+def test_upload_copies_to_the_device_and_leaves_the_host_tensor_alone() -> None:
+    from openvla_ros.model.processor import upload
+
+    host = torch.arange(6, dtype=torch.float32)
+    placed = upload(host, torch.device("meta"))
+    assert placed.device.type == "meta" and placed.shape == host.shape and host.device.type == "cpu"
+    same = upload(host, torch.device("cpu"))
+    assert torch.equal(same, host)

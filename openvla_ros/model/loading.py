@@ -336,11 +336,13 @@ def load_model(
     device: str = "auto",
     quantization: str = "none",
     config: OpenVLAConfig | None = None,
+    extra_bytes: int = 0,
 ) -> OpenVLAForActionPrediction:
     """Returns the model of a local checkpoint directory, in eval mode on ``device``.
 
     Weights are streamed shard by shard into an empty model; with ``quantization`` 8bit/4bit the LLM's
-    Linear layers become bitsandbytes layers as soon as they are loaded.
+    Linear layers become bitsandbytes layers as soon as they are loaded. ``extra_bytes`` (what the caller
+    loads beside the model, e.g. OFT heads) counts in the memory check made before the load.
 
     Raises:
         CheckpointError: missing/corrupt files, or weights that do not match the config (missing or
@@ -362,11 +364,14 @@ def load_model(
         compute_dtype = torch.bfloat16  # a full-size model in float32 needs 30 GB: only when asked for
         logger.info("dtype auto: bfloat16 on the CPU for a model of %.1f B parameters (pass dtype float32 for "
                     "float32)", parameter_count(headers) / 1e9)
-    check_fits(checkpoint_dir, headers, quantization, compute_dtype, target_device)
+    check_fits(checkpoint_dir, headers, quantization, compute_dtype, target_device, extra_bytes=extra_bytes)
     with init_empty_weights(include_buffers=False):
         model = OpenVLAForActionPrediction(config)
     expected = set(model.state_dict())
     pending_linears = set(quantizable_linears(model)) if quantization != "none" else set()
+    # Weights go straight to the target device in the compute dtype; only those of the Linear layers about to
+    # be quantised wait on the CPU (bitsandbytes quantises them as it moves them to the device).
+    quantized_weights = {f"{name}.{part}" for name in pending_linears for part in ("weight", "bias")}
     seen: set[str] = set()
     unexpected: list[str] = []
     def assign(group: dict[str, torch.Tensor], path: Path) -> None:
@@ -392,7 +397,8 @@ def load_model(
             if name not in expected:
                 unexpected.append(key)
                 continue
-            group[name] = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
+            place = torch.device("cpu") if name in quantized_weights else target_device
+            group[name] = tensor.to(device=place, dtype=compute_dtype if tensor.is_floating_point() else None)
             group_bytes += group[name].numel() * group[name].element_size()
             if group_bytes >= LOAD_GROUP_BYTES:
                 assign(group, path)
@@ -408,10 +414,18 @@ def load_model(
             "the files may be incomplete or from another architecture"
         )
     check_index_total(checkpoint_dir / INDEX_NAME, headers)
-    model.to(target_device)
+    move_buffers(model, target_device)  # the weights are there already; buffers built with the model are not
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def move_buffers(model: nn.Module, device: torch.device) -> None:
+    """Moves every buffer of ``model`` to ``device`` and leaves its parameters where they are."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device != device:
+                setattr(module, name, buffer.to(device))
 
 
 def _preview(names: Iterable[str], limit: int = 5) -> str:

@@ -166,22 +166,24 @@ def parameter_count(headers: dict[Path, list[StoredTensor]]) -> int:
 
 
 def check_fits(checkpoint_dir: Path, headers: dict[Path, list[StoredTensor]], quantization: str,
-               compute_dtype: torch.dtype, device: torch.device, available: int | None = None) -> None:
+               compute_dtype: torch.dtype, device: torch.device, available: int | None = None,
+               extra_bytes: int = 0) -> None:
     """Raises CheckpointError before the load when it would not fit, naming the modes that would.
 
+    ``extra_bytes`` is what loads beside the safetensors in every mode (OpenVLA-OFT's head files);
     ``available`` overrides what :func:`available_bytes` reads (tests).
     """
     free = available if available is not None else available_bytes(device)
     if free is None:
         return
-    need = load_peak_bytes(headers, quantization, compute_dtype)
+    need = load_peak_bytes(headers, quantization, compute_dtype) + extra_bytes
     if need <= free:
         return
     options = []
     for mode, dtype in (("none", torch.bfloat16), ("8bit", torch.bfloat16), ("4bit", torch.bfloat16)):
         if (mode, dtype) == (quantization, compute_dtype):
             continue
-        mode_need = load_peak_bytes(headers, mode, dtype)
+        mode_need = load_peak_bytes(headers, mode, dtype) + extra_bytes
         label = "bfloat16" if mode == "none" else f"quantization {mode} (bfloat16 compute)"
         options.append((mode_need, f"{label} needs about {mode_need / GIB:.1f} GiB"))
     fitting = [text for mode_need, text in options if mode_need <= free]

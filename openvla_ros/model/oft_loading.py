@@ -302,6 +302,14 @@ def load_component_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
         raise CheckpointError(f"{source} does not fit the model: {exc}") from exc
 
 
+def component_file_bytes(checkpoint_dir: Path) -> int:
+    """Returns the size of the head files beside the VLA (either layout): what loading them reads at most at once."""
+    names = [HEAD_NAME, PROPRIO_NAME, FILM_NAME]
+    files = [checkpoint_dir / name for name in names]
+    files += [p for component in OFFICIAL_COMPONENTS for p in checkpoint_dir.glob(f"{component}--*checkpoint.pt")]
+    return sum(path.stat().st_size for path in files if path.is_file())
+
+
 def load_oft_model(
     checkpoint_dir: Path,
     *,
@@ -319,7 +327,8 @@ def load_oft_model(
     """
     config = config or read_config(checkpoint_dir)
     spec = read_oft_spec(checkpoint_dir, config)
-    vla = load_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization, config=config)
+    vla = load_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization, config=config,
+                     extra_bytes=component_file_bytes(checkpoint_dir))
     compute_dtype = vla.language_model.get_input_embeddings().weight.dtype
     model = OpenVLAOFT(vla, spec)
     head, head_source = _head_state(checkpoint_dir)

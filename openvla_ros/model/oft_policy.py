@@ -27,7 +27,7 @@ from openvla_ros.model.loading import load_tokenizer, read_config, read_image_se
 from openvla_ros.model.oft import OFTSpec, OpenVLAOFT, build_chunk_inputs
 from openvla_ros.model.oft_loading import ENERGY_NAME, is_oft_checkpoint, load_energy_model, load_oft_model
 from openvla_ros.model.policy import OpenVLAPolicy, default_unnorm_key, trained_with_image_aug
-from openvla_ros.model.processor import ImageTransform, prompt_token_ids
+from openvla_ros.model.processor import ImageTransform, prompt_token_ids, upload
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,8 @@ class OFTPolicy:
             raise ProprioError(f"this model needs a proprio vector of {self.spec.proprio_dim} values")
         if not self.spec.proprio_dim and proprio is not None:
             raise ProprioError("this model takes no proprio; leave it out")
-        pixels = torch.cat([self.image_transform.pixel_values(i) for i in images], dim=0)[None].to(self.model.device)
+        pixels = upload(torch.cat([self.image_transform.pixel_values(i) for i in images], dim=0)[None],
+                        self.model.device)
         inputs = build_chunk_inputs([prompt_token_ids(self.tokenizer, instruction)], self.spec,
                                     self.config.text_config.pad_token_id or 32000).to(self.model.device)
         proprio_tensor = None

@@ -24,7 +24,7 @@ from openvla_ros.model.loading import (
     resolve_checkpoint_dir,
 )
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
-from openvla_ros.model.processor import ImageSettings, ImageTransform, prompt_token_ids
+from openvla_ros.model.processor import ImageSettings, ImageTransform, prompt_token_ids, upload
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class OpenVLAPolicy:
         Raises:
             ImageError, InstructionError: for bad inputs.
         """
-        pixel_values = self.image_transform.pixel_values(image)[None].to(self.device)
+        pixel_values = upload(self.image_transform.pixel_values(image)[None], self.device)
         return self.prompt_ids(instruction), pixel_values
 
     def predict_action_ids(self, image: np.ndarray, instruction: str) -> np.ndarray:

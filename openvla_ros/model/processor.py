@@ -463,6 +463,14 @@ def normalize_model_image(model_image: np.ndarray, settings: ImageSettings | Non
     return (settings or DEFAULT_IMAGE_SETTINGS).normalize(model_image)
 
 
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Returns a host tensor on ``device``: to a CUDA device through page-locked memory, without waiting for
+    the copy (the kernels that read it run after it on the same stream); elsewhere a plain copy."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def validate_instruction(instruction: str, max_chars: int = MAX_INSTRUCTION_CHARS, *, strip: bool = False) -> str:
     """Returns the instruction as the prompt will use it: as given, or without surrounding whitespace.
 
