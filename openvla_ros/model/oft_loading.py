@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 
 from openvla_ros.errors import CheckpointError
 from openvla_ros.model.configuration_openvla import OpenVLAConfig
@@ -286,7 +287,11 @@ def merge_film_backbone(state: dict[str, torch.Tensor], checkpoint_dir: Path, so
     return vision, film
 
 
-def load_component_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_component_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                         device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    """Loads ``state`` into ``module`` (all keys, right shapes). With ``dtype`` the tensors are converted (to
+    ``device``) and become the module's parameters, so a module built on the ``meta`` device is filled
+    without ever existing in float32."""
     expected = set(module.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
@@ -296,8 +301,12 @@ def load_component_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; it belongs to another model "
             "or layout"
         )
+    assign = dtype is not None
+    if assign:
+        state = {key: value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+                 for key, value in state.items()}
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         raise CheckpointError(f"{source} does not fit the model: {exc}") from exc
 
@@ -330,12 +339,13 @@ def load_oft_model(
     vla = load_model(checkpoint_dir, dtype=dtype, device=device, quantization=quantization, config=config,
                      extra_bytes=component_file_bytes(checkpoint_dir))
     compute_dtype = vla.language_model.get_input_embeddings().weight.dtype
-    model = OpenVLAOFT(vla, spec)
+    with init_empty_weights(include_buffers=False):  # the heads' weights come from their files only
+        model = OpenVLAOFT(vla, spec)
     head, head_source = _head_state(checkpoint_dir)
-    load_component_state(model.action_head, head, head_source)
+    load_component_state(model.action_head, head, head_source, vla.device, compute_dtype)
     if spec.proprio_dim:
         proprio, proprio_source = _proprio_state(checkpoint_dir)
-        load_component_state(model.proprio_projector, proprio, proprio_source)
+        load_component_state(model.proprio_projector, proprio, proprio_source, vla.device, compute_dtype)
     if spec.film:
         _load_film(model, checkpoint_dir)
     model.action_head.to(device=vla.device, dtype=compute_dtype)
@@ -350,12 +360,13 @@ def load_oft_model(
 
 def _load_film(model: OpenVLAOFT, checkpoint_dir: Path) -> None:
     ours = checkpoint_dir / FILM_NAME
+    towers_dtype = model.vla.vision_backbone.featurizer.patch_embed.proj.weight.dtype
     if ours.is_file():
-        load_component_state(model.film, _read_safetensors(ours), ours.name)
+        load_component_state(model.film, _read_safetensors(ours), ours.name, model.vla.device, towers_dtype)
         return
     path = official_component_file(checkpoint_dir, "vision_backbone")
     vision, film = merge_film_backbone(read_torch_state(path), checkpoint_dir, path.name)
-    load_component_state(model.film, film, path.name)
+    load_component_state(model.film, film, path.name, model.vla.device, towers_dtype)
     backbone_state = {k: v for k, v in model.vla.state_dict().items() if k.startswith("vision_backbone.")}
     missing = sorted(set(backbone_state) - set(vision))
     unexpected = sorted(set(vision) - set(backbone_state))
