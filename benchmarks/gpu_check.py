@@ -14,8 +14,11 @@ memory, build/quantise time):
 - the OFT-7B model in bf16, 8-bit and 4-bit, with 1 image and with 2 images + proprio 8: one chunk of 8;
 - on the tiny model, CUDA against the CPU: whether the fp32 action ids are identical, and the largest
   difference between the bf16 chunks;
-- with ``--compile``, the OFT pass compiled with ``torch.compile`` beside the eager one, and whether the
-  outputs agree (the token model's static-cache / CUDA-graph path is not implemented and says so).
+- with ``--compile``: the token step with a static KV cache
+  (:class:`~openvla_ros.model.static_decode.StaticActionDecoder`), eager and with its decode step compiled
+  (``torch.compile`` mode ``reduce-overhead``, i.e. captured in a CUDA graph, on CUDA), and the OFT pass
+  compiled, each beside the eager one, with whether the action ids are identical (token) or the largest
+  chunk difference (OFT).
 It writes one JSON file and prints one markdown table headed by the device, driver, torch version and date.
 """
 
@@ -143,7 +146,8 @@ def image(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
 
 
-def token_row(size: str, mode: str, device: torch.device, tokenizer, steps: int, warmup: int) -> dict:
+def token_row(size: str, mode: str, device: torch.device, tokenizer, steps: int, warmup: int,
+              compile_: bool = False) -> dict:
     from openvla_ros.model.policy import OpenVLAPolicy
     from openvla_ros.model.tiny import TINY_UNNORM_KEY
 
@@ -157,7 +161,30 @@ def token_row(size: str, mode: str, device: torch.device, tokenizer, steps: int,
     times = timed(lambda: policy.predict_action(frame, INSTRUCTION), steps, warmup, device)
     row = {"model": "token", "mode": mode, "images": 1, "build_s": build_s, **summary(times, 1),
            "peak_gpu_gb": peak_gb(device)}
+    if compile_:
+        row |= static_cache_rows(policy, device, steps, warmup)
     return row
+
+
+def static_cache_rows(policy, device: torch.device, steps: int, warmup: int) -> dict:
+    """The token step with a static KV cache, eager and compiled; whether the ids equal the dynamic cache's."""
+    from openvla_ros.model.static_decode import StaticActionDecoder
+
+    frames = [image(seed) for seed in range(3)]
+    reference = [policy.predict_action_ids(frame, INSTRUCTION).tolist() for frame in frames]
+    tokenizer = policy.action_tokenizer
+    inputs = [policy.prepare_inputs(frame, INSTRUCTION) for frame in frames]
+    results = {}
+    for label, mode in (("static", None), ("static_compiled", "reduce-overhead" if device.type == "cuda" else "default")):
+        decoder = StaticActionDecoder(policy.model, tokenizer.first_action_id, tokenizer.last_action_id,
+                                      compile_mode=mode)
+        started = time.perf_counter()
+        ids = [decoder(*pair)[0].tolist() for pair in inputs]  # the first call compiles
+        synchronize(device)
+        first_s = time.perf_counter() - started
+        results[label] = {**summary(timed(lambda decoder=decoder: decoder(*inputs[0]), steps, warmup, device), 1),
+                          "first_calls_s": first_s, "ids_identical": ids == reference}
+    return results
 
 
 def oft_policy(size: str, mode: str, device: torch.device, tokenizer, num_images: int, proprio_dim: int):
@@ -238,6 +265,13 @@ def markdown(info: dict, rows: list[dict], checks: dict) -> str:
             continue
         lines.append(f"| {label} | {row['mode']} | {row['images']} | {row['median_ms']:.1f} ms | {row['p95_ms']:.1f} ms | "
                      f"{row['hz']:.2f} | {row['actions_per_s']:.1f} | {row['peak_gpu_gb']:.2f} GB | {row['build_s']:.1f} s |")
+        for key in ("static", "static_compiled"):
+            if key in row:
+                static = row[key]
+                lines.append(f"| {label}, {key.replace('_', ' ')} KV cache | {row['mode']} | {row['images']} | "
+                             f"{static['median_ms']:.1f} ms | {static['p95_ms']:.1f} ms | {static['hz']:.2f} | "
+                             f"{static['actions_per_s']:.1f} | | {static['first_calls_s']:.1f} s for the first 3 calls; "
+                             f"ids identical: {static['ids_identical']} |")
         if "compiled" in row:
             compiled = row["compiled"]
             lines.append(f"| {label}, compiled | {row['mode']} | {row['images']} | {compiled['median_ms']:.1f} ms | "
@@ -255,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed calls per row, after warm-up (default 20)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: bf16, 8bit, 4bit")
-    parser.add_argument("--compile", action="store_true", help="also time the OFT pass under torch.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the token step with a static KV cache (eager and compiled; a CUDA graph on "
+                        "CUDA) and the OFT pass under torch.compile")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -274,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         if mode != "bf16" and problem:
             rows.append({"model": "token", "mode": mode, "skipped": problem})
             continue
-        rows.append(token_row(args.size, mode, device, tokenizer, args.steps, args.warmup))
+        rows.append(token_row(args.size, mode, device, tokenizer, args.steps, args.warmup,
+                              args.compile and mode == "bf16"))
         print(json.dumps(rows[-1]), flush=True)
     for num_images, proprio_dim in ((1, 0), (2, 8)):
         for mode in modes:
@@ -285,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(oft_row(args.size, mode, device, tokenizer, args.steps, args.warmup, num_images, proprio_dim,
                                 args.compile and mode == "bf16"))
             print(json.dumps(rows[-1]), flush=True)
-    checks: dict = {"token_static_cache_cuda_graphs": "not implemented"}
+    checks: dict = {}
     if device.type == "cuda":
         checks |= cuda_against_cpu(tokenizer)
     else:

@@ -79,6 +79,24 @@ def test_cached_decoding_equals_full_recomputation(policy: OpenVLAPolicy) -> Non
         assert cached == recomputed
 
 
+def test_static_cache_decoding_gives_the_same_ids(policy: OpenVLAPolicy) -> None:
+    """The static-KV-cache decoder (the compiled / CUDA-graph path of benchmarks/gpu_check.py) decodes the same
+    ids as the growing cache, also after the prompt length changes (its cache is rebuilt) and for a batch."""
+    from openvla_ros.model.static_decode import StaticActionDecoder
+
+    tokens = policy.action_tokenizer
+    decoder = StaticActionDecoder(policy.model, tokens.first_action_id, tokens.last_action_id)
+    for image, instruction in zip(_images(3), [INSTRUCTION, INSTRUCTION, "open the top drawer of the cabinet"],
+                                  strict=True):
+        input_ids, pixel_values = policy.prepare_inputs(image, instruction)
+        assert decoder(input_ids, pixel_values)[0].tolist() == policy.predict_action_ids(image, instruction).tolist()
+    pairs = [policy.prepare_inputs(image, INSTRUCTION) for image in _images(2, seed=5)]
+    batch = decoder(torch.cat([ids for ids, _ in pairs]), torch.cat([pixels for _, pixels in pairs]))
+    assert batch.shape == (2, 7)
+    for row, (ids, pixels) in zip(batch, pairs, strict=True):
+        assert row.tolist() == decoder(ids, pixels)[0].tolist()
+
+
 def test_generated_ids_are_action_tokens_and_actions_are_physical(policy: OpenVLAPolicy) -> None:
     assert len(policy.tokenizer) == 32001 and policy.config.text_config.vocab_size == 32064
     for image in _images(4, seed=9):
