@@ -161,6 +161,58 @@ class OpenVLAForActionPrediction(nn.Module):
         loss = nn.functional.cross_entropy(logits.float(), targets[labelled])
         return ActionLossOutput(loss=loss, logits=logits, targets=targets[labelled])
 
+    def embed_multimodal_left_padded(
+        self, prompts: list[torch.Tensor], pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (embeddings [B, L, H], attention mask [B, L] long) of several requests, left-padded.
+
+        ``prompts`` are the requests' 1-D prompt ids (each starting with BOS, lengths may differ) and
+        ``pixel_values`` their images [B, C, S, S]. Each row is BOS, its patches, the rest of its prompt,
+        with zero embeddings (masked out) in front, so that every row ends at the last position.
+        """
+        patches = self.projector(self.vision_backbone(pixel_values))
+        embed = self.language_model.get_input_embeddings()
+        rows = []
+        for prompt, row_patches in zip(prompts, patches, strict=True):
+            tokens = embed(prompt.to(patches.device)[None])[0]
+            rows.append(torch.cat([tokens[:1], row_patches.to(tokens.dtype), tokens[1:]], dim=0))
+        length = max(row.shape[0] for row in rows)
+        embeds = rows[0].new_zeros((len(rows), length, rows[0].shape[1]))
+        mask = torch.zeros((len(rows), length), dtype=torch.long, device=embeds.device)
+        for index, row in enumerate(rows):
+            embeds[index, length - row.shape[0]:] = row
+            mask[index, length - row.shape[0]:] = 1
+        return embeds, mask
+
+    @torch.inference_mode()
+    def generate_action_ids_batch(
+        self, prompts: list[torch.Tensor], pixel_values: torch.Tensor, first_action_id: int, last_action_id: int,
+        num_tokens: int = 7,
+    ) -> torch.Tensor:
+        """Greedy-decodes ``num_tokens`` action ids for several requests at once: LongTensor [B, num_tokens].
+
+        The prompts are left-padded; the padding is masked out and every row's positions count from its own
+        BOS, so each row's ids are those of :meth:`generate_action_ids` run on it alone (restricted to the
+        action ids).
+        """
+        embeds, mask = self.embed_multimodal_left_padded(prompts, pixel_values)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        output = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                     use_cache=True, logits_to_keep=1)
+        next_position = positions[:, -1:] + 1
+        generated = []
+        for step in range(num_tokens):
+            next_ids = output.logits[:, -1, first_action_id: last_action_id + 1].argmax(dim=-1) + first_action_id
+            generated.append(next_ids)
+            if step + 1 == num_tokens:
+                break
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            output = self.language_model(input_ids=next_ids[:, None], attention_mask=mask,
+                                         position_ids=next_position, past_key_values=output.past_key_values,
+                                         use_cache=True, logits_to_keep=1)
+            next_position = next_position + 1
+        return torch.stack(generated, dim=1)
+
     @torch.inference_mode()
     def generate_action_ids(
         self,

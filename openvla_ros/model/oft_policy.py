@@ -254,6 +254,30 @@ class OFTPolicy:
                                           device=self.model.device)[None]
         return inputs, pixels, proprio_tensor
 
+    def normalized_chunks(self, observations: Sequence[tuple[np.ndarray, str, Sequence[np.ndarray], np.ndarray | None]]
+                          ) -> np.ndarray:
+        """Returns the head's normalised chunks float32[B, K, A] of several observations in one forward pass.
+
+        Each observation is (image, instruction, wrist images, *normalised* proprio or None); the prompts are
+        right-padded and masked, so each row equals the observation run alone (within float rounding).
+        """
+        pixels, prompts, proprios = [], [], []
+        for image, instruction, wrist_images, proprio in observations:
+            images = [image, *wrist_images]
+            if len(images) != self.spec.num_images:
+                raise ImageError(f"this model takes {self.spec.num_images} image(s); got {len(images)}")
+            pixels.append(torch.cat([self.image_transform.pixel_values(i) for i in images], dim=0))
+            prompts.append(prompt_token_ids(self.tokenizer, instruction))
+            proprios.append(proprio)
+        device = self.model.device
+        inputs = build_chunk_inputs(prompts, self.spec, self.config.text_config.pad_token_id or 32000).to(device)
+        proprio_tensor = None
+        if self.spec.proprio_dim:
+            proprio_tensor = torch.tensor(np.stack(proprios), dtype=torch.float32, device=device)
+        with torch.inference_mode():
+            chunks = self.model(inputs, upload(torch.stack(pixels), device), proprio_tensor)
+        return chunks.cpu().numpy()
+
     def observe(self, image: np.ndarray, instruction: str, wrist_images: Sequence[np.ndarray], proprio: Any,
                  with_context: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Returns (the head's normalised chunk [1, K, A], context hidden states [1, S, D], visible mask [1, S]).

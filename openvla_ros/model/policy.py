@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,20 @@ class OpenVLAPolicy:
         if ids.shape[1] < ACTION_DIM:  # official decoding ended early at EOS
             ids = torch.cat([input_ids, ids], dim=1)[:, -ACTION_DIM:]
         return ids[0].cpu().numpy()
+
+    def predict_action_ids_batch(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> np.ndarray:
+        """Returns the action ids int64[B, 7] of several (image, instruction) pairs decoded together.
+
+        Each row equals :meth:`predict_action_ids` of its pair alone (``actions_only`` decoding).
+
+        Raises:
+            ImageError, InstructionError: for bad inputs.
+        """
+        prompts = [self.prompt_ids(instruction)[0] for instruction in instructions]
+        pixels = upload(torch.stack([self.image_transform.pixel_values(image) for image in images]), self.device)
+        ids = self.model.generate_action_ids_batch(prompts, pixels, self.action_tokenizer.first_action_id,
+                                                   self.action_tokenizer.last_action_id, num_tokens=ACTION_DIM)
+        return ids.cpu().numpy()
 
     def predict_action(self, image: np.ndarray, instruction: str) -> np.ndarray:
         """Returns the physical action float64[7] = [dx, dy, dz, droll, dpitch, dyaw, gripper].
