@@ -32,7 +32,10 @@ NODE_NAME = "openvla_policy"
 
 # (name, default, description); an empty default keeps the parameter file's value.
 LAUNCH_ARGUMENTS = (
-    ("model", "", "Checkpoint directory or hub id; empty keeps the parameter file's value."),
+    ("model", "", "Checkpoint directory or hub id, or http://host:port of a policy server (remote mode); empty "
+     "keeps the parameter file's value."),
+    ("api_key", "", "Remote mode: the policy server's API key (else $OPENVLA_API_KEY); empty keeps the parameter "
+     "file's value."),
     ("quantization", "", "none, 8bit or 4bit; empty keeps the parameter file's value."),
     ("unnorm_key", "", "Action statistics key, e.g. bridge_orig; empty keeps the parameter file's value."),
     ("image_topic", "", "Camera topic (sensor_msgs/Image), relative to the namespace unless it starts with /; "
@@ -61,7 +64,7 @@ LAUNCH_ARGUMENTS = (
     ("use_sim_time", "false", "Take time from /clock (simulation)."),
 )
 OPTIONAL_OVERRIDES = (
-    "model", "quantization", "unnorm_key", "image_topic", "instruction_topic", "rate_hz", "wrist_image_topics",
+    "model", "api_key", "quantization", "unnorm_key", "image_topic", "instruction_topic", "rate_hz", "wrist_image_topics",
     "proprio_topic", "actions_per_inference", "chunk_blend", "energy_steps", "energy_step_size",
     "energy_max_step_fraction",
 )

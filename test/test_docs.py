@@ -368,10 +368,31 @@ def test_python_blocks_run(tiny_checkpoint: Path) -> None:
     for path, start, text in blocks:
         code = text.replace('"openvla/openvla-7b"', repr(str(tiny_checkpoint))).replace('"bridge_orig"', '"tiny_demo"')
         namespace: dict = {}
-        exec(compile(code, f"{path.name}:{start}", "exec"), namespace)  # noqa: S102
+        with served(tiny_checkpoint, code) as code:
+            exec(compile(code, f"{path.name}:{start}", "exec"), namespace)  # noqa: S102
         if "action" in namespace:
             action = namespace["action"]
             assert action.shape == (7,) and all(map(lambda v: v == v, action)), action
+
+
+@contextlib.contextmanager
+def served(checkpoint: Path, code: str) -> Iterator[str]:
+    """A block that talks to a policy server at http://127.0.0.1:8000 runs against a real one on the tiny model
+    (at the port it got); the json_numpy patch such a client applies is undone afterwards."""
+    if "http://127.0.0.1:8000" not in code:
+        yield code
+        return
+    import json
+
+    from serve_helpers import Server
+
+    server = Server(checkpoint)
+    saved = (json.dumps, json.loads, json.dump, json.load)
+    try:
+        yield code.replace("http://127.0.0.1:8000", server.url)
+    finally:
+        json.dumps, json.loads, json.dump, json.load = saved
+        assert server.stop() == 0
 
 
 def heading_anchor(heading: str) -> str:

@@ -47,6 +47,12 @@ def load_policy(values: dict[str, Any]) -> Any:
     Raises:
         OpenVLAError: when the model cannot be loaded (the node reports it and stays unconfigured).
     """
+    from openvla_ros.serve.client import RemotePolicy, is_remote
+
+    if is_remote(values["model"]):  # a policy server runs the model: frames go there, actions come back
+        return RemotePolicy(values["model"], api_key=values["api_key"] or os.environ.get("OPENVLA_API_KEY"),
+                            timeout_s=float(values["max_image_age_s"]), jpeg_quality=int(values["remote_jpeg_quality"]),
+                            unnorm_key=values["unnorm_key"] or None)
     from openvla_ros.model.oft_policy import load_policy_auto
 
     return load_policy_auto(

@@ -66,7 +66,8 @@ _CONTROL_DEFAULTS = ControlSettings()
 PARAMETERS: tuple[ParameterSpec, ...] = (
     # Model (read-only: changing any of these needs a cleanup + configure with a new node).
     ParameterSpec(
-        "model", "openvla/openvla-7b", "Checkpoint directory or hub id of the OpenVLA model.", read_only=True
+        "model", "openvla/openvla-7b", "Checkpoint directory or hub id of the OpenVLA model, or http://host:port "
+        "of a policy server (python -m openvla_ros.serve): remote mode.", read_only=True
     ),
     ParameterSpec(
         "quantization",
@@ -84,6 +85,20 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ),
     ParameterSpec("device", "auto", "Torch device: auto, cpu, cuda or cuda:N.", read_only=True),
     ParameterSpec("adapter", "", "Optional LoRA adapter directory; empty for none.", read_only=True),
+    ParameterSpec(
+        "api_key",
+        "",
+        "Remote mode (model http://host:port, a policy server): the server's API key; empty: $OPENVLA_API_KEY, "
+        "else none.",
+        read_only=True,
+    ),
+    ParameterSpec(
+        "remote_jpeg_quality",
+        90,
+        "Remote mode: JPEG quality (1..100) of the frames sent to the policy server.",
+        read_only=True,
+        integer_range=(1, 100),
+    ),
     ParameterSpec(
         "unnorm_key",
         "",

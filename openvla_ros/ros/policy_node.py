@@ -393,6 +393,9 @@ class PolicyNode(LifecycleNode):
         now = self.get_clock().now()
         values = {"state": self._state_label, "model": str(self._values["model"]), "model_status": self._model_status,
                   **core.diagnostic_values(now.nanoseconds)}
+        remote = getattr(self._model.policy, "diagnostic_values", None) if self._model is not None else None
+        if remote is not None:  # remote mode: the server's request latency and failures
+            values.update(remote())
         self._diagnostics_pub.publish(diagnostic_array(f"{self.get_name()}: policy", level, summary,
                                                        str(self._values["model"]), values, now.to_msg()))
 
