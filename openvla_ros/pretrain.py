@@ -38,7 +38,7 @@ from openvla_ros.errors import OpenVLAError
 logger = logging.getLogger(__name__)
 
 MANIFEST = "pretrain.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: closed-loop checkpoint selection, threads and seeds recorded
 DATASET_NAME = "sim_pretrain"
 REPO = Path(__file__).resolve().parents[1]
 CONVERSION_CONFIG = REPO / "config" / "pipeline.yaml"
@@ -63,6 +63,10 @@ class PretrainSettings:
         size: the tiny config to start from.
         film: FiLM in every ViT block (OpenVLA-OFT+): the instruction's mean embedding scales and shifts
             the patch features, so the vision towers can pick out the named block themselves.
+        select_every: steps between closed-loop validations; the weights with the most successes on the
+            validation episodes are the base (0: the last weights).
+        select_episodes: closed-loop validation episodes per task (seeds of their own, never evaluated).
+        threads: torch CPU threads the build trains with (the result depends on it: recorded, fixed).
     """
 
     tasks: tuple[str, ...] = ("reach",)
@@ -76,6 +80,9 @@ class PretrainSettings:
     seed: int = 0
     size: str = "small"
     film: bool = True
+    select_every: int = 500
+    select_episodes: int = 20
+    threads: int = 2
 
     def __post_init__(self) -> None:
         from openvla_ros.sim.scene import TASKS
@@ -86,8 +93,11 @@ class PretrainSettings:
         for name in ("episodes", "steps", "batch_size", "chunk"):
             if getattr(self, name) < 1:
                 raise PretrainError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_episodes < 0:
-            raise PretrainError(f"eval_episodes must be >= 0, got {self.eval_episodes}")
+        for name in ("eval_episodes", "select_every", "select_episodes"):
+            if getattr(self, name) < 0:
+                raise PretrainError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.threads < 1:
+            raise PretrainError(f"threads must be >= 1, got {self.threads}")
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -182,8 +192,35 @@ def _stage_dir(stages: _Stages, name: str) -> Path:
 
 
 def episode_seeds(settings: PretrainSettings, offset: int = 0) -> list[tuple[int, ...]]:
-    """Returns the scene seeds of the pretraining episodes (``offset`` 1 gives the evaluation seeds)."""
+    """Returns the scene seeds of the pretraining episodes."""
     return [(settings.seed, 7000 + offset, index) for index in range(settings.episodes)]
+
+
+def validation_seeds(settings: PretrainSettings, task_number: int) -> list[tuple[int, ...]]:
+    """The closed-loop validation episodes that select the checkpoint (never trained on, never reported)."""
+    return [(settings.seed, 8000 + task_number, index) for index in range(settings.select_episodes)]
+
+
+def evaluation_seeds(settings: PretrainSettings, task_number: int) -> list[tuple[int, ...]]:
+    """The fresh episodes the build reports its success on."""
+    return [(settings.seed, 9000 + task_number, index) for index in range(settings.eval_episodes)]
+
+
+def determinism_record(settings: PretrainSettings) -> dict[str, Any]:
+    """What the build's result depends on besides its settings: versions, threads and every seed."""
+    import platform
+
+    import numpy
+    import torch
+
+    return {"torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+            "seeds": {"model": settings.seed, "training": settings.seed,
+                      "episodes": f"({settings.seed}, 7000, 0..{settings.episodes - 1})",
+                      "validation": [f"({settings.seed}, {8000 + n}, 0..{settings.select_episodes - 1})"
+                                     for n in range(len(settings.tasks))],
+                      "evaluation": [f"({settings.seed}, {9000 + n}, 0..{settings.eval_episodes - 1})"
+                                     for n in range(len(settings.tasks))]}}
 
 
 def _print(message: str) -> None:
@@ -220,6 +257,18 @@ def build_pretrained(out: str | Path, settings: PretrainSettings | None = None,
         progress(f"[pretrain] {name}: {elapsed[name]} s")
         return facts
 
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)  # the result depends on it: fixed and recorded
+    try:
+        return _build(out, build, stages, settings, progress, started, elapsed, timed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: Path, build: Path, stages: _Stages, settings: PretrainSettings, progress: Callable[[str], None],
+           started: float, elapsed: dict[str, float], timed: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     timed("base", lambda: _make_base(stages, settings))
     demos = timed("demos", lambda: _record(stages, settings))
     data = timed("data", lambda: _convert(stages, settings, demos))
@@ -230,13 +279,20 @@ def build_pretrained(out: str | Path, settings: PretrainSettings | None = None,
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(build / "train" / "merged", staging)
+    if training.get("selection"):
+        from openvla_ros.finetune.selection import plot_curve
+
+        plot_curve({"pretraining": training["selection"]}, staging / "selection.png",
+                   f"pretraining: closed-loop validation ({settings.select_episodes} episodes per task)")
     manifest = {
         "version": MANIFEST_VERSION,
         "settings": settings.as_dict(),
         "dataset": data,
         "demos": {k: v for k, v in demos.items() if k != "bags"},
         "training": training,
+        "selection": training.get("selection"),
         "success": evaluation,
+        "determinism": determinism_record(settings),
         "elapsed_s": elapsed,
         "build_s_this_run": round(time.monotonic() - started, 1),
         "files": _file_hashes(staging),
@@ -339,10 +395,20 @@ def _train(stages: _Stages, settings: PretrainSettings, progress: Callable[[str]
     )
     if resume:
         progress(f"[pretrain] train: resuming from {directory / 'checkpoints'}")
+    selection = None
+    if settings.select_every and settings.select_episodes:
+        from openvla_ros.finetune.selection import ClosedLoopSelection
+
+        def validate(policy: Any) -> tuple[int, int]:
+            outcomes = [o for number, task in enumerate(settings.tasks)
+                        for o in rollout_success(policy, validation_seeds(settings, number), task)]
+            return sum(o["success"] for o in outcomes), len(outcomes)
+
+        selection = ClosedLoopSelection(validate, settings.select_every, directory / "selection")
     start = time.monotonic()
-    last = Trainer(config).run()
+    last = Trainer(config, selection=selection).run()
     return {"steps": settings.steps, "batch_size": settings.batch_size, "seconds": round(time.monotonic() - start, 1),
-            "last": last}
+            "last": {k: v for k, v in last.items() if k != "selected"}, "selection": last.get("selected")}
 
 
 def rollout_success(policy: Any, seeds: Sequence[tuple[int, ...]], task: str,
@@ -382,8 +448,7 @@ def _evaluate(model: Path, settings: PretrainSettings, unnorm_key: str) -> dict[
     policy = OFTPolicy.from_pretrained(str(model), device="cpu", unnorm_key=unnorm_key)
     results = {}
     for number, task in enumerate(settings.tasks):
-        seeds = [(settings.seed, 9000 + number, index) for index in range(settings.eval_episodes)]
-        outcomes = rollout_success(policy, seeds, task)
+        outcomes = rollout_success(policy, evaluation_seeds(settings, number), task)
         successes = sum(o["success"] for o in outcomes)
         results[task] = {"successes": successes, "episodes": len(outcomes), "rate": successes / len(outcomes),
                          "final_distance_m": [o["final_distance_m"] for o in outcomes]}

@@ -3,7 +3,7 @@ pretrained tiny base (``--pretrain``, :mod:`openvla_ros.pretrain`).
 
     python -m openvla_ros.tiny OUT_DIR [--seed N] [--size tiny|small|mid] [--prismatic]
     python -m openvla_ros.tiny OUT_DIR --oft [--chunk K] [--proprio-dim N] [--images N] [--film] [--ours]
-    python -m openvla_ros.tiny OUT_DIR --pretrain [--tasks reach] [--episodes N] [--steps N]
+    python -m openvla_ros.tiny OUT_DIR --pretrain [--tasks reach] [--episodes N] [--steps N] [--select-every N]
     python -m openvla_ros.tiny OUT_DIR --size 7b [--dry-run] [--layers N]   # openvla-7b's shapes, random
     python -m openvla_ros.tiny OUT_DIR --size 7b --oft [--film]              # OFT-7B (LIBERO layout), random
 
@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     pretrain.add_argument("--steps", type=int, default=0, help="training steps (default 4000)")
     pretrain.add_argument("--eval-episodes", type=int, default=-1,
                           help="closed-loop episodes per task after training (default 20)")
+    pretrain.add_argument("--select-every", type=int, default=-1,
+                          help="steps between closed-loop validations that pick the kept weights (default 500; "
+                          "0: keep the last weights)")
+    pretrain.add_argument("--select-episodes", type=int, default=-1,
+                          help="closed-loop validation episodes per task (default 20)")
+    pretrain.add_argument("--threads", type=int, default=0,
+                          help="torch CPU threads the build trains with (default 2; the result depends on it)")
     pretrain.add_argument("--no-film", action="store_true",
                           help="train the base without FiLM (default: FiLM in every ViT block, as OpenVLA-OFT+)")
     args = parser.parse_args(argv)
@@ -172,6 +179,12 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             given[name] = getattr(args, name)
     if args.eval_episodes >= 0:
         given["eval_episodes"] = args.eval_episodes
+    if args.select_every >= 0:
+        given["select_every"] = args.select_every
+    if args.select_episodes >= 0:
+        given["select_episodes"] = args.select_episodes
+    if args.threads:
+        given["threads"] = args.threads
     if args.no_film:
         given["film"] = False
     from openvla_ros.interrupts import interrupt_exit_status, interrupt_name, termination_as_interrupt

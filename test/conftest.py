@@ -70,7 +70,7 @@ def small_pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(shared / "shared-pretrained.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "pretrain.json").is_file():
-            build_pretrained(out, PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1),
+            build_pretrained(out, PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1, select_episodes=1),
                              progress=lambda _: None)
     return out
 

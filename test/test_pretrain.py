@@ -22,7 +22,7 @@ from openvla_ros.pretrain import (
 
 REPO = Path(__file__).resolve().parents[1]
 # A build small enough for the test suite: the same stages as the default, a few episodes and steps.
-SMALL = PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1)
+SMALL = PretrainSettings(episodes=4, steps=3, batch_size=4, eval_episodes=1, select_episodes=1)
 
 
 class InterruptError(Exception):
@@ -181,7 +181,7 @@ def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tm
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "openvla_ros.tiny", str(out), "--pretrain", "--episodes", "4", "--steps", "400",
-             "--eval-episodes", "1"],
+             "--eval-episodes", "1", "--select-episodes", "1"],
             cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=output, stderr=subprocess.STDOUT,
         )
     signal_when(process, lambda: f"[pretrain] {stage} ..." in log.read_text(), signal.SIGTERM, f"to its {stage} stage",
@@ -200,6 +200,19 @@ def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tm
             raise InterruptError
 
     with pytest.raises(InterruptError):
-        build_pretrained(out, PretrainSettings(episodes=4, steps=400, eval_episodes=1), progress=stop_at_training)
+        build_pretrained(out, PretrainSettings(episodes=4, steps=400, eval_episodes=1, select_episodes=1), progress=stop_at_training)
     assert [m for m in resumed if m.endswith("done before, kept")] == [f"[pretrain] {done}: done before, kept"
                                                                       for done in kept]
+
+
+def test_the_manifest_records_the_selection_threads_and_seeds(built) -> None:
+    """What the base depends on besides its settings is in pretrain.json: torch threads (fixed by the settings),
+    versions and every seed; the closed-loop selection curve and its plot come with it."""
+    out, _, manifest = built
+    determinism = manifest["determinism"]
+    assert determinism["torch_threads"] == SMALL.threads == manifest["settings"]["threads"]
+    assert {"torch", "numpy", "python", "machine"} <= set(determinism)
+    assert set(determinism["seeds"]) == {"model", "training", "episodes", "validation", "evaluation"}
+    selection = manifest["selection"]
+    assert selection["best"]["step"] == SMALL.steps and [p["step"] for p in selection["curve"]] == [SMALL.steps]
+    assert (out / "selection.png").is_file() and "selection.png" in manifest["files"]

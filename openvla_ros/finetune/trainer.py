@@ -53,6 +53,7 @@ from openvla_ros.finetune.data import (
     open_rlds,
     sample_rng,
 )
+from openvla_ros.finetune.selection import ClosedLoopSelection, SelectionPoint
 from openvla_ros.interrupts import remove_stale_staging
 from openvla_ros.model.action_codec import ACTION_DIM
 from openvla_ros.model.loading import (
@@ -291,8 +292,10 @@ def update_metrics(metrics: BatchMetrics, logits: torch.Tensor, targets: torch.T
 class Trainer:
     """One fine-tuning run; ``run()`` trains, checkpoints and writes the outputs."""
 
-    def __init__(self, config: FinetuneConfig) -> None:
+    def __init__(self, config: FinetuneConfig, selection: ClosedLoopSelection | None = None) -> None:
+        """``selection``: closed-loop validation during training; the best weights are the ones written."""
         self.config = config
+        self.selection = selection
         self.out = config.out_dir
         self.checkpoint_dir = resolve_checkpoint_dir(config.vla_path)
         from openvla_ros.model.loading import resolve_device
@@ -394,6 +397,8 @@ class Trainer:
             recover_model_swap(self.out, MERGED_DIR, MERGED_NEW, MERGED_OLD)
         if config.resume:
             self._resume()
+            if self.selection is not None:
+                self.selection.restore(self.step)
         elif self._checkpoints():
             raise TrainingError(
                 f"{self.out / 'checkpoints'} already holds checkpoints; pass --resume to continue that run "
@@ -430,11 +435,14 @@ class Trainer:
                         shown["acc"] = f"{last['train']['action_accuracy']:.2f}"
                     progress.set_postfix(**shown)
                     window = self._new_metrics()
-                if config.eval_steps and self.val_items and (
+                validate_now = self.selection is not None and self.selection.due(self.step, config.max_steps)
+                if self.val_items and (validate_now or (config.eval_steps and (
                     self.step % config.eval_steps == 0 or self.step == config.max_steps
-                ):
+                ))):
                     last["val"] = self.evaluate()
                     self._log("val", last["val"], writer)
+                if validate_now and self.dist.is_main:
+                    self._select(last.get("val", {}), writer)
                 if self.step % config.save_steps == 0 and self.step < config.max_steps:
                     self._save_checkpoint()
         except torch.cuda.OutOfMemoryError as exc:
@@ -447,10 +455,56 @@ class Trainer:
             if writer is not None:
                 writer.close()
         self._save_checkpoint()
+        if self.selection is not None and self.selection.best_state is not None:
+            self._load_trainable(self.selection.best_state)  # the checkpoint above keeps the last state
+            last["selected"] = self.selection.as_dict()
+            logger.info("kept the weights of step %d: %d/%d validation episodes", self.selection.best.step,
+                        self.selection.best.successes, self.selection.best.episodes)
         if self.dist.is_main:
             self._write_outputs()
         self.dist.barrier()
         return last
+
+    # ------------------------------------------------------------------------------ selection
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights training changes (LoRA and heads, or every weight of a full fine-tune), by name."""
+        return {name: tensor for name, tensor in self.network.named_parameters() if tensor.requires_grad}
+
+    def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        current = self.trainable_state()
+        if set(state) != set(current):
+            raise TrainingError("the kept weights do not match the model's trainable weights; remove "
+                                f"{self.out / 'selection_best.pt'} and train again")
+        with torch.no_grad():
+            for name, tensor in current.items():
+                tensor.copy_(state[name].to(tensor.device, tensor.dtype))
+
+    def policy(self) -> Any:
+        """A policy on the current weights (no copy), with this dataset's statistics, for closed-loop validation."""
+        from openvla_ros.model.oft_policy import OFTPolicy
+        from openvla_ros.model.policy import OpenVLAPolicy
+
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        config = self.network.config if self.chunked else model.config
+        config.norm_stats = {**config.norm_stats, self.config.dataset_name: self.statistics}
+        if self.chunked:
+            return OFTPolicy(self.network, self.tokenizer, unnorm_key=self.config.dataset_name,
+                             center_crop=self.config.image_aug, image_settings=self.image_settings)
+        return OpenVLAPolicy(model, self.tokenizer, unnorm_key=self.config.dataset_name,
+                             center_crop=self.config.image_aug, image_settings=self.image_settings)
+
+    def _select(self, val: dict[str, float], writer) -> None:
+        self.network.eval()
+        try:
+            successes, episodes = self.selection.evaluate(self.policy())
+        finally:
+            self.network.train()
+        val_l1 = val.get("l1_normalized", val.get("l1"))
+        point = SelectionPoint(self.step, int(successes), int(episodes), None if val_l1 is None else float(val_l1))
+        kept = self.selection.consider(point, self.trainable_state)
+        logger.info("step %d select: success %d/%d%s", self.step, successes, episodes, " (best so far)" if kept else "")
+        if writer is not None:
+            writer.add_scalar("select/success_rate", point.rate, self.step)
 
     def _log(self, split: str, values: dict[str, float], writer) -> None:
         if not self.dist.is_main:

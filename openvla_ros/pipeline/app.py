@@ -7,6 +7,7 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from openvla_ros.pipeline.closed_loop import closed_loop, node_check
 from openvla_ros.pipeline.report import (
@@ -44,10 +45,11 @@ def run(settings: PipelineSettings) -> Report:
     # The fine-tuning stack (torch, peft, triton) before TensorFlow, which the dataset check loads:
     # importing them after TensorFlow in one process crashes (segmentation fault) with these wheels.
     import peft  # noqa: F401
-    import torch  # noqa: F401
+    import torch
 
     import openvla_ros.finetune.trainer  # noqa: F401
 
+    torch.set_num_threads(settings.threads)  # the result depends on it: fixed, and recorded in the report
     out = settings.out
     prepare_out_dir(out)
     log_dir = out / "logs"
@@ -81,6 +83,15 @@ def run(settings: PipelineSettings) -> Report:
         report.training = finetune(settings, spec, out / "data", out)
         report.files["training_curve"] = str(plot_training_curve(report.training["curve"],
                                                                  out / "training_curve.png"))
+        if report.training.get("selection"):
+            from openvla_ros.finetune.selection import plot_curve
+
+            kept = report.training["selection"]["best"]
+            print(f"  kept the weights of step {kept['step']}: {kept['successes']}/{kept['episodes']} validation "
+                  "episodes", flush=True)
+            report.files["selection_curve"] = str(plot_curve(
+                {"fine-tuning": report.training["selection"]}, out / "selection_curve.png",
+                f"fine-tuning: closed-loop validation ({settings.select_episodes} episodes)"))
     merged = out / "merged"
     from openvla_ros.sim.demos import write_sim_setup
 
@@ -100,10 +111,27 @@ def run(settings: PipelineSettings) -> Report:
         with stage(report, "node_check", f"closed loop through sim_scene + policy_node ({settings.node_episodes} "
                    "episodes)"):
             report.node_check = node_check(settings, spec, merged, log_dir, env)
+    report.determinism = determinism(settings)
     report.files["merged_model"] = str(merged)
     report.files["report"] = str(out / "report.json")
     (out / "report.json").write_text(json.dumps(asdict(report), indent=1))
     return report
+
+
+def determinism(settings: PipelineSettings) -> dict[str, Any]:
+    """What the run's result depends on besides its settings: versions, threads and every seed."""
+    import platform
+
+    import numpy
+    import torch
+
+    from openvla_ros.pipeline.settings import episode_seed_sets
+
+    seeds = {name: f"({values[0][0]}, 0..{len(values) - 1})" if values else "none"
+             for name, values in episode_seed_sets(settings).items()}
+    return {"torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+            "seeds": {"training": settings.train_seed, **seeds}}
 
 
 def main(argv: list[str] | None = None) -> int:

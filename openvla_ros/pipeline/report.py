@@ -160,6 +160,12 @@ def format_table(report: Any) -> str:
                  f"{val.get('l1_normalized', float('nan')):.3f}")
         lines.append(line)
         lines.append(f"  last train loss {train.get('loss', float('nan')):.3f}")
+        selection = training.get("selection")
+        if selection and selection.get("best"):
+            kept = selection["best"]
+            curve = ", ".join(f"{p['step']}: {p['successes']}/{p['episodes']}" for p in selection["curve"])
+            lines.append(f"  kept step {kept['step']} ({kept['successes']}/{kept['episodes']} validation episodes); "
+                         f"success by step: {curve}")
     if report.offline:
         offline = report.offline
         per_dimension = offline.get("l1_per_dimension")
@@ -212,6 +218,7 @@ class Report:
     closed_loop: dict[str, Any] = field(default_factory=dict)
     node_check: dict[str, Any] = field(default_factory=dict)
     energy: dict[str, Any] = field(default_factory=dict)
+    determinism: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
 

@@ -19,7 +19,7 @@ ENERGY_MAX_STEP_FRACTION = 0.2
 OFT_LEARNING_RATE = 1e-3
 SIM_NODE = "sim_scene"
 TRAINER_LOGGER = "openvla_ros.finetune.trainer"
-QUICK = {"episodes": 3, "eval_episodes": 2, "steps": 3, "batch_size": 2, "node_episodes": 0}
+QUICK = {"episodes": 3, "eval_episodes": 2, "steps": 3, "batch_size": 2, "node_episodes": 0, "select_episodes": 1}
 
 
 class PipelineError(RuntimeError):
@@ -39,7 +39,7 @@ class PipelineSettings:
     config: Path = DEFAULT_CONFIG
     task: str = "reach"
     episodes: int = 300
-    eval_episodes: int = 20
+    eval_episodes: int = 80
     node_episodes: int = 10
     steps: int = 2000
     batch_size: int = 8
@@ -53,8 +53,13 @@ class PipelineSettings:
     # Demonstrations go on after the success until the expert comes to rest (the sim's expert_settle_steps)
     expert_settle_steps: int = 10
     record_seed: int = 0
-    eval_seed: int = 1
+    eval_seed: int = 1  # the node check uses eval_seed + 1
     train_seed: int = 7
+    # Closed-loop checkpoint selection during fine-tuning: episodes (select_seed, k), never recorded or reported.
+    select_every: int = 250
+    select_episodes: int = 20
+    select_seed: int = 3
+    threads: int = 2  # torch CPU threads for training and evaluation (the result depends on it: fixed, recorded)
 
     def __post_init__(self) -> None:
         from openvla_ros.sim import TASKS
@@ -69,12 +74,31 @@ class PipelineSettings:
         for name in ("node_episodes", "energy_steps", "energy_train_steps"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.record_seed == self.eval_seed:
-            raise PipelineError("eval_seed must differ from record_seed: evaluation needs episodes never recorded")
+        if self.record_seed in (self.eval_seed, self.eval_seed + 1):
+            raise PipelineError("eval_seed must differ from record_seed, and so must eval_seed + 1 (the node "
+                                "check's): evaluation needs episodes never recorded")
+        if self.select_seed in (self.record_seed, self.eval_seed, self.eval_seed + 1):
+            raise PipelineError(f"select_seed {self.select_seed} must differ from record_seed, eval_seed and "
+                                "eval_seed + 1: checkpoint selection needs episodes of its own")
+        for name in ("select_every", "select_episodes"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.threads < 1:
+            raise PipelineError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def dataset_name(self) -> str:
         return f"sim_{self.task}"
+
+
+def episode_seed_sets(settings: PipelineSettings) -> dict[str, list[tuple[int, int]]]:
+    """The sim seeds of each use: recorded demonstrations, checkpoint selection, reported evaluation, node check."""
+    return {
+        "recorded": [(settings.record_seed, k) for k in range(settings.episodes)],
+        "validation": [(settings.select_seed, k) for k in range(settings.select_episodes)],
+        "evaluation": [(settings.eval_seed, k) for k in range(settings.eval_episodes)],
+        "node": [(settings.eval_seed + 1, k) for k in range(settings.node_episodes)],
+    }
 
 
 def base_spec(base: Path) -> Any:
@@ -104,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("batch_size", "fine-tuning batch size"),
         ("lora_rank", "LoRA rank"),
         ("record_seed", "sim seed of the recorded episodes"),
-        ("eval_seed", "sim seed of the evaluation episodes (must differ)"),
+        ("eval_seed", "sim seed of the evaluation episodes (must differ; the node check uses eval_seed + 1)"),
+        ("select_every", "fine-tuning steps between closed-loop validations; the best weights are kept "
+                         "(0: the last weights)"),
+        ("select_episodes", "closed-loop validation episodes (seeds of their own)"),
+        ("select_seed", "sim seed of the validation episodes (must differ from the others)"),
+        ("threads", "torch CPU threads for training and evaluation"),
         ("energy_steps", "OFT bases: also train an energy model and evaluate with this many refinement steps "
                          "(0: off)"),
         ("energy_train_steps", "energy model training steps (with --energy-steps)"),
@@ -154,7 +183,8 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
         "eval_episodes": args.eval_episodes, "node_episodes": args.node_episodes, "steps": args.steps,
         "batch_size": args.batch_size, "lora_rank": args.lora_rank,
         "image_aug": args.image_aug, "expert_rate_hz": args.expert_rate, "record_seed": args.record_seed,
-        "eval_seed": args.eval_seed, "energy_steps": args.energy_steps,
+        "eval_seed": args.eval_seed, "energy_steps": args.energy_steps, "select_every": args.select_every,
+        "select_episodes": args.select_episodes, "select_seed": args.select_seed, "threads": args.threads,
         "energy_train_steps": args.energy_train_steps, "camera_upside_down": upside_down,
     }
     if args.learning_rate is not None:

@@ -153,13 +153,26 @@ def finetune(settings: PipelineSettings, spec: Any, data_dir: Path, out: Path) -
         eval_steps=max(1, settings.steps // 4), eval_batches=4, log_steps=max(1, min(10, settings.steps // 10)),
         keep_checkpoints=1, seed=settings.train_seed, **oft,
     )
+    selection = None
+    if settings.select_every and settings.select_episodes:
+        from openvla_ros.finetune.selection import ClosedLoopSelection
+        from openvla_ros.pipeline.closed_loop import rollout
+        from openvla_ros.pipeline.settings import episode_seed_sets
+
+        seeds = episode_seed_sets(settings)["validation"]
+
+        def validate(policy: Any) -> tuple[int, int]:
+            results = [rollout(policy, seed, settings.task, settings.camera_upside_down) for seed in seeds]
+            return sum(result.success for result in results), len(results)
+
+        selection = ClosedLoopSelection(validate, settings.select_every, out / "selection")
     handler = _TrainerLog()
     logger = logging.getLogger(TRAINER_LOGGER)
     previous_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config, selection=selection)
         before = trainer.evaluate()
         start = time.monotonic()
         last = trainer.run()
@@ -177,7 +190,8 @@ def finetune(settings: PipelineSettings, spec: Any, data_dir: Path, out: Path) -
         "epochs": round(samples / max(1, len(trainer.train_frames)), 2),
         "samples_per_s": round(samples / seconds, 2),
         "val_before": before,
-        "last": last,
+        "last": {key: value for key, value in last.items() if key != "selected"},
+        "selection": last.get("selected"),
         "curve": handler.curve,
         "merged": str(out / "merged"),
         "action_head": "l1" if spec is not None else "tokens",
