@@ -457,6 +457,7 @@ def test_a_tiny_oft_checkpoint_runs_in_chunk_mode_and_publishes_finite_actions(
 
 LAUNCH_ARGUMENTS = {
     "model",
+    "api_key",
     "quantization",
     "unnorm_key",
     "image_topic",
