@@ -33,7 +33,7 @@ SLOW_FILES_FIRST = (
     "test_pipeline.py", "test_train_inference_guard.py", "test_finetune.py", "test_demo.py",
     "test_policy_node_timing.py", "test_ros2_cli.py", "test_energy_training.py", "test_finetune_oft.py",
     "test_pretrain.py", "test_energy_node.py", "test_node_chunk_mode.py", "test_policy_node.py",
-    "test_full_size.py", "test_fidelity.py",
+    "test_full_size.py", "test_serve.py", "test_fidelity.py", "test_serve_node.py", "test_selection.py",
 )
 
 

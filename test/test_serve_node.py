@@ -16,6 +16,7 @@ from policy_helpers import (  # noqa: E402
     NodeProcess,
     assert_holds_rate,
     drive,
+    is_zero,
     latest_status,
     start_node,
     status_values,
@@ -93,3 +94,16 @@ def test_remote_mode_drives_at_its_rate_and_survives_a_server_restart(
     resumed = driver.wait_for_actions(count=3, timeout_s=60)
     assert resumed > killed
     assert driver.state() == "active"
+
+    # a server that hangs (stopped, its socket still open) is a stale step once max_image_age_s (2 s) has passed
+    hung = time.monotonic()
+    server[0].process.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: any(is_zero(twist) for _, twist in driver.twists.since(hung)), 30,
+                   "the zero delta after the server stopped answering")
+        zero_delta_then_silence(driver, hung, quiet_s=3.0)
+        timed_out = status_values(latest_status(diagnostics, NODE))
+        assert "no answer within 2 s" in timed_out["remote_last_failure"], timed_out
+    finally:
+        server[0].process.send_signal(signal.SIGCONT)
+    assert driver.wait_for_actions(count=3, timeout_s=60) > hung
