@@ -23,16 +23,26 @@ INSTRUCTION = "pick up the red block"
 REPO = Path(__file__).resolve().parents[1]
 
 
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = [0]
+_ORIGINAL_JSON = (json.dumps, json.loads, json.dump, json.load)
+
+
 @contextlib.contextmanager
 def numpy_json() -> Iterator[None]:
-    """``json_numpy.patch()``, as the official client does, undone afterwards (the patch breaks other users of
-    ``json.loads(object_hook=...)`` in this process, numpy.testing among them)."""
-    saved = (json.dumps, json.loads, json.dump, json.load)
-    json_numpy.patch()
+    """``json_numpy.patch()``, as the official client does, undone when the last concurrent user leaves (the patch
+    breaks other users of ``json.loads(object_hook=...)`` in this process, numpy.testing among them)."""
+    with _PATCH_LOCK:
+        if _PATCH_USERS[0] == 0:
+            json_numpy.patch()
+        _PATCH_USERS[0] += 1
     try:
         yield
     finally:
-        json.dumps, json.loads, json.dump, json.load = saved
+        with _PATCH_LOCK:
+            _PATCH_USERS[0] -= 1
+            if _PATCH_USERS[0] == 0:
+                json.dumps, json.loads, json.dump, json.load = _ORIGINAL_JSON
 
 
 class Answer:

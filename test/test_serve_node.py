@@ -20,6 +20,7 @@ from policy_helpers import (  # noqa: E402
     latest_status,
     start_node,
     status_values,
+    typical_rate_over,
     wait_active,
     zero_delta_then_silence,
 )
@@ -73,13 +74,16 @@ def test_remote_mode_drives_at_its_rate_and_survives_a_server_restart(
     values = status_values(latest_status(diagnostics, NODE))
     p95_s = float(values["remote_latency_ms_p95"]) / 1e3
     assert int(values["remote_requests"]) >= 3 and values["remote_server"] == f"http://127.0.0.1:{port}"
-    rate_hz = max(0.5, min(4.0, 1.0 / (3 * p95_s)))
+    rate_hz = max(1.0, min(4.0, 1.0 / (3 * p95_s)))  # 1 Hz is the lowest rate a token model takes
     assert all(result.successful for result in driver.set(rate_hz=rate_hz))
     time.sleep(1.5 / rate_hz)
     start = time.monotonic()
     window_s = max(4.0, 6.0 / rate_hz)
     time.sleep(window_s)
-    assert_holds_rate(driver.twists, start, window_s, rate_hz)
+    if 3 * p95_s <= 1.0 / rate_hz:
+        assert_holds_rate(driver.twists, start, window_s, rate_hz)
+    else:  # a loaded machine: the round trip leaves no headroom even at 1 Hz; one step per round trip at least
+        assert typical_rate_over(driver.twists, start, window_s) >= 0.5 / max(1.0 / rate_hz, 2 * p95_s)
 
     killed = time.monotonic()
     server[0].process.send_signal(signal.SIGKILL)
