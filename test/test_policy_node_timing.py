@@ -165,7 +165,11 @@ def test_a_camera_slower_than_the_rate_keeps_the_rate_and_is_reported(
         start = time.monotonic()
         time.sleep(4.0)
         assert_holds_rate(driver.twists, start + 0.5, 3.0, 10.0)
-        stamps = {(t.header.stamp.sec, t.header.stamp.nanosec) for _, t in driver.twists.since(start + 0.5)}
+        # A frame delayed past max_image_age_s on a busy machine gives a zero delta stamped with the clock
+        # (the stale stop, tested elsewhere); every action that moves carries the stamp of a camera frame.
+        moving = [t for _, t in driver.twists.since(start + 0.5) if t.twist.linear.x or t.twist.linear.y]
+        stamps = {(t.header.stamp.sec, t.header.stamp.nanosec) for t in moving}
+        assert len(moving) >= 10, "most ticks act"
         assert stamps <= slow.stamps | driver.camera.stamps and len(stamps) <= 17, "ticks reuse the newest frame"
         assert int(status_values(latest_status(diagnostics, "standin_fast"))["ticks_reusing_frame"]) >= 10
     finally:
