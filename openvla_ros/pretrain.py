@@ -67,6 +67,8 @@ class PretrainSettings:
             validation episodes are the base (0: the last weights).
         select_episodes: closed-loop validation episodes per task (seeds of their own, never evaluated).
         threads: torch CPU threads the build trains with (the result depends on it: recorded, fixed).
+        ema_decay: decay of the moving average of the weights that is validated and kept (0: the
+            weights as trained).
     """
 
     tasks: tuple[str, ...] = ("reach",)
@@ -83,6 +85,7 @@ class PretrainSettings:
     select_every: int = 500
     select_episodes: int = 20
     threads: int = 2
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         from openvla_ros.sim.scene import TASKS
@@ -98,6 +101,8 @@ class PretrainSettings:
                 raise PretrainError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.threads < 1:
             raise PretrainError(f"threads must be >= 1, got {self.threads}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise PretrainError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -391,7 +396,7 @@ def _train(stages: _Stages, settings: PretrainSettings, progress: Callable[[str]
         lora_rank=0, image_aug=False, device="cpu", save_steps=max(1, min(250, settings.steps)),
         eval_steps=max(1, settings.steps // 4), eval_batches=4, log_steps=max(1, min(100, settings.steps // 10)),
         keep_checkpoints=1, seed=settings.seed, resume=resume, action_head="l1", chunk=settings.chunk,
-        use_proprio=True, film=settings.film,
+        use_proprio=True, film=settings.film, ema_decay=settings.ema_decay,
     )
     if resume:
         progress(f"[pretrain] train: resuming from {directory / 'checkpoints'}")

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="closed-loop validation episodes per task (default 20)")
     pretrain.add_argument("--threads", type=int, default=0,
                           help="torch CPU threads the build trains with (default 2; the result depends on it)")
+    pretrain.add_argument("--ema-decay", type=float, default=-1.0,
+                          help="decay of the weight average that is validated and kept (0: the trained weights)")
     pretrain.add_argument("--no-film", action="store_true",
                           help="train the base without FiLM (default: FiLM in every ViT block, as OpenVLA-OFT+)")
     args = parser.parse_args(argv)
@@ -185,6 +187,8 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         given["select_episodes"] = args.select_episodes
     if args.threads:
         given["threads"] = args.threads
+    if args.ema_decay >= 0:
+        given["ema_decay"] = args.ema_decay
     if args.no_film:
         given["film"] = False
     from openvla_ros.interrupts import interrupt_exit_status, interrupt_name, termination_as_interrupt

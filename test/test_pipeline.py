@@ -134,7 +134,7 @@ def oft_run(small_pretrained_base: Path, tmp_path_factory: pytest.TempPathFactor
     result = subprocess.run(
         [sys.executable, "-m", "openvla_ros.pipeline", "--out", str(out), "--base", str(small_pretrained_base),
          "--episodes", "3", "--eval-episodes", "2", "--steps", "3", "--batch-size", "2", "--node-episodes", "1",
-         "--energy-steps", "1", "--energy-train-steps", "4"],
+         "--energy-steps", "1", "--energy-train-steps", "4", "--select-episodes", "2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -32,6 +32,8 @@ class FinetuneConfig:
         learning_rate: AdamW learning rate (official: constant 5e-4).
         lr_schedule: constant, linear or cosine decay after warmup.
         warmup_steps: linear warmup steps.
+        ema_decay: keep an exponential moving average of the trainable weights with this decay (e.g.
+            0.999) and evaluate, select and write the average; 0 turns it off.
         max_grad_norm: gradient clipping norm (0 disables).
         lora_rank, lora_alpha, lora_dropout: LoRA settings (alpha defaults to min(rank, 16)); rank 0
             trains every weight instead (full fine-tuning, as for pretraining; no quantisation).
@@ -65,6 +67,7 @@ class FinetuneConfig:
     learning_rate: float = 5e-4
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    ema_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_rank: int = 32
     lora_alpha: float | None = None
@@ -102,6 +105,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.max_grad_norm < 0:

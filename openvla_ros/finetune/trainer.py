@@ -16,6 +16,7 @@ projector and FiLM are trained fully; their weights go into each checkpoint's ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ from openvla_ros.finetune.data import (
     open_rlds,
     sample_rng,
 )
+from openvla_ros.finetune.ema import WeightAverage
 from openvla_ros.finetune.selection import ClosedLoopSelection, SelectionPoint
 from openvla_ros.interrupts import remove_stale_staging
 from openvla_ros.model.action_codec import ACTION_DIM
@@ -79,6 +81,7 @@ from openvla_ros.model.policy import attach_adapter
 logger = logging.getLogger(__name__)
 
 FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's checkpoint weights (LoRA runs keep adapter/)
+EMA_WEIGHTS = "weight_average.pt"  # a checkpoint's average of the trainable weights (ema_decay > 0)
 ADAPTER_STAGING_PREFIX = ".adapter-"  # adapter/ is written here first, then renamed
 # merged/ is saved as .merged-new (itself staged by save_checkpoint) and swapped in via .merged-old
 MERGED_DIR, MERGED_NEW, MERGED_OLD = "merged", ".merged-new", ".merged-old"
@@ -342,6 +345,7 @@ class Trainer:
         self.trainable = [p for p in self.network.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=0.0)
         self.scheduler = make_scheduler(self.optimizer, config)
+        self.average = WeightAverage(self.trainable_state(), config.ema_decay) if config.ema_decay else None
         self.step = 0
         self._order: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
         self.forward_model: nn.Module = self.network
@@ -426,6 +430,8 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
+                if self.average is not None:
+                    self.average.update(self.trainable_state(), self.step)
                 progress.update(1)
                 if self.step % config.log_steps == 0 or self.step == config.max_steps:
                     last["train"] = window.summary()
@@ -460,6 +466,8 @@ class Trainer:
             last["selected"] = self.selection.as_dict()
             logger.info("kept the weights of step %d: %d/%d validation episodes", self.selection.best.step,
                         self.selection.best.successes, self.selection.best.episodes)
+        elif self.average is not None:
+            self.average.copy_to(self.trainable_state())  # the average is what the run writes
         if self.dist.is_main:
             self._write_outputs()
         self.dist.barrier()
@@ -493,15 +501,23 @@ class Trainer:
         return OpenVLAPolicy(model, self.tokenizer, unnorm_key=self.config.dataset_name,
                              center_crop=self.config.image_aug, image_settings=self.image_settings)
 
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """A block in which the trainable weights are their running average (ema_decay > 0), else as trained."""
+        if self.average is None:
+            return contextlib.nullcontext()
+        return self.average.swapped_in(self.trainable_state())
+
     def _select(self, val: dict[str, float], writer) -> None:
         self.network.eval()
-        try:
-            successes, episodes = self.selection.evaluate(self.policy())
-        finally:
-            self.network.train()
-        val_l1 = val.get("l1_normalized", val.get("l1"))
-        point = SelectionPoint(self.step, int(successes), int(episodes), None if val_l1 is None else float(val_l1))
-        kept = self.selection.consider(point, self.trainable_state)
+        with self.averaged():  # what the run would write now
+            try:
+                successes, episodes = self.selection.evaluate(self.policy())
+            finally:
+                self.network.train()
+            val_l1 = val.get("l1_normalized", val.get("l1"))
+            point = SelectionPoint(self.step, int(successes), int(episodes),
+                                   None if val_l1 is None else float(val_l1))
+            kept = self.selection.consider(point, self.trainable_state)
         logger.info("step %d select: success %d/%d%s", self.step, successes, episodes, " (best so far)" if kept else "")
         if writer is not None:
             writer.add_scalar("select/success_rate", point.rate, self.step)
@@ -518,13 +534,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Returns loss and L1 (and action accuracy for the token head) on the first ``eval_batches`` batches of ``val``."""
+        """Returns loss and L1 (and action accuracy for the token head) on the first ``eval_batches`` batches of ``val``.
+
+        With ``ema_decay`` > 0 it evaluates the weight average, the weights the run writes.
+        """
         self.network.eval()
         metrics = self._new_metrics()
         size = self.config.batch_size
-        for start in range(0, min(len(self.val_items), size * self.config.eval_batches), size):
-            samples = [self.eval_samples(item, None) for item in self.val_items[start:start + size]]
-            self._loss(self.network, self._collate(samples), metrics, self.eval_samples)
+        with self.averaged():
+            for start in range(0, min(len(self.val_items), size * self.config.eval_batches), size):
+                samples = [self.eval_samples(item, None) for item in self.val_items[start:start + size]]
+                self._loss(self.network, self._collate(samples), metrics, self.eval_samples)
         self.network.train()
         return metrics.summary()
 
@@ -541,6 +561,8 @@ class Trainer:
                     self._save_heads(directory / "heads")
                 torch.save(training_state(self.step, self.optimizer, self.scheduler, self.config.to_dict()),
                            directory / "training_state.pt")
+                if self.average is not None:
+                    torch.save(self.average.state_dict(), directory / EMA_WEIGHTS)
 
             write_checkpoint(self.out, self.step, write, self.config.keep_checkpoints)
         self.dist.barrier()
@@ -570,6 +592,15 @@ class Trainer:
         if self.chunked:
             self._load_heads(latest / "heads")
         self.step = restore_training_state(state, self.optimizer, self.scheduler)
+        if self.average is not None:
+            saved = latest / EMA_WEIGHTS
+            if not saved.is_file():
+                raise TrainingError(f"{latest} holds no weight average ({EMA_WEIGHTS}): it was written with ema_decay "
+                                    "0; resume with --ema-decay 0 or start a new run with a new --out")
+            try:
+                self.average.load_state_dict(torch.load(saved, map_location=self.device, weights_only=True))
+            except ValueError as exc:
+                raise TrainingError(f"{saved}: {exc}; start a new run with a new --out") from exc
         logger.info("resumed from %s at step %d", latest, self.step)
 
     def _tied_names(self) -> list[str]:

@@ -59,6 +59,7 @@ class PipelineSettings:
     select_every: int = 250
     select_episodes: int = 20
     select_seed: int = 3
+    ema_decay: float = 0.0  # fine-tune: validate and write a moving average of the weights (0: as trained)
     threads: int = 2  # torch CPU threads for training and evaluation (the result depends on it: fixed, recorded)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,8 @@ class PipelineSettings:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.threads < 1:
             raise PipelineError(f"threads must be >= 1, got {self.threads}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise PipelineError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
 
     @property
     def dataset_name(self) -> str:
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=None,
                         help=f"fine-tuning learning rate (default {OFT_LEARNING_RATE:g} for an OpenVLA-OFT base, whose "
                              f"heads train fully, {defaults['learning_rate'].default:g} for a token model)")
+    parser.add_argument("--ema-decay", type=float, default=defaults["ema_decay"].default,
+                        help="fine-tuning: validate and write an exponential moving average of the weights with "
+                             "this decay (0: the weights as trained)")
     parser.add_argument("--expert-rate", type=float, default=defaults["expert_rate_hz"].default,
                         help="scripted expert rate (Hz); the conversion rate of the config must match")
     parser.add_argument("--image-aug", action="store_true", help="train with crop/colour augmentation")
@@ -186,6 +192,7 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
         "eval_seed": args.eval_seed, "energy_steps": args.energy_steps, "select_every": args.select_every,
         "select_episodes": args.select_episodes, "select_seed": args.select_seed, "threads": args.threads,
         "energy_train_steps": args.energy_train_steps, "camera_upside_down": upside_down,
+        "ema_decay": args.ema_decay,
     }
     if args.learning_rate is not None:
         values["learning_rate"] = args.learning_rate

@@ -151,7 +151,7 @@ def finetune(settings: PipelineSettings, spec: Any, data_dir: Path, out: Path) -
         lr_schedule="cosine", warmup_steps=min(20, settings.steps // 10), lora_rank=settings.lora_rank,
         image_aug=settings.image_aug, device="cpu", save_steps=settings.steps,
         eval_steps=max(1, settings.steps // 4), eval_batches=4, log_steps=max(1, min(10, settings.steps // 10)),
-        keep_checkpoints=1, seed=settings.train_seed, **oft,
+        keep_checkpoints=1, seed=settings.train_seed, ema_decay=settings.ema_decay, **oft,
     )
     selection = None
     if settings.select_every and settings.select_episodes:
