@@ -79,7 +79,8 @@ def run(settings: PipelineSettings) -> Report:
                               messages=recording["messages"], expert_steps=recording["expert_steps"],
                               expert_failures=recording["expert_failures"])
     head = "L1 chunk head" if oft else "token head"
-    with stage(report, "finetune", f"fine-tuning {settings.base} (LoRA rank {settings.lora_rank}, {head})"):
+    adapted = f"LoRA rank {settings.lora_rank}" if settings.lora_rank else "every weight"
+    with stage(report, "finetune", f"fine-tuning {settings.base} ({adapted}, {head})"):
         report.training = finetune(settings, spec, out / "data", out)
         report.files["training_curve"] = str(plot_training_curve(report.training["curve"],
                                                                  out / "training_curve.png"))

@@ -69,10 +69,10 @@ class PipelineSettings:
             raise PipelineError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.episodes < 2:
             raise PipelineError(f"episodes must be >= 2 (one train and one val episode), got {self.episodes}")
-        for name in ("eval_episodes", "steps", "batch_size", "lora_rank"):
+        for name in ("eval_episodes", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("node_episodes", "energy_steps", "energy_train_steps"):
+        for name in ("node_episodes", "energy_steps", "energy_train_steps", "lora_rank"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.record_seed in (self.eval_seed, self.eval_seed + 1):
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("node_episodes", "episodes of the fine-tuned model through the real nodes (0: skip)"),
         ("steps", "fine-tuning optimizer steps"),
         ("batch_size", "fine-tuning batch size"),
-        ("lora_rank", "LoRA rank"),
+        ("lora_rank", "LoRA rank (0: fine-tune every weight)"),
         ("record_seed", "sim seed of the recorded episodes"),
         ("eval_seed", "sim seed of the evaluation episodes (must differ; the node check uses eval_seed + 1)"),
         ("select_every", "fine-tuning steps between closed-loop validations; the best weights are kept "
