@@ -168,6 +168,10 @@ def test_an_oft_base_is_fine_tuned_with_its_own_head_and_layout(oft_run: tuple[P
     out, stdout = oft_run
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["action_head"] == "l1" and "L1 chunk head" in stdout
+    # an OFT base is fine-tuned in full, at the full fine-tune's rate, writing the weight average
+    assert (report["settings"]["lora_rank"], report["settings"]["learning_rate"]) == (0, 3e-4)
+    assert report["settings"]["ema_decay"] == 0.995 and "every weight, L1 chunk head" in stdout
+    assert not (out / "adapter").exists(), "a full fine-tune writes no adapter"
     # the held-out variation by default for an OFT base: a camera pose the base never saw
     assert report["settings"]["camera_upside_down"] is True and "task reach (camera upside down)" in stdout
     assert _first_frame_orientation(out / "data") == "upside down", "the demonstrations come from that camera"
@@ -205,6 +209,30 @@ def test_the_fine_tuned_oft_model_runs_through_the_node_with_proprio(oft_run: tu
     assert check["episodes"][0]["steps"] > 0, "the node's chunks moved the sim"
     log = (out / "logs" / "policy_node_check.log").read_text()
     assert "chunk mode: K = 8, 1 image(s), proprio 5" in log
+
+
+def test_the_fine_tuning_defaults_follow_the_base_and_explicit_options_win(tiny_checkpoint: Path,
+                                                                           small_pretrained_base: Path) -> None:
+    from openvla_ros.pipeline.settings import build_parser, settings_from_args
+
+    def settings(*argv: str):
+        return settings_from_args(build_parser().parse_args(list(argv)))
+
+    token = settings("--base", str(tiny_checkpoint))
+    assert (token.lora_rank, token.learning_rate, token.camera_upside_down) == (32, 3e-3, False)
+    oft = settings("--base", str(small_pretrained_base))
+    assert (oft.lora_rank, oft.learning_rate, oft.ema_decay, oft.camera_upside_down) == (0, 3e-4, 0.995, True)
+    lora = settings("--base", str(small_pretrained_base), "--lora-rank", "32")
+    assert (lora.lora_rank, lora.learning_rate) == (32, 1e-3)
+    chosen = settings("--base", str(small_pretrained_base), "--lora-rank", "0", "--learning-rate", "1e-4",
+                      "--ema-decay", "0")
+    assert (chosen.lora_rank, chosen.learning_rate, chosen.ema_decay) == (0, 1e-4, 0.0)
+    from openvla_ros.pipeline.settings import PipelineError
+
+    with pytest.raises(PipelineError, match="ema_decay must be in"):
+        settings("--base", str(tiny_checkpoint), "--ema-decay", "1")
+    with pytest.raises(PipelineError, match="lora_rank must be >= 0"):
+        settings("--base", str(tiny_checkpoint), "--lora-rank", "-1")
 
 
 def test_energy_steps_are_refused_for_a_token_base(tiny_checkpoint: Path, tmp_path: Path) -> None:
