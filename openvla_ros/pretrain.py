@@ -101,8 +101,10 @@ class PretrainSettings:
                 raise PretrainError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.threads < 1:
             raise PretrainError(f"threads must be >= 1, got {self.threads}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise PretrainError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
+        from openvla_ros.finetune.ema import ema_decay_problem
+
+        if ema_decay_problem(self.ema_decay):
+            raise PretrainError(ema_decay_problem(self.ema_decay))
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from openvla_ros.finetune.ema import ema_decay_problem
 from openvla_ros.model.loading import QUANTIZATIONS
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -105,8 +106,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
+        if ema_decay_problem(self.ema_decay):
+            raise ValueError(ema_decay_problem(self.ema_decay))
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.max_grad_norm < 0:

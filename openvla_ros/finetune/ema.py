@@ -14,6 +14,13 @@ from contextlib import contextmanager
 import torch
 
 
+def ema_decay_problem(decay: float) -> str | None:
+    """Returns why ``decay`` is no valid ``ema_decay`` setting (0 turns the average off), or None."""
+    if not 0.0 <= decay < 1.0:
+        return f"ema_decay must be in [0, 1) (0: no weight average), got {decay}"
+    return None
+
+
 class WeightAverage:
     """Float32 shadow copies of named weights, updated after every optimiser step."""
 

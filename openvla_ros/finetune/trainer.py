@@ -342,7 +342,9 @@ class Trainer:
             logger.info("OFT fine-tuning: chunk %d, %d-D actions, proprio %d, %d image(s), FiLM %s; %d train windows",
                         self.spec.chunk, self.spec.action_dim, self.spec.proprio_dim, self.spec.num_images,
                         self.spec.film, len(self.train_items))
-        self.trainable = [p for p in self.network.parameters() if p.requires_grad]
+        # by name, built once: the same parameter objects for the whole run (updated in place)
+        self._trainable_by_name = {name: p for name, p in self.network.named_parameters() if p.requires_grad}
+        self.trainable = list(self._trainable_by_name.values())
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=0.0)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.average = WeightAverage(self.trainable_state(), config.ema_decay) if config.ema_decay else None
@@ -476,7 +478,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ selection
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The weights training changes (LoRA and heads, or every weight of a full fine-tune), by name."""
-        return {name: tensor for name, tensor in self.network.named_parameters() if tensor.requires_grad}
+        return dict(self._trainable_by_name)
 
     def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         current = self.trainable_state()

@@ -91,8 +91,10 @@ class PipelineSettings:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.threads < 1:
             raise PipelineError(f"threads must be >= 1, got {self.threads}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise PipelineError(f"ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
+        from openvla_ros.finetune.ema import ema_decay_problem
+
+        if ema_decay_problem(self.ema_decay):
+            raise PipelineError(ema_decay_problem(self.ema_decay))
 
     @property
     def dataset_name(self) -> str:
@@ -209,7 +211,8 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     if args.learning_rate is not None:
         values["learning_rate"] = args.learning_rate
     elif oft:
-        values["learning_rate"] = OFT_FULL_LEARNING_RATE if values.get("lora_rank", 1) == 0 else OFT_LEARNING_RATE
+        every_weight = values.get("lora_rank") == 0
+        values["learning_rate"] = OFT_FULL_LEARNING_RATE if every_weight else OFT_LEARNING_RATE
     if args.quick:
         values.update(QUICK)
     return PipelineSettings(**values)
