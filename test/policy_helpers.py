@@ -291,14 +291,15 @@ def typical_rate_over(received: Received, start: float, window_s: float) -> floa
 def assert_holds_rate(received: Received, start: float, window_s: float, rate_hz: float) -> None:
     """Asserts the sender kept ``rate_hz`` in [start, start + window_s), as far as a noisy 2-core VM allows.
 
-    The period (the median interval) must be within 15% of the set one and never faster than 5% above it;
-    the mean rate, which a stall of the whole VM (CPU steal, another process) lowers, only has a floor
-    at 60% of it.
+    The period (the median interval) must be within 15% of the set one and never faster than 5% above it:
+    that catches a sender that is too fast. The mean rate, counted by receipt time, has a floor at 60%
+    (a stall of the whole VM lowers it) and a ceiling at 140%: after a stall of the receiving process the
+    messages queued meanwhile are received in one burst, which packs more of them into the window.
     """
     typical = typical_rate_over(received, start, window_s)
     achieved = rate_over(received, start, window_s)
     assert 0.85 * rate_hz <= typical <= 1.05 * rate_hz, f"median interval {1e3 / typical:.0f} ms at {rate_hz} Hz set"
-    assert 0.6 * rate_hz <= achieved <= 1.05 * rate_hz, f"{achieved:.2f} Hz at {rate_hz} Hz set"
+    assert 0.6 * rate_hz <= achieved <= 1.4 * rate_hz, f"{achieved:.2f} Hz at {rate_hz} Hz set"
 
 
 def subscribe_diagnostics(node: rclpy.node.Node) -> Received:
