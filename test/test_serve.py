@@ -328,3 +328,16 @@ def test_closing_the_batcher_finishes_the_running_batch_and_fails_the_waiting_on
         waiting.result(timeout=10)
     with pytest.raises(ServerClosingError):
         batcher.submit(3).result(timeout=10)
+
+
+def test_latency_quantiles_are_nearest_rank_and_none_before_any_request() -> None:
+    from openvla_ros.serve.batching import Stats, nearest_rank
+
+    assert nearest_rank([], 0.5) is None
+    assert [nearest_rank([1.0, 2.0, 3.0, 4.0, 5.0], q) for q in (0.0, 0.5, 0.95, 1.0)] == [1.0, 3.0, 5.0, 5.0]
+    stats = Stats()
+    assert stats.quantile(0.5) is None
+    for latency in (0.3, 0.1, 0.2):
+        stats.record_request(latency, ok=True)
+    stats.record_request(9.0, ok=False)  # a failed request has no latency
+    assert (stats.quantile(0.5), stats.quantile(1.0)) == (0.2, 0.3)

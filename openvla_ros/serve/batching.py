@@ -22,6 +22,13 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def nearest_rank(ordered: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) of already sorted values by nearest rank, None when there are none."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
 class ServerClosingError(Exception):
     """The server stopped before the request ran."""
 
@@ -61,9 +68,7 @@ class Stats:
         """The q-quantile of the recent latencies in seconds (nearest rank), None before any request."""
         with self.lock:
             ordered = sorted(self.latencies_s)
-        if not ordered:
-            return None
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+        return nearest_rank(ordered, q)
 
     def mean_batch(self) -> float:
         with self.lock:

@@ -23,6 +23,7 @@ import numpy as np
 
 from openvla_ros.errors import OpenVLAError
 from openvla_ros.serve.arrays import ArrayFormatError, decode_array
+from openvla_ros.serve.batching import nearest_rank
 
 REMOTE_SCHEMES = ("http://", "https://")
 
@@ -171,8 +172,8 @@ class RemotePolicy:
         with self._lock:
             latencies = sorted(self._latencies_ms)
             sent, failures, last = self.requests_sent, self.failures, self.last_failure
-        median = latencies[len(latencies) // 2] if latencies else float("nan")
-        p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))] if latencies else float("nan")
+        median, p95 = (nearest_rank(latencies, q) for q in (0.5, 0.95))
+        median, p95 = (float("nan") if value is None else value for value in (median, p95))
         return {"remote_server": self.url, "remote_requests": str(sent), "remote_failures": str(failures),
                 "remote_last_failure": last, "remote_latency_ms_median": f"{median:.1f}",
                 "remote_latency_ms_p95": f"{p95:.1f}"}
