@@ -172,8 +172,7 @@ class RemotePolicy:
         with self._lock:
             latencies = sorted(self._latencies_ms)
             sent, failures, last = self.requests_sent, self.failures, self.last_failure
-        median, p95 = (nearest_rank(latencies, q) for q in (0.5, 0.95))
-        median, p95 = (float("nan") if value is None else value for value in (median, p95))
+        median, p95 = (nearest_rank(latencies, q) if latencies else float("nan") for q in (0.5, 0.95))
         return {"remote_server": self.url, "remote_requests": str(sent), "remote_failures": str(failures),
                 "remote_last_failure": last, "remote_latency_ms_median": f"{median:.1f}",
                 "remote_latency_ms_p95": f"{p95:.1f}"}
