@@ -69,6 +69,8 @@ class PretrainSettings:
         threads: torch CPU threads the build trains with (the result depends on it: recorded, fixed).
         ema_decay: decay of the moving average of the weights that is validated and kept (0: the
             weights as trained).
+        block_counts: blocks on the table in the recorded episodes, taken in turn (validation and
+            evaluation always use the default scene's 3).
     """
 
     tasks: tuple[str, ...] = ("reach",)
@@ -86,6 +88,7 @@ class PretrainSettings:
     select_episodes: int = 20
     threads: int = 2
     ema_decay: float = 0.0
+    block_counts: tuple[int, ...] = (3,)
 
     def __post_init__(self) -> None:
         from openvla_ros.sim.scene import TASKS
@@ -99,6 +102,13 @@ class PretrainSettings:
         for name in ("eval_episodes", "select_every", "select_episodes"):
             if getattr(self, name) < 0:
                 raise PretrainError(f"{name} must be >= 0, got {getattr(self, name)}")
+        from openvla_ros.sim.scene import COLORS
+
+        object.__setattr__(self, "block_counts", tuple(self.block_counts))
+        if not self.block_counts or not all(1 <= n <= len(COLORS) for n in self.block_counts):
+            raise PretrainError(f"block_counts must be within 1..{len(COLORS)}, got {list(self.block_counts)}")
+        if "stack" in self.tasks and min(self.block_counts) < 2:
+            raise PretrainError("the stack task needs at least 2 blocks: drop 1 from block_counts")
         if self.threads < 1:
             raise PretrainError(f"threads must be >= 1, got {self.threads}")
         from openvla_ros.finetune.ema import ema_decay_problem
@@ -109,6 +119,7 @@ class PretrainSettings:
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["tasks"] = list(self.tasks)
+        values["block_counts"] = list(self.block_counts)
         return values
 
 
@@ -359,9 +370,13 @@ def _record(stages: _Stages, settings: PretrainSettings) -> dict[str, Any]:
     directory = _stage_dir(stages, "demos")
     seeds = episode_seeds(settings)
     written = []
+    counts = settings.block_counts
     for number, task in enumerate(settings.tasks):
         mine = seeds[number::len(settings.tasks)]
-        written += record_expert_episodes(directory / task, mine, task=task, expert_noise=settings.expert_noise)
+        for turn, blocks in enumerate(counts):
+            where = directory / task if len(counts) == 1 else directory / task / f"{blocks}_blocks_{turn}"
+            written += record_expert_episodes(where, mine[turn::len(counts)], task=task,
+                                              expert_noise=settings.expert_noise, num_blocks=blocks)
     if not written:
         raise PretrainError("the expert solved none of the pretraining episodes; nothing to train on")
     instructions = sorted({episode.instruction for episode in written})

@@ -157,6 +157,11 @@ def test_bad_settings_are_refused() -> None:
         PretrainSettings(tasks=("fly",))
     with pytest.raises(PretrainError, match="steps must be >= 1"):
         PretrainSettings(steps=0)
+    with pytest.raises(PretrainError, match="block_counts must be within 1..4"):
+        PretrainSettings(block_counts=(1, 5))
+    with pytest.raises(PretrainError, match="stack task needs at least 2 blocks"):
+        PretrainSettings(tasks=("reach", "stack"), block_counts=(1, 3))
+    assert PretrainSettings(block_counts=[1, 3]).as_dict()["block_counts"] == [1, 3]
 
 
 

@@ -47,3 +47,16 @@ def test_failed_expert_episodes_are_left_out_unless_asked(tmp_path: Path) -> Non
     kept = record_expert_episodes(tmp_path / "a", [(0, 3)], task="reach", expert_noise=0.5)
     every = record_expert_episodes(tmp_path / "b", [(0, 3)], task="reach", expert_noise=0.5, keep_failures=True)
     assert len(every) == 1 and len(kept) == (1 if every[0].success else 0)
+
+
+def test_episodes_are_recorded_with_the_asked_number_of_blocks(tmp_path: Path) -> None:
+    from openvla_ros.sim.scene import COLORS
+
+    config = load_config(REPO / "config" / "pipeline.yaml", val_fraction=0.0)
+    for blocks in (1, 3):
+        episodes = record_expert_episodes(tmp_path / f"bags{blocks}", [(0, 5)], task="reach", num_blocks=blocks)
+        convert_bags([episodes[0].path], tmp_path / f"data{blocks}", "sim_demo", config)
+        image = decode_image(load_frames(open_rlds(tmp_path / f"data{blocks}", "sim_demo"), "train")[0].image)
+        seen = [name for name, rgb in COLORS.items()
+                if (np.abs(image.astype(int) - np.array(rgb)).max(axis=-1) < 30).sum() > 20]
+        assert len(seen) == blocks, f"{blocks} block(s) asked, colours seen in the first frame: {seen}"

@@ -18,7 +18,7 @@ import numpy as np
 
 from openvla_ros.sim.expert import ExpertConfig, ScriptedExpert
 from openvla_ros.sim.render import TabletopRenderer
-from openvla_ros.sim.scene import TabletopScene
+from openvla_ros.sim.scene import SceneConfig, TabletopScene
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,13 @@ def scene_state(scene: TabletopScene) -> np.ndarray:
 
 
 def record_expert_episodes(out_dir: str | Path, seeds: Sequence[tuple[int, ...]], task: str = "reach",
-                           expert_noise: float | None = None, keep_failures: bool = False) -> list[DemoEpisode]:
+                           expert_noise: float | None = None, keep_failures: bool = False,
+                           num_blocks: int | None = None) -> list[DemoEpisode]:
     """Runs the scripted expert on each seeded episode and writes one bag per episode into ``out_dir``.
 
     Episodes the expert fails are not written unless ``keep_failures``. The camera is JPEG on
-    /camera/image_raw/compressed, one step per 0.1 s (the pipeline's 10 Hz).
+    /camera/image_raw/compressed, one step per 0.1 s (the pipeline's 10 Hz). ``num_blocks`` overrides
+    the scene's number of blocks on the table (default: :class:`~openvla_ros.sim.scene.SceneConfig`'s).
 
     Raises:
         SceneError: for an unknown task.
@@ -71,7 +73,8 @@ def record_expert_episodes(out_dir: str | Path, seeds: Sequence[tuple[int, ...]]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scene, renderer = TabletopScene(), TabletopRenderer()
+    scene = TabletopScene(SceneConfig() if num_blocks is None else SceneConfig(num_blocks=num_blocks))
+    renderer = TabletopRenderer()
     config = ExpertConfig() if expert_noise is None else ExpertConfig(noise=expert_noise)
     written = []
     for number, seed in enumerate(seeds):
