@@ -86,28 +86,17 @@ def plain_generate_step(policy: OpenVLAPolicy, image: np.ndarray):
 
 def run(name: str, model: str, mode: str, args: argparse.Namespace) -> float | None:
     """Times token-by-token decoding; returns actions/s (the step rate), None when the mode did not run."""
-    settings = MODES[mode]
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        load_start = time.perf_counter()
-        policy = OpenVLAPolicy.from_pretrained(model, device=args.device, unnorm_key=args.unnorm_key, **settings)
-        load_s = time.perf_counter() - load_start
-    except OpenVLAError as exc:
-        print(f"{name:<22} {mode:<5} skipped: {exc}")
+    device = _device(args)
+    loaded = _load(OpenVLAPolicy, name, model, mode, args, device)
+    if loaded is None:
         return None
-    except (RuntimeError, MemoryError) as exc:  # e.g. CUDA out of memory: the other modes still run
-        print(f"{name:<22} {mode:<5} failed to load: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-        _free(None, device)
-        return None
+    policy, load_s = loaded
     image = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
     try:
         ours = time_steps(functools.partial(policy.predict_action, image, INSTRUCTION), args.warmup, args.steps, device)
         plain = time_steps(plain_generate_step(policy, image), 1, max(3, args.steps // 3), device)
     except (RuntimeError, MemoryError) as exc:
-        print(f"{name:<22} {mode:<5} failed while running: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-        _free(policy, device)
+        _failed(name, mode, "while running", exc, policy, device)
         return None
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if device.type == "cuda" else "     n/a"
     median = statistics.median(ours)
@@ -123,21 +112,11 @@ def run(name: str, model: str, mode: str, args: argparse.Namespace) -> float | N
 
 def run_chunk(name: str, model: str, mode: str, args: argparse.Namespace, token_rate: float | None) -> None:
     """Times one OFT chunk (one forward pass) and prints latency, chunk rate and actions/s."""
-    settings = MODES[mode]
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        load_start = time.perf_counter()
-        policy = OFTPolicy.from_pretrained(model, device=args.device, unnorm_key=args.unnorm_key, **settings)
-        load_s = time.perf_counter() - load_start
-    except OpenVLAError as exc:
-        print(f"{name:<22} {mode:<5} skipped: {exc}")
+    device = _device(args)
+    loaded = _load(OFTPolicy, name, model, mode, args, device)
+    if loaded is None:
         return
-    except (RuntimeError, MemoryError) as exc:
-        print(f"{name:<22} {mode:<5} failed to load: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-        _free(None, device)
-        return
+    policy, load_s = loaded
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8) for _ in range(policy.num_images)]
     proprio = np.zeros(policy.proprio_dim) if policy.proprio_dim else None
@@ -145,8 +124,7 @@ def run_chunk(name: str, model: str, mode: str, args: argparse.Namespace, token_
     try:
         times = time_steps(step, args.warmup, args.steps, device)
     except (RuntimeError, MemoryError) as exc:
-        print(f"{name:<22} {mode:<5} failed while running: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-        _free(policy, device)
+        _failed(name, mode, "while running", exc, policy, device)
         return
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB" if device.type == "cuda" else "     n/a"
     median = statistics.median(times)
@@ -158,6 +136,34 @@ def run_chunk(name: str, model: str, mode: str, args: argparse.Namespace, token_
         f"  peak GPU {memory}{versus}",
         flush=True,
     )
+    _free(policy, device)
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return device
+
+
+def _load(policy_class: type[OpenVLAPolicy] | type[OFTPolicy], name: str, model: str, mode: str,
+          args: argparse.Namespace, device: torch.device) -> tuple[OpenVLAPolicy | OFTPolicy, float] | None:
+    """Returns the loaded policy and its load time, or None (printed) when the mode cannot run."""
+    try:
+        start = time.perf_counter()
+        policy = policy_class.from_pretrained(model, device=args.device, unnorm_key=args.unnorm_key, **MODES[mode])
+    except OpenVLAError as exc:
+        print(f"{name:<22} {mode:<5} skipped: {exc}")
+        return None
+    except (RuntimeError, MemoryError) as exc:  # e.g. CUDA out of memory: the other modes still run
+        _failed(name, mode, "to load", exc, None, device)
+        return None
+    return policy, time.perf_counter() - start
+
+
+def _failed(name: str, mode: str, when: str, exc: BaseException, policy: OpenVLAPolicy | OFTPolicy | None,
+            device: torch.device) -> None:
+    print(f"{name:<22} {mode:<5} failed {when}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     _free(policy, device)
 
 
