@@ -195,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         if args.model:
             for model in args.model:
-                chunked = is_oft_checkpoint(resolve_checkpoint_dir(model))
+                try:
+                    chunked = is_oft_checkpoint(resolve_checkpoint_dir(model))
+                except OpenVLAError as exc:  # the other models still run
+                    print(f"{model:<22} skipped: {exc}")
+                    continue
                 for mode in modes:
                     if chunked:
                         run_chunk(model, model, mode, args, None)
