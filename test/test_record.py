@@ -256,3 +256,16 @@ def test_sigterm_and_sighup_close_the_bag_as_ctrl_c_does(ros_node: Any, tmp_path
     assert recorder.returncode == 0, output
     messages, declared = read_bag(tmp_path / "ep")
     assert [m.data for m in messages[topic]] == [f"message {n}" for n in range(5)] and declared[topic] == 5
+
+
+def test_the_summary_gives_each_topic_its_mean_rate_and_names_the_missing_ones() -> None:
+    from openvla_ros.ros.record_settings import RecordSummary, TopicRecord
+
+    summary = RecordSummary(Path("bag"), "sqlite3", {
+        "/camera": TopicRecord("/camera", "sensor_msgs/msg/Image", count=21, first_ns=0, last_ns=2_000_000_000),
+        "/once": TopicRecord("/once", "std_msgs/msg/String", count=1, first_ns=5, last_ns=5),
+    }, missing=("/action",), duration_s=2.0)
+    lines = summary.describe().splitlines()
+    assert lines[0] == "bag bag (sqlite3): 22 messages in 2.0 s"
+    assert lines[1].split()[-2:] == ["10.0", "Hz"] and lines[2].split()[-2:] == ["0.0", "Hz"]
+    assert lines[3].split()[0] == "/action" and "no publisher appeared" in lines[3]

@@ -62,6 +62,12 @@ class RawFrame:
     data: Any
 
 
+def mean_rate_hz(count: int, first_ns: int, last_ns: int) -> float:
+    """Returns the mean rate of ``count`` messages received from ``first_ns`` to ``last_ns`` (0.0 with fewer than two)."""
+    span = (last_ns - first_ns) / 1e9
+    return (count - 1) / span if count > 1 and span > 0 else 0.0
+
+
 @dataclass
 class TopicCount:
     """Messages read on one topic: the count and the first and last receive times."""
@@ -74,8 +80,7 @@ class TopicCount:
     @property
     def rate_hz(self) -> float:
         """Mean message rate over the topic's span (0.0 with fewer than two messages)."""
-        span = (self.last_ns - self.first_ns) / 1e9
-        return (self.count - 1) / span if self.count > 1 and span > 0 else 0.0
+        return mean_rate_hz(self.count, self.first_ns, self.last_ns)
 
 
 def action_kind_of(msgtype: str) -> ActionKind:

@@ -43,8 +43,9 @@ class TopicRecord:
 
     @property
     def rate_hz(self) -> float:
-        span = (self.last_ns - self.first_ns) / 1e9
-        return (self.count - 1) / span if self.count > 1 and span > 0 else 0.0
+        from openvla_ros.dataset.bag_reader import mean_rate_hz
+
+        return mean_rate_hz(self.count, self.first_ns, self.last_ns)
 
 
 @dataclass
