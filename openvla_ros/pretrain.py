@@ -99,6 +99,8 @@ class PretrainSettings:
         for name in ("episodes", "steps", "batch_size", "chunk"):
             if getattr(self, name) < 1:
                 raise PretrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise PretrainError(f"learning_rate must be > 0, got {self.learning_rate}")
         for name in ("eval_episodes", "select_every", "select_episodes"):
             if getattr(self, name) < 0:
                 raise PretrainError(f"{name} must be >= 0, got {getattr(self, name)}")

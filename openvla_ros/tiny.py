@@ -20,6 +20,9 @@ from openvla_ros.model.tiny import SIZES, make_tiny_checkpoint, make_tiny_prisma
 
 
 def main(argv: list[str] | None = None) -> int:
+    from openvla_ros.pretrain import PretrainSettings
+
+    defaults = PretrainSettings()
     parser = argparse.ArgumentParser(prog="python -m openvla_ros.tiny",
                                      description="Write a tiny OpenVLA checkpoint, or build the pretrained tiny base.")
     parser.add_argument("out_dir", type=Path, help="directory to create (must not exist or be empty)")
@@ -54,17 +57,23 @@ def main(argv: list[str] | None = None) -> int:
                           help="train the tiny OFT model fully on a broad simulated dataset; reuses a finished "
                           "OUT_DIR, resumes an interrupted build, rebuilds a corrupt one")
     pretrain.add_argument("--tasks", default="", help="task families, comma-separated (default: reach)")
-    pretrain.add_argument("--episodes", type=int, default=0, help="expert episodes (default 2000)")
-    pretrain.add_argument("--steps", type=int, default=0, help="training steps (default 4000)")
+    pretrain.add_argument("--episodes", type=int, default=0, help=f"expert episodes (default {defaults.episodes})")
+    pretrain.add_argument("--steps", type=int, default=0, help=f"training steps (default {defaults.steps})")
+    pretrain.add_argument("--learning-rate", type=float, default=0.0,
+                          help=f"peak learning rate of the cosine schedule (default {defaults.learning_rate:g})")
+    pretrain.add_argument("--block-counts", default="",
+                          help="blocks on the table in the recorded episodes, comma-separated, taken in turn "
+                          f"(default {','.join(map(str, defaults.block_counts))})")
     pretrain.add_argument("--eval-episodes", type=int, default=-1,
-                          help="closed-loop episodes per task after training (default 20)")
+                          help=f"closed-loop episodes per task after training (default {defaults.eval_episodes})")
     pretrain.add_argument("--select-every", type=int, default=-1,
-                          help="steps between closed-loop validations that pick the kept weights (default 500; "
-                          "0: keep the last weights)")
+                          help="steps between closed-loop validations that pick the kept weights "
+                          f"(default {defaults.select_every}; 0: keep the last weights)")
     pretrain.add_argument("--select-episodes", type=int, default=-1,
-                          help="closed-loop validation episodes per task (default 20)")
+                          help=f"closed-loop validation episodes per task (default {defaults.select_episodes})")
     pretrain.add_argument("--threads", type=int, default=0,
-                          help="torch CPU threads the build trains with (default 2; the result depends on it)")
+                          help=f"torch CPU threads the build trains with (default {defaults.threads}; the result "
+                          "depends on it)")
     pretrain.add_argument("--ema-decay", type=float, default=-1.0,
                           help="decay of the weight average that is validated and kept (0: the trained weights)")
     pretrain.add_argument("--no-film", action="store_true",
@@ -176,9 +185,14 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         given["size"] = args.size
     if args.tasks:
         given["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    for name in ("episodes", "steps"):
+    for name in ("episodes", "steps", "learning_rate"):
         if getattr(args, name):
             given[name] = getattr(args, name)
+    if args.block_counts:
+        try:
+            given["block_counts"] = tuple(int(n) for n in args.block_counts.split(","))
+        except ValueError:
+            parser.error(f"--block-counts takes whole numbers separated by commas, got {args.block_counts!r}")
     if args.eval_episodes >= 0:
         given["eval_episodes"] = args.eval_episodes
     if args.select_every >= 0:

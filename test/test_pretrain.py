@@ -174,6 +174,22 @@ def test_no_film_is_a_pretrain_option(tmp_path, capsys) -> None:
     assert not (tmp_path / "tiny").exists()
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--block-counts", "1,x"], "--block-counts takes whole numbers separated by commas"),
+    (["--block-counts", "0"], "block_counts must be within 1..4"),
+    (["--learning-rate", "-1"], "learning_rate must be > 0"),
+])
+def test_bad_pretrain_flags_are_one_clear_error_and_build_nothing(tmp_path, capsys, flags, message) -> None:
+    from openvla_ros.tiny import main
+
+    try:
+        code = main([str(tmp_path / "base"), "--pretrain", *flags])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "base").exists() and not (tmp_path / "base.build").exists()
+
+
 @pytest.mark.parametrize(("stage", "kept"), [("demos", ("base",)), ("train", ("base", "demos", "data"))])
 def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tmp_path, stage, kept) -> None:
     import os
