@@ -91,7 +91,7 @@ class PretrainSettings:
     block_counts: tuple[int, ...] = (3,)
 
     def __post_init__(self) -> None:
-        from openvla_ros.sim.scene import TASKS
+        from openvla_ros.sim.scene import COLORS, TASKS
 
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown:
@@ -104,8 +104,6 @@ class PretrainSettings:
         for name in ("eval_episodes", "select_every", "select_episodes"):
             if getattr(self, name) < 0:
                 raise PretrainError(f"{name} must be >= 0, got {getattr(self, name)}")
-        from openvla_ros.sim.scene import COLORS
-
         object.__setattr__(self, "block_counts", tuple(self.block_counts))
         if not self.block_counts or not all(1 <= n <= len(COLORS) for n in self.block_counts):
             raise PretrainError(f"block_counts must be within 1..{len(COLORS)}, got {list(self.block_counts)}")
