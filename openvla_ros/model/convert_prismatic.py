@@ -22,9 +22,7 @@ import argparse
 import gc
 import pickle
 import re
-import shutil
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +34,11 @@ from openvla_ros.errors import CheckpointError, OpenVLAError
 from openvla_ros.model.configuration_openvla import OpenVLAConfig
 from openvla_ros.model.loading import (
     load_tokenizer,
+    move_into_place,
     official_to_internal_key,
     resolve_checkpoint_dir,
     save_checkpoint,
+    scratch_beside,
 )
 from openvla_ros.model.modeling_openvla import OpenVLAForActionPrediction
 from openvla_ros.model.prismatic_config import (
@@ -312,20 +312,14 @@ def convert_prismatic_checkpoint(
     num_weights = len(model.state_dict())
     dtype_name = str(DTYPES[dtype]).replace("torch.", "")
     unnorm_key = next(iter(config.norm_stats))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.convert-", dir=out_dir.parent))
-    try:
+    with scratch_beside(out_dir, "convert-") as staging:
         written = save_checkpoint(
             model, staging / "checkpoint", tokenizer=tokenizer, dtype=DTYPES[dtype], image_settings=image_settings(config)
         )
         del model
         gc.collect()
         action = self_check(written, dtype_name, unnorm_key) if check else None
-        if out_dir.exists():
-            out_dir.rmdir()
-        written.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        move_into_place(written, out_dir)
     return ConversionResult(out_dir, checkpoint, num_weights, dtype_name, unnorm_key, action)
 
 

@@ -129,6 +129,26 @@ def staging_prefix(out_dir: Path) -> str:
 
 
 @contextmanager
+def scratch_beside(out_dir: Path, tag: str = "") -> Iterator[Path]:
+    """Yields a fresh scratch directory beside ``out_dir`` (its name starts with :func:`staging_prefix`
+    plus ``tag``); it is removed when the block ends, whether it returned or raised. What the block
+    writes there reaches ``out_dir`` only through :func:`move_into_place`."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir) + tag, dir=out_dir.parent))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def move_into_place(written: Path, out_dir: Path) -> None:
+    """Renames the finished directory ``written`` to ``out_dir`` (an empty ``out_dir`` is replaced)."""
+    if out_dir.exists():
+        out_dir.rmdir()
+    written.rename(out_dir)
+
+
+@contextmanager
 def staged_directory(out_dir: Path) -> Iterator[Path]:
     """Yields a fresh directory beside ``out_dir`` to write into; renames it to ``out_dir`` (an empty one is
     replaced) when the block ends, removes it when the block raises. Nothing half-written ever has the
@@ -141,9 +161,7 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
         for path in staging.iterdir():
             if path.is_file():
                 path.chmod(0o644)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
+        move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,8 +13,6 @@ linear layers, whose merged value equals the weights in the safetensors. ``confi
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +21,12 @@ import torch
 from torch import nn
 
 from openvla_ros.errors import CheckpointError
-from openvla_ros.model.loading import internal_to_official_key, save_checkpoint, staging_prefix
+from openvla_ros.model.loading import (
+    internal_to_official_key,
+    move_into_place,
+    save_checkpoint,
+    scratch_beside,
+)
 from openvla_ros.model.oft import OFTSpec, OpenVLAOFT
 from openvla_ros.model.oft_loading import save_oft_checkpoint
 from openvla_ros.model.tiny import TINY_UNNORM_KEY, _tiny_model, make_tiny_tokenizer
@@ -170,9 +173,7 @@ def make_tiny_oft_checkpoint(out_dir: str | Path, seed: int = 0, size: str = "ti
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new directory or remove it")
     model = tiny_oft_model(seed, size, chunk, proprio_dim, num_images, film)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
-    try:
+    with scratch_beside(out_dir) as staging:
         tokenizer = make_tiny_tokenizer(staging / "tokenizer", seed=seed)
         target = staging / "model"
         shard_bytes = 6 * 1024**2 if size == "tiny" else 1024**3
@@ -188,9 +189,5 @@ def make_tiny_oft_checkpoint(out_dir: str | Path, seed: int = 0, size: str = "ti
             if model.film is not None:
                 generator = torch.Generator().manual_seed(seed + 2)
                 torch.save(official_film_state(model, generator), target / f"vision_backbone--{STEP}_checkpoint.pt")
-        if out_dir.exists():
-            out_dir.rmdir()
-        target.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        move_into_place(target, out_dir)
     return out_dir
