@@ -280,3 +280,24 @@ def test_code_shipped_with_a_checkpoint_is_never_run(tiny_checkpoint: Path, tmp_
     policy = OpenVLAPolicy.from_pretrained(str(checkpoint), device="cpu")
     assert np.all(np.isfinite(policy.predict_action(_images(1)[0], INSTRUCTION)))
     assert not marker.exists(), "a checkpoint's Python file was executed"
+
+
+def test_a_failed_write_leaves_nothing_beside_the_output_and_a_finished_one_replaces_an_empty_dir(
+        tmp_path: Path) -> None:
+    from openvla_ros.model.loading import move_into_place, scratch_beside
+
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError, match="disk full"):
+        with scratch_beside(out, "convert-") as scratch:
+            assert scratch.parent == tmp_path and scratch.name.startswith(".model.convert-")
+            (scratch / "weights").write_text("half")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+    out.mkdir()
+    with scratch_beside(out) as scratch:
+        (scratch / "done").mkdir()
+        (scratch / "done" / "config.json").write_text("{}")
+        move_into_place(scratch / "done", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (out / "config.json").read_text() == "{}"
