@@ -42,6 +42,8 @@ MANIFEST_VERSION = 2  # 2: closed-loop checkpoint selection, threads and seeds r
 DATASET_NAME = "sim_pretrain"
 REPO = Path(__file__).resolve().parents[1]
 CONVERSION_CONFIG = REPO / "config" / "pipeline.yaml"
+# What a base is built to reach on its fresh episodes (17 of 20); builds land on either side of it.
+TARGET_RATE = 0.85
 
 
 class PretrainError(OpenVLAError):
@@ -335,6 +337,22 @@ def kept_stages_note(out: str | Path) -> str:
         return "no stage had finished; nothing was kept"
     return (f"finished stages kept in {build} ({', '.join(done)}); the same command resumes from there, "
             "the unfinished stage starts over")
+
+
+def weak_base_advice(manifest: dict[str, Any], out: str | Path) -> list[str]:
+    """Returns one line per task whose reported success is below :data:`TARGET_RATE`: what it means and
+    the way out (the same command rebuilds the same base; another seed gives another one)."""
+    seed = int(manifest.get("settings", {}).get("seed", 0))
+    lines = []
+    for task, result in manifest.get("success", {}).items():
+        if result["episodes"] and result["successes"] / result["episodes"] < TARGET_RATE:
+            lines.append(
+                f"{task}: {result['successes']}/{result['episodes']} is below the {TARGET_RATE:.0%} a base is built "
+                "for. Whether a build gets there depends on its seed (docs/results.md), and the same command "
+                f"rebuilds the same base: remove {out} and build it again with --seed {seed + 1} "
+                f"(make pretrained PRETRAIN_ARGS=\"--seed {seed + 1}\")."
+            )
+    return lines
 
 
 def ensure_pretrained(out: str | Path, settings: PretrainSettings | None = None,

@@ -206,7 +206,7 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.no_film:
         given["film"] = False
     from openvla_ros.interrupts import interrupt_exit_status, interrupt_name, termination_as_interrupt
-    from openvla_ros.pretrain import kept_stages_note
+    from openvla_ros.pretrain import kept_stages_note, weak_base_advice
 
     try:
         with termination_as_interrupt():
@@ -219,6 +219,8 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         return interrupt_exit_status(interrupt)
     for task, result in manifest["success"].items():
         print(f"{task}: success {result['successes']}/{result['episodes']} on fresh episodes")
+    for line in weak_base_advice(manifest, args.out_dir):
+        print(f"note: {line}")
     print(args.out_dir)
     return 0
 

@@ -237,3 +237,24 @@ def test_the_manifest_records_the_selection_threads_and_seeds(built) -> None:
     selection = manifest["selection"]
     assert selection["best"]["step"] == SMALL.steps and [p["step"] for p in selection["curve"]] == [SMALL.steps]
     assert (out / "selection.png").is_file() and "selection.png" in manifest["files"]
+
+
+def test_a_base_below_its_target_is_reported_with_the_way_out(built, capsys) -> None:
+    from openvla_ros.pretrain import TARGET_RATE, weak_base_advice
+    from openvla_ros.tiny import main
+
+    def manifest(successes: int, seed: int = 0) -> dict:
+        return {"settings": {"seed": seed}, "success": {"reach": {"successes": successes, "episodes": 20}}}
+
+    assert TARGET_RATE == 0.85
+    assert weak_base_advice(manifest(17), "base") == []
+    [line] = weak_base_advice(manifest(16, seed=4), "artifacts/tiny-pretrained")
+    assert line.startswith("reach: 16/20 is below the 85%")
+    assert "remove artifacts/tiny-pretrained and build it again with --seed 5" in line
+
+    out, _, built_manifest = built  # one evaluation episode: reported through the command as it is built
+    assert main([str(out), "--pretrain"]) == 0
+    printed = capsys.readouterr().out
+    result = built_manifest["success"]["reach"]
+    assert f"reach: success {result['successes']}/{result['episodes']} on fresh episodes" in printed
+    assert ("note: reach: 0/1 is below the 85%" in printed) == (result["successes"] == 0)
