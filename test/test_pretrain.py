@@ -258,3 +258,13 @@ def test_a_base_below_its_target_is_reported_with_the_way_out(built, capsys) -> 
     result = built_manifest["success"]["reach"]
     assert f"reach: success {result['successes']}/{result['episodes']} on fresh episodes" in printed
     assert ("note: reach: 0/1 is below the 85%" in printed) == (result["successes"] == 0)
+
+
+def test_the_same_settings_build_the_same_weights(built, tmp_path) -> None:
+    """What the advice above rests on: a rebuild with the same seed gives the same base, byte for byte."""
+    _, _, first = built
+    again = build_pretrained(tmp_path / "again", SMALL, progress=lambda message: None)
+    weights = [name for name in first["files"] if name.endswith(".safetensors")]
+    assert weights, first["files"]
+    assert {name: again["files"][name] for name in weights} == {name: first["files"][name] for name in weights}
+    assert again["success"] == first["success"]
