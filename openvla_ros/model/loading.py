@@ -153,18 +153,13 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     """Yields a fresh directory beside ``out_dir`` to write into; renames it to ``out_dir`` (an empty one is
     replaced) when the block ends, removes it when the block raises. Nothing half-written ever has the
     final name."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
-    try:
+    with scratch_beside(out_dir) as staging:
         yield staging
         staging.chmod(0o755)
         for path in staging.iterdir():
             if path.is_file():
                 path.chmod(0o644)
         move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def read_image_settings(checkpoint_dir: Path, config: OpenVLAConfig) -> ImageSettings:
