@@ -73,6 +73,9 @@ class PretrainSettings:
             weights as trained).
         block_counts: blocks on the table in the recorded episodes, taken in turn (validation and
             evaluation always use the default scene's 3).
+        locate_patch_weight, locate_point_weight: weights of the auxiliary localisation losses
+            (:mod:`openvla_ros.sim.localisation`; both 0: the action loss alone). They teach where the
+            named block is directly, which the action loss alone takes most of the build to find.
     """
 
     tasks: tuple[str, ...] = ("reach",)
@@ -91,6 +94,8 @@ class PretrainSettings:
     threads: int = 2
     ema_decay: float = 0.0
     block_counts: tuple[int, ...] = (3,)
+    locate_patch_weight: float = 0.1
+    locate_point_weight: float = 0.5
 
     def __post_init__(self) -> None:
         from openvla_ros.sim.scene import COLORS, TASKS
@@ -113,6 +118,9 @@ class PretrainSettings:
             raise PretrainError("the stack task needs at least 2 blocks: drop 1 from block_counts")
         if self.threads < 1:
             raise PretrainError(f"threads must be >= 1, got {self.threads}")
+        for name in ("locate_patch_weight", "locate_point_weight"):
+            if not getattr(self, name) >= 0:
+                raise PretrainError(f"{name} must be >= 0, got {getattr(self, name)}")
         from openvla_ros.finetune.ema import ema_decay_problem
 
         if ema_decay_problem(self.ema_decay):
@@ -236,6 +244,7 @@ def determinism_record(settings: PretrainSettings) -> dict[str, Any]:
     return {"torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
             "seeds": {"model": settings.seed, "training": settings.seed,
+                      "localisation_heads": localisation_seed(settings),
                       "episodes": f"({settings.seed}, 7000, 0..{settings.episodes - 1})",
                       "validation": [f"({settings.seed}, {8000 + n}, 0..{settings.select_episodes - 1})"
                                      for n in range(len(settings.tasks))],
@@ -445,10 +454,21 @@ def _train(stages: _Stages, settings: PretrainSettings, progress: Callable[[str]
             return sum(o["success"] for o in outcomes), len(outcomes)
 
         selection = ClosedLoopSelection(validate, settings.select_every, directory / "selection")
+    auxiliary = None
+    if settings.locate_patch_weight or settings.locate_point_weight:
+        from openvla_ros.sim.localisation import localisation_loss
+
+        auxiliary = localisation_loss(settings.locate_patch_weight, settings.locate_point_weight,
+                                      localisation_seed(settings))
     start = time.monotonic()
-    last = Trainer(config, selection=selection).run()
+    last = Trainer(config, selection=selection, auxiliary=auxiliary).run()
     return {"steps": settings.steps, "batch_size": settings.batch_size, "seconds": round(time.monotonic() - start, 1),
             "last": {k: v for k, v in last.items() if k != "selected"}, "selection": last.get("selected")}
+
+
+def localisation_seed(settings: PretrainSettings) -> int:
+    """The seed of the auxiliary localisation heads' initial weights."""
+    return settings.seed + 991
 
 
 def rollout_success(policy: Any, seeds: Sequence[tuple[int, ...]], task: str,

@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                           "depends on it)")
     pretrain.add_argument("--ema-decay", type=float, default=-1.0,
                           help="decay of the weight average that is validated and kept (0: the trained weights)")
+    pretrain.add_argument("--locate-weights", default="", metavar="PATCH,POINT",
+                          help="weights of the auxiliary localisation losses (default "
+                          f"{defaults.locate_patch_weight:g},{defaults.locate_point_weight:g}; 0,0: the action loss "
+                          "alone)")
     pretrain.add_argument("--no-film", action="store_true",
                           help="train the base without FiLM (default: FiLM in every ViT block, as OpenVLA-OFT+)")
     args = parser.parse_args(argv)
@@ -193,6 +197,12 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             given["block_counts"] = tuple(int(n) for n in args.block_counts.split(","))
         except ValueError:
             parser.error(f"--block-counts takes whole numbers separated by commas, got {args.block_counts!r}")
+    if args.locate_weights:
+        try:
+            patch, point = (float(w) for w in args.locate_weights.split(","))
+        except ValueError:
+            parser.error(f"--locate-weights takes two numbers separated by a comma, got {args.locate_weights!r}")
+        given["locate_patch_weight"], given["locate_point_weight"] = patch, point
     if args.eval_episodes >= 0:
         given["eval_episodes"] = args.eval_episodes
     if args.select_every >= 0:

@@ -297,3 +297,57 @@ def test_the_merged_model_runs_in_the_node_with_wrist_camera_and_proprio(trained
         finally:
             driver.camera.mode, wrist.mode, state.running = "stopped", "stopped", False
             assert node_process.stop() == 0, node_process.log()[-3000:]
+
+
+class _PullToZero(torch.nn.Module):
+    """A stand-in auxiliary loss of known form: its own head on the first action state, pulled to zero."""
+
+    def __init__(self, network, tokenizer, image_settings) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(network.vla.config.text_config.hidden_size, 3)
+        self.calls = 0
+
+    def forward(self, pixel_values, input_ids, prompt_lengths, internals) -> torch.Tensor:
+        self.calls += 1
+        assert internals.vision_features.shape[:2] == (pixel_values.shape[0], 256)
+        return self.head(internals.action_hidden[:, 0]).pow(2).mean()
+
+
+def test_an_auxiliary_loss_trains_beside_the_model_is_kept_in_checkpoints_and_resumes(
+        tiny_checkpoint: Path, dataset_dir: Path, tmp_path: Path) -> None:
+    settings = dict(max_steps=6, save_steps=3, eval_steps=3, log_steps=3, use_proprio=False, num_images=1)
+    built: list[_PullToZero] = []
+
+    def auxiliary(*args) -> _PullToZero:
+        built.append(_PullToZero(*args))
+        return built[-1]
+
+    straight = Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "straight", **settings), auxiliary=auxiliary)
+    initial = {k: v.detach().clone() for k, v in straight.auxiliary.state_dict().items()}
+    straight.run()
+    assert built[0].calls == 6, "once per training step, never in validation"
+    assert not torch.allclose(built[0].head.weight, initial["head.weight"]), "its head trains"
+    checkpoint = sorted((tmp_path / "straight" / "checkpoints").iterdir())[-1]
+    assert set(torch.load(checkpoint / "auxiliary.pt", weights_only=True)) == {"head.weight", "head.bias"}
+    plain = tmp_path / "plain"
+    run_finetune(_config(tiny_checkpoint, dataset_dir, plain, **settings))
+    assert sorted(p.name for p in (tmp_path / "straight" / "merged").iterdir()) == sorted(
+        p.name for p in (plain / "merged").iterdir()), "the written model has the layout of one without it"
+    assert not torch.equal(load_file(str(plain / "merged" / HEAD_NAME))["model.fc2.weight"],
+                           load_file(str(tmp_path / "straight" / "merged" / HEAD_NAME))["model.fc2.weight"]), \
+        "the auxiliary loss changes what the model learns"
+    Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "split", **{**settings, "max_steps": 3}),
+            auxiliary=auxiliary).run()
+    resumed = Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "split", **settings, resume=True),
+                      auxiliary=auxiliary)
+    resumed.run()
+    torch.testing.assert_close(resumed.auxiliary.head.weight, built[0].head.weight, rtol=1e-4, atol=1e-5)
+    for key, value in load_file(str(tmp_path / "straight" / "merged" / HEAD_NAME)).items():
+        torch.testing.assert_close(load_file(str(tmp_path / "split" / "merged" / HEAD_NAME))[key], value,
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(TrainingError, match="no auxiliary-loss weights"):
+        Trainer(_config(tiny_checkpoint, dataset_dir, plain, **{**settings, "max_steps": 9}, resume=True),
+                auxiliary=auxiliary).run()
+    with pytest.raises(TrainingError, match="needs the OFT chunk head"):
+        Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "tokens", action_head="tokens", chunk=0,
+                        use_proprio=False, num_images=1), auxiliary=auxiliary)

@@ -162,6 +162,8 @@ def test_bad_settings_are_refused() -> None:
     with pytest.raises(PretrainError, match="stack task needs at least 2 blocks"):
         PretrainSettings(tasks=("reach", "stack"), block_counts=(1, 3))
     assert PretrainSettings(block_counts=[1, 3]).as_dict()["block_counts"] == [1, 3]
+    with pytest.raises(PretrainError, match="locate_point_weight must be >= 0"):
+        PretrainSettings(locate_point_weight=-0.5)
 
 
 
@@ -178,6 +180,8 @@ def test_no_film_is_a_pretrain_option(tmp_path, capsys) -> None:
     (["--block-counts", "1,x"], "--block-counts takes whole numbers separated by commas"),
     (["--block-counts", "0"], "block_counts must be within 1..4"),
     (["--learning-rate", "-1"], "learning_rate must be > 0"),
+    (["--locate-weights", "0.1"], "--locate-weights takes two numbers separated by a comma"),
+    (["--locate-weights=-1,0"], "locate_patch_weight must be >= 0"),
 ])
 def test_bad_pretrain_flags_are_one_clear_error_and_build_nothing(tmp_path, capsys, flags, message) -> None:
     from openvla_ros.tiny import main
@@ -233,7 +237,10 @@ def test_the_manifest_records_the_selection_threads_and_seeds(built) -> None:
     determinism = manifest["determinism"]
     assert determinism["torch_threads"] == SMALL.threads == manifest["settings"]["threads"]
     assert {"torch", "numpy", "python", "machine"} <= set(determinism)
-    assert set(determinism["seeds"]) == {"model", "training", "episodes", "validation", "evaluation"}
+    assert set(determinism["seeds"]) == {"model", "training", "localisation_heads", "episodes", "validation",
+                                         "evaluation"}
+    assert manifest["settings"]["locate_patch_weight"] == SMALL.locate_patch_weight > 0
+    assert manifest["settings"]["locate_point_weight"] == SMALL.locate_point_weight > 0
     selection = manifest["selection"]
     assert selection["best"]["step"] == SMALL.steps and [p["step"] for p in selection["curve"]] == [SMALL.steps]
     assert (out / "selection.png").is_file() and "selection.png" in manifest["files"]

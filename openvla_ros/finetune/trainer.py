@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,12 @@ from openvla_ros.model.oft_loading import (
     save_oft_checkpoint,
 )
 from openvla_ros.model.policy import attach_adapter
+from openvla_ros.model.processor import ImageSettings
 
 logger = logging.getLogger(__name__)
 
 FULL_WEIGHTS = "model.safetensors"  # a full fine-tune's checkpoint weights (LoRA runs keep adapter/)
+AUXILIARY_WEIGHTS = "auxiliary.pt"  # a checkpoint's auxiliary-loss heads (Trainer(auxiliary=...))
 EMA_WEIGHTS = "weight_average.pt"  # a checkpoint's average of the trainable weights (ema_decay > 0)
 ADAPTER_STAGING_PREFIX = ".adapter-"  # adapter/ is written here first, then renamed
 # merged/ is saved as .merged-new (itself staged by save_checkpoint) and swapped in via .merged-old
@@ -295,8 +298,15 @@ def update_metrics(metrics: BatchMetrics, logits: torch.Tensor, targets: torch.T
 class Trainer:
     """One fine-tuning run; ``run()`` trains, checkpoints and writes the outputs."""
 
-    def __init__(self, config: FinetuneConfig, selection: ClosedLoopSelection | None = None) -> None:
-        """``selection``: closed-loop validation during training; the best weights are the ones written."""
+    def __init__(self, config: FinetuneConfig, selection: ClosedLoopSelection | None = None,
+                 auxiliary: Callable[[OpenVLAOFT, Any, ImageSettings], nn.Module] | None = None) -> None:
+        """``selection``: closed-loop validation during training; the best weights are the ones written.
+
+        ``auxiliary`` (OFT head only): called with the model, tokenizer and image settings, it returns a
+        module whose ``forward(pixel_values, input_ids, prompt_lengths, internals)`` is a loss added to the
+        action loss in training (never in validation). Its parameters train with the same optimizer and
+        schedule, are kept in checkpoints (``auxiliary.pt``) and are not part of the model written.
+        """
         self.config = config
         self.selection = selection
         self.out = config.out_dir
@@ -345,10 +355,18 @@ class Trainer:
         # by name, built once: the same parameter objects for the whole run (updated in place)
         self._trainable_by_name = {name: p for name, p in self.network.named_parameters() if p.requires_grad}
         self.trainable = list(self._trainable_by_name.values())
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=0.0)
+        self.auxiliary: nn.Module | None = None
+        groups: list[dict[str, Any]] = [{"params": self.trainable}]
+        if auxiliary is not None:
+            if not self.chunked:
+                raise TrainingError("an auxiliary loss needs the OFT chunk head (action_head 'l1')")
+            self.auxiliary = auxiliary(self.network, self.tokenizer, self.image_settings).to(device)
+            groups.append({"params": list(self.auxiliary.parameters())})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.average = WeightAverage(self.trainable_state(), config.ema_decay) if config.ema_decay else None
         self.step = 0
+        self._auxiliary_sum, self._auxiliary_batches = 0.0, 0
         self._order: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
         self.forward_model: nn.Module = self.network
         if self.dist.world_size > 1:
@@ -382,9 +400,19 @@ class Trainer:
     def _loss(self, model: nn.Module, batch: Any, metrics, samples) -> torch.Tensor:
         """Returns the loss of one batch and adds the batch to ``metrics``."""
         if self.chunked:
-            predicted = model(batch.inputs, batch.pixel_values, batch.proprio)
+            auxiliary = self.auxiliary if torch.is_grad_enabled() else None
+            if auxiliary is None:
+                predicted = model(batch.inputs, batch.pixel_values, batch.proprio)
+            else:
+                internals = model(batch.inputs, batch.pixel_values, batch.proprio, internals=True)
+                predicted = internals.chunk
             loss = torch.nn.functional.l1_loss(predicted, batch.actions)
             metrics.add(predicted, batch.actions, loss.item(), samples)
+            if auxiliary is not None:
+                extra = auxiliary(batch.pixel_values, batch.inputs.input_ids, batch.inputs.prompt_lengths, internals)
+                self._auxiliary_sum += extra.item()
+                self._auxiliary_batches += 1
+                loss = loss + extra
             return loss
         output = model(**batch)
         update_metrics(metrics, output.logits.detach(), output.targets, output.loss.item(), samples)
@@ -429,6 +457,8 @@ class Trainer:
                     (loss / config.grad_accumulation_steps).backward()
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+                    if self.auxiliary is not None:
+                        torch.nn.utils.clip_grad_norm_(self.auxiliary.parameters(), config.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
@@ -437,6 +467,9 @@ class Trainer:
                 progress.update(1)
                 if self.step % config.log_steps == 0 or self.step == config.max_steps:
                     last["train"] = window.summary()
+                    if self._auxiliary_batches:
+                        last["train"]["auxiliary_loss"] = self._auxiliary_sum / self._auxiliary_batches
+                        self._auxiliary_sum, self._auxiliary_batches = 0.0, 0
                     self._log("train", last["train"], writer)
                     shown = {"loss": f"{last['train']['loss']:.3f}"}
                     if "action_accuracy" in last["train"]:
@@ -565,6 +598,8 @@ class Trainer:
                            directory / "training_state.pt")
                 if self.average is not None:
                     torch.save(self.average.state_dict(), directory / EMA_WEIGHTS)
+                if self.auxiliary is not None:
+                    torch.save(self.auxiliary.state_dict(), directory / AUXILIARY_WEIGHTS)
 
             write_checkpoint(self.out, self.step, write, self.config.keep_checkpoints)
         self.dist.barrier()
@@ -593,6 +628,12 @@ class Trainer:
                 raise TrainingError(f"checkpoint {latest} does not fit this model: unexpected {result.unexpected_keys[:3]}")
         if self.chunked:
             self._load_heads(latest / "heads")
+        if self.auxiliary is not None:
+            saved = latest / AUXILIARY_WEIGHTS
+            if not saved.is_file():
+                raise TrainingError(f"{latest} holds no auxiliary-loss weights ({AUXILIARY_WEIGHTS}): it was written "
+                                    "without the auxiliary loss; resume without it or start a new run with a new --out")
+            self.auxiliary.load_state_dict(torch.load(saved, map_location=self.device, weights_only=True))
         self.step = restore_training_state(state, self.optimizer, self.scheduler)
         if self.average is not None:
             saved = latest / EMA_WEIGHTS

@@ -299,6 +299,13 @@ class OpenVLAOFT(nn.Module):
         ``proprio`` is the normalised [B, proprio_dim] vector (required exactly when the model has a
         proprio projector).
         """
+        embeds, key_mask, num_prefix, _ = self._multimodal(inputs, pixel_values, proprio)
+        return embeds, key_mask, num_prefix
+
+    def _multimodal(
+        self, inputs: ChunkInputs, pixel_values: torch.Tensor, proprio: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """:meth:`multimodal_inputs` plus the vision features [B, 256 * N, vision width] before the projector."""
         embed = self.vla.language_model.get_input_embeddings()
         tokens = embed(inputs.input_ids)
         tokens = tokens * (~inputs.action_mask)[..., None].to(tokens.dtype)  # exact zeros at the placeholders
@@ -306,7 +313,8 @@ class OpenVLAOFT(nn.Module):
         if self.film is not None:
             keep = (inputs.attention_mask & ~inputs.action_mask)[..., None].to(tokens.dtype)
             language = (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
-        prefix = self.vla.projector(self._image_features(pixel_values, language)).to(tokens.dtype)
+        features = self._image_features(pixel_values, language)
+        prefix = self.vla.projector(features).to(tokens.dtype)
         if self.proprio_projector is not None:
             if proprio is None:
                 raise ValueError(f"this model needs a proprio vector of length {self.spec.proprio_dim}")
@@ -317,19 +325,21 @@ class OpenVLAOFT(nn.Module):
         embeds = torch.cat([tokens[:, :1], prefix, tokens[:, 1:]], dim=1)
         prefix_mask = inputs.attention_mask.new_ones((tokens.shape[0], prefix.shape[1]))
         key_mask = torch.cat([inputs.attention_mask[:, :1], prefix_mask, inputs.attention_mask[:, 1:]], dim=1)
-        return embeds, key_mask, prefix.shape[1]
+        return embeds, key_mask, prefix.shape[1], features
+
+    def _language_model(self, embeds: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        mask = bidirectional_mask(key_mask, embeds.dtype)
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
+        return self.vla.language_model.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
 
     def sequence_hidden_states(
         self, inputs: ChunkInputs, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Returns (final-norm hidden states [B, L + P, D], key mask [B, L + P], P) of the whole sequence."""
         embeds, key_mask, num_prefix = self.multimodal_inputs(inputs, pixel_values, proprio)
-        mask = bidirectional_mask(key_mask, embeds.dtype)
-        positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
-        hidden = self.vla.language_model.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
-        ).last_hidden_state
-        return hidden, key_mask, num_prefix
+        return self._language_model(embeds, key_mask), key_mask, num_prefix
 
     def read_action_states(self, hidden: torch.Tensor, inputs: ChunkInputs, num_prefix: int) -> torch.Tensor:
         """Returns [B, A*K, D]: the hidden states one position left of each placeholder."""
@@ -351,7 +361,30 @@ class OpenVLAOFT(nn.Module):
         return self.action_head(action_hidden.to(head_dtype)).float()
 
     def forward(
-        self, inputs: ChunkInputs, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Returns the normalised chunk [B, K, A] (float32)."""
-        return self.head_chunk(self.action_hidden_states(inputs, pixel_values, proprio))
+        self, inputs: ChunkInputs, pixel_values: torch.Tensor, proprio: torch.Tensor | None = None,
+        internals: bool = False,
+    ) -> torch.Tensor | OFTInternals:
+        """Returns the normalised chunk [B, K, A] (float32); with ``internals``, an :class:`OFTInternals`
+        holding it and the intermediate states an auxiliary training loss reads (one forward pass, through
+        ``forward`` so that a DistributedDataParallel wrapper sees it)."""
+        if not internals:
+            return self.head_chunk(self.action_hidden_states(inputs, pixel_values, proprio))
+        embeds, key_mask, num_prefix, features = self._multimodal(inputs, pixel_values, proprio)
+        action_hidden = self.read_action_states(self._language_model(embeds, key_mask), inputs, num_prefix)
+        return OFTInternals(chunk=self.head_chunk(action_hidden), vision_features=features, action_hidden=action_hidden)
+
+
+@dataclass
+class OFTInternals:
+    """One forward pass of :class:`OpenVLAOFT` with what happened on the way.
+
+    Attributes:
+        chunk: [B, K, A] normalised actions (float32), what ``forward`` returns.
+        vision_features: [B, 256 * N, vision width] patch features of the towers (after FiLM), before the
+            projector; the primary image's patches first, row-major.
+        action_hidden: [B, A*K, D] the hidden states the action head reads.
+    """
+
+    chunk: torch.Tensor
+    vision_features: torch.Tensor
+    action_hidden: torch.Tensor
