@@ -233,9 +233,15 @@ def test_the_fine_tuning_defaults_follow_the_base_and_explicit_options_win(tiny_
         settings("--base", str(tiny_checkpoint), "--ema-decay", "1")
     with pytest.raises(PipelineError, match="lora_rank must be >= 0"):
         settings("--base", str(tiny_checkpoint), "--lora-rank", "-1")
+    located = settings("--base", str(small_pretrained_base), "--locate-weights", "0.2,1")
+    assert (located.locate_patch_weight, located.locate_point_weight) == (0.2, 1.0)
+    with pytest.raises(PipelineError, match="--locate-weights takes two numbers"):
+        settings("--base", str(small_pretrained_base), "--locate-weights", "0.2")
+    with pytest.raises(PipelineError, match="locate_point_weight must be >= 0"):
+        settings("--base", str(small_pretrained_base), "--locate-weights=0,-1")
 
 
-def test_energy_steps_are_refused_for_a_token_base(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_energy_steps_and_localisation_losses_are_refused_for_a_token_base(tiny_checkpoint: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(tmp_path / "out"),
          "--base", str(tiny_checkpoint), "--energy-steps", "1"],
@@ -243,6 +249,13 @@ def test_energy_steps_are_refused_for_a_token_base(tiny_checkpoint: Path, tmp_pa
     )
     assert result.returncode == 1 and "refines OpenVLA-OFT chunks" in result.stderr
     assert not (tmp_path / "out" / "bags").exists(), "refused before anything is recorded"
+    result = subprocess.run(
+        [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(tmp_path / "located"),
+         "--base", str(tiny_checkpoint), "--locate-weights", "0.1,0.5"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 1 and "--locate-weights trains beside an OpenVLA-OFT" in result.stderr
+    assert not (tmp_path / "located" / "bags").exists(), "refused before anything is recorded"
 
 
 def test_a_wait_that_times_out_is_told_apart_from_a_dead_process() -> None:

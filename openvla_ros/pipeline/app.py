@@ -70,6 +70,9 @@ def run(settings: PipelineSettings) -> Report:
     if settings.energy_steps and not oft:
         raise PipelineError(f"--energy-steps refines OpenVLA-OFT chunks; {settings.base} is a token-by-token model "
                             f"(use an OFT base such as {DEFAULT_PRETRAINED}, or --energy-steps 0)")
+    if (settings.locate_patch_weight or settings.locate_point_weight) and not oft:
+        raise PipelineError(f"--locate-weights trains beside an OpenVLA-OFT chunk head; {settings.base} is a "
+                            "token-by-token model (use an OFT base, or --locate-weights 0,0)")
 
     with stage(report, "record", f"recording {settings.episodes} expert episodes through sim_scene"):
         recording = record_demonstrations(settings, out / "bags", log_dir, env)

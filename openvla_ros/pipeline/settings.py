@@ -66,6 +66,9 @@ class PipelineSettings:
     select_seed: int = 3
     ema_decay: float = 0.995  # fine-tune: validate and write a moving average of the weights (0: as trained)
     threads: int = 2  # torch CPU threads for training and evaluation (the result depends on it: fixed, recorded)
+    # OFT bases: weights of the auxiliary localisation losses in the fine-tune (openvla_ros.sim.localisation)
+    locate_patch_weight: float = 0.0
+    locate_point_weight: float = 0.0
 
     def __post_init__(self) -> None:
         from openvla_ros.sim import TASKS
@@ -91,6 +94,9 @@ class PipelineSettings:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.threads < 1:
             raise PipelineError(f"threads must be >= 1, got {self.threads}")
+        for name in ("locate_patch_weight", "locate_point_weight"):
+            if not getattr(self, name) >= 0:
+                raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
         from openvla_ros.finetune.ema import ema_decay_problem
 
         if ema_decay_problem(self.ema_decay):
@@ -158,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema-decay", type=float, default=defaults["ema_decay"].default,
                         help="fine-tuning: validate and write an exponential moving average of the weights with "
                              "this decay (0: the weights as trained)")
+    parser.add_argument("--locate-weights", default=None, metavar="PATCH,POINT",
+                        help="OpenVLA-OFT bases: weights of the auxiliary localisation losses in the fine-tune "
+                             f"(default {defaults['locate_patch_weight'].default:g},"
+                             f"{defaults['locate_point_weight'].default:g}; 0,0: the action loss alone)")
     parser.add_argument("--expert-rate", type=float, default=defaults["expert_rate_hz"].default,
                         help="scripted expert rate (Hz); the conversion rate of the config must match")
     parser.add_argument("--image-aug", action="store_true", help="train with crop/colour augmentation")
@@ -213,6 +223,13 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
     elif oft:
         every_weight = values.get("lora_rank") == 0
         values["learning_rate"] = OFT_FULL_LEARNING_RATE if every_weight else OFT_LEARNING_RATE
+    if args.locate_weights is not None:
+        try:
+            values["locate_patch_weight"], values["locate_point_weight"] = (
+                float(w) for w in args.locate_weights.split(","))
+        except ValueError:
+            raise PipelineError(f"--locate-weights takes two numbers separated by a comma, got "
+                                f"{args.locate_weights!r}") from None
     if args.quick:
         values.update(QUICK)
     return PipelineSettings(**values)

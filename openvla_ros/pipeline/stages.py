@@ -166,13 +166,21 @@ def finetune(settings: PipelineSettings, spec: Any, data_dir: Path, out: Path) -
             return sum(result.success for result in results), len(results)
 
         selection = ClosedLoopSelection(validate, settings.select_every, out / "selection")
+    auxiliary = None
+    if settings.locate_patch_weight or settings.locate_point_weight:
+        if spec is None:  # run() refuses this before recording
+            raise PipelineError(f"--locate-weights needs an OpenVLA-OFT base; {settings.base} is a token model")
+        from openvla_ros.sim.localisation import localisation_loss
+
+        auxiliary = localisation_loss(settings.locate_patch_weight, settings.locate_point_weight,
+                                      settings.train_seed + 991)
     handler = _TrainerLog()
     logger = logging.getLogger(TRAINER_LOGGER)
     previous_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        trainer = Trainer(config, selection=selection)
+        trainer = Trainer(config, selection=selection, auxiliary=auxiliary)
         before = trainer.evaluate()
         start = time.monotonic()
         last = trainer.run()
