@@ -220,8 +220,12 @@ def test_the_fine_tuning_defaults_follow_the_base_and_explicit_options_win(tiny_
 
     token = settings("--base", str(tiny_checkpoint))
     assert (token.lora_rank, token.learning_rate, token.camera_upside_down) == (32, 3e-3, False)
+    assert (token.locate_patch_weight, token.locate_point_weight) == (0.0, 0.0)
     oft = settings("--base", str(small_pretrained_base))
     assert (oft.lora_rank, oft.learning_rate, oft.ema_decay, oft.camera_upside_down) == (0, 3e-4, 0.995, True)
+    assert (oft.locate_patch_weight, oft.locate_point_weight) == (0.1, 0.5)
+    plain = settings("--base", str(small_pretrained_base), "--locate-weights", "0,0")
+    assert (plain.locate_patch_weight, plain.locate_point_weight) == (0.0, 0.0)
     lora = settings("--base", str(small_pretrained_base), "--lora-rank", "32")
     assert (lora.lora_rank, lora.learning_rate) == (32, 1e-3)
     chosen = settings("--base", str(small_pretrained_base), "--lora-rank", "0", "--learning-rate", "1e-4",

@@ -82,6 +82,8 @@ def run(settings: PipelineSettings) -> Report:
                               messages=recording["messages"], expert_steps=recording["expert_steps"],
                               expert_failures=recording["expert_failures"])
     head = "L1 chunk head" if oft else "token head"
+    if settings.locate_patch_weight or settings.locate_point_weight:
+        head += f", localisation losses {settings.locate_patch_weight:g},{settings.locate_point_weight:g}"
     adapted = f"LoRA rank {settings.lora_rank}" if settings.lora_rank else "every weight"
     with stage(report, "finetune", f"fine-tuning {settings.base} ({adapted}, {head})"):
         report.training = finetune(settings, spec, out / "data", out)
