@@ -245,21 +245,19 @@ def test_the_fine_tuning_defaults_follow_the_base_and_explicit_options_win(tiny_
         settings("--base", str(small_pretrained_base), "--locate-weights=0,-1")
 
 
-def test_energy_steps_and_localisation_losses_are_refused_for_a_token_base(tiny_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--energy-steps", "1"], "refines OpenVLA-OFT chunks"),
+    (["--locate-weights", "0.1,0.5"], "--locate-weights trains beside an OpenVLA-OFT"),
+])
+def test_oft_only_options_are_refused_for_a_token_base_before_recording(tiny_checkpoint: Path, tmp_path: Path,
+                                                                         flags: list[str], words: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(tmp_path / "out"),
-         "--base", str(tiny_checkpoint), "--energy-steps", "1"],
+         "--base", str(tiny_checkpoint), *flags],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
-    assert result.returncode == 1 and "refines OpenVLA-OFT chunks" in result.stderr
+    assert result.returncode == 1 and words in result.stderr
     assert not (tmp_path / "out" / "bags").exists(), "refused before anything is recorded"
-    result = subprocess.run(
-        [sys.executable, "-m", "openvla_ros.pipeline", "--quick", "--out", str(tmp_path / "located"),
-         "--base", str(tiny_checkpoint), "--locate-weights", "0.1,0.5"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert result.returncode == 1 and "--locate-weights trains beside an OpenVLA-OFT" in result.stderr
-    assert not (tmp_path / "located" / "bags").exists(), "refused before anything is recorded"
 
 
 def test_a_wait_that_times_out_is_told_apart_from_a_dead_process() -> None:
