@@ -455,6 +455,11 @@ class Trainer:
                 for micro in range(config.grad_accumulation_steps):
                     loss = self._loss(self.forward_model, self._batch(self.step, micro), window, self.samples)
                     (loss / config.grad_accumulation_steps).backward()
+                if self.auxiliary is not None and self.dist.world_size > 1:  # outside the DDP wrapper: average by hand
+                    for parameter in self.auxiliary.parameters():
+                        if parameter.grad is not None:
+                            torch.distributed.all_reduce(parameter.grad)
+                            parameter.grad /= self.dist.world_size
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
                     if self.auxiliary is not None:
