@@ -457,9 +457,10 @@ class Trainer:
                     (loss / config.grad_accumulation_steps).backward()
                 if self.auxiliary is not None and self.dist.world_size > 1:  # outside the DDP wrapper: average by hand
                     for parameter in self.auxiliary.parameters():
-                        if parameter.grad is not None:
-                            torch.distributed.all_reduce(parameter.grad)
-                            parameter.grad /= self.dist.world_size
+                        if parameter.grad is None:  # a batch that added nothing still takes part
+                            parameter.grad = torch.zeros_like(parameter)
+                        torch.distributed.all_reduce(parameter.grad)
+                        parameter.grad /= self.dist.world_size
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
                     if self.auxiliary is not None:
