@@ -53,13 +53,13 @@ class LocalisationLoss(nn.Module):
         self.patch_size = int(patch_size)
         self.tokenizer = tokenizer
         self.colours = dict(colours or COLORS)
-        self.patch_score = nn.Linear(vision_width, 1)
+        self.patch_score = nn.Linear(vision_width, 1, bias=False)  # a softmax over patches ignores a shared bias
         self.point = nn.Linear(llm_dim, 2)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for layer in (self.patch_score, self.point):
                 layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / layer.weight.shape[1] ** 0.5)
-                layer.bias.zero_()
+        nn.init.zeros_(self.point.bias)
         self.register_buffer("_mean", torch.tensor(image_settings.means[0], dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("_std", torch.tensor(image_settings.stds[0], dtype=torch.float32).view(1, 3, 1, 1),
