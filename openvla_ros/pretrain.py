@@ -68,7 +68,8 @@ class PretrainSettings:
         select_every: steps between closed-loop validations; the weights with the most successes on the
             validation episodes are the base (0: the last weights).
         select_episodes: closed-loop validation episodes per task (seeds of their own, never evaluated).
-        threads: torch CPU threads the build trains with (the result depends on it: recorded, fixed).
+        threads: torch CPU threads the build trains with (the result depends on it: recorded, fixed),
+            and the processes that record the demos (which do not change them).
         ema_decay: decay of the moving average of the weights that is validated and kept (0: the
             weights as trained).
         block_counts: blocks on the table in the recorded episodes, taken in turn (validation and
@@ -403,7 +404,8 @@ def _record(stages: _Stages, settings: PretrainSettings) -> dict[str, Any]:
         for turn, blocks in enumerate(counts):
             where = directory / task if len(counts) == 1 else directory / task / f"{blocks}_blocks_{turn}"
             written += record_expert_episodes(where, mine[turn::len(counts)], task=task,
-                                              expert_noise=settings.expert_noise, num_blocks=blocks)
+                                              expert_noise=settings.expert_noise, num_blocks=blocks,
+                                              workers=settings.threads)
     if not written:
         raise PretrainError("the expert solved none of the pretraining episodes; nothing to train on")
     instructions = sorted({episode.instruction for episode in written})
@@ -468,7 +470,9 @@ def _train(stages: _Stages, settings: PretrainSettings, progress: Callable[[str]
 
 def localisation_seed(settings: PretrainSettings) -> int:
     """The seed of the auxiliary localisation heads' initial weights."""
-    return settings.seed + 991
+    from openvla_ros.sim.localisation import heads_seed
+
+    return heads_seed(settings.seed)
 
 
 def rollout_success(policy: Any, seeds: Sequence[tuple[int, ...]], task: str,

@@ -226,6 +226,10 @@ def test_the_fine_tuning_defaults_follow_the_base_and_explicit_options_win(tiny_
     assert (oft.locate_patch_weight, oft.locate_point_weight) == (0.1, 0.5)
     plain = settings("--base", str(small_pretrained_base), "--locate-weights", "0,0")
     assert (plain.locate_patch_weight, plain.locate_point_weight) == (0.0, 0.0)
+    from openvla_ros.pipeline.app import determinism
+
+    assert determinism(oft)["seeds"]["localisation_heads"] not in (None, oft.train_seed)
+    assert "localisation_heads" not in determinism(plain)["seeds"], "no heads, no seed recorded"
     lora = settings("--base", str(small_pretrained_base), "--lora-rank", "32")
     assert (lora.lora_rank, lora.learning_rate) == (32, 1e-3)
     chosen = settings("--base", str(small_pretrained_base), "--lora-rank", "0", "--learning-rate", "1e-4",

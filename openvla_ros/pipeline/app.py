@@ -132,12 +132,15 @@ def determinism(settings: PipelineSettings) -> dict[str, Any]:
     import torch
 
     from openvla_ros.pipeline.settings import episode_seed_sets
+    from openvla_ros.sim.localisation import heads_seed
 
-    seeds = {name: f"({values[0][0]}, 0..{len(values) - 1})" if values else "none"
-             for name, values in episode_seed_sets(settings).items()}
+    seeds: dict[str, Any] = {"training": settings.train_seed}
+    if settings.locate_patch_weight or settings.locate_point_weight:
+        seeds["localisation_heads"] = heads_seed(settings.train_seed)
+    seeds.update({name: f"({values[0][0]}, 0..{len(values) - 1})" if values else "none"
+                  for name, values in episode_seed_sets(settings).items()})
     return {"torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
-            "seeds": {"training": settings.train_seed, **seeds}}
+            "machine": platform.machine(), "torch_threads": torch.get_num_threads(), "seeds": seeds}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,10 +170,10 @@ def finetune(settings: PipelineSettings, spec: Any, data_dir: Path, out: Path) -
     if settings.locate_patch_weight or settings.locate_point_weight:
         if spec is None:  # run() refuses this before recording
             raise PipelineError(f"--locate-weights needs an OpenVLA-OFT base; {settings.base} is a token model")
-        from openvla_ros.sim.localisation import localisation_loss
+        from openvla_ros.sim.localisation import heads_seed, localisation_loss
 
         auxiliary = localisation_loss(settings.locate_patch_weight, settings.locate_point_weight,
-                                      settings.train_seed + 991)
+                                      heads_seed(settings.train_seed))
     handler = _TrainerLog()
     logger = logging.getLogger(TRAINER_LOGGER)
     previous_level = logger.level

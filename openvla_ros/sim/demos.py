@@ -59,25 +59,49 @@ def scene_state(scene: TabletopScene) -> np.ndarray:
 
 def record_expert_episodes(out_dir: str | Path, seeds: Sequence[tuple[int, ...]], task: str = "reach",
                            expert_noise: float | None = None, keep_failures: bool = False,
-                           num_blocks: int | None = None) -> list[DemoEpisode]:
+                           num_blocks: int | None = None, workers: int = 1) -> list[DemoEpisode]:
     """Runs the scripted expert on each seeded episode and writes one bag per episode into ``out_dir``.
 
     Episodes the expert fails are not written unless ``keep_failures``. The camera is JPEG on
     /camera/image_raw/compressed, one step per 0.1 s (the pipeline's 10 Hz). ``num_blocks`` overrides
     the scene's number of blocks on the table (default: :class:`~openvla_ros.sim.scene.SceneConfig`'s).
+    ``workers`` > 1 records in that many processes; each episode depends on its seed alone, so the
+    bags and the returned list (in seed order) are the same for any number of workers.
 
     Raises:
         SceneError: for an unknown task.
+        ValueError: for ``workers`` < 1.
     """
-    from openvla_ros.dataset.synthetic import write_episode_bag
-
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    numbered = [(number, tuple(seed)) for number, seed in enumerate(seeds)]
+    options = (task, expert_noise, keep_failures, num_blocks)
+    workers = min(workers, len(numbered))
+    if workers <= 1:
+        return _record_numbered(out_dir, numbered, *options)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the caller may hold torch's thread pools, which a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = [pool.submit(_record_numbered, out_dir, numbered[start::workers], *options)
+                 for start in range(workers)]
+        written = [episode for part in parts for episode in part.result()]
+    return sorted(written, key=lambda episode: int(episode.path.name.rsplit("_", 1)[1]))
+
+
+def _record_numbered(out_dir: Path, numbered: Sequence[tuple[int, tuple[int, ...]]], task: str,
+                     expert_noise: float | None, keep_failures: bool, num_blocks: int | None) -> list[DemoEpisode]:
+    """Records the episodes of the given (number, seed) pairs; each bag is named by its number."""
+    from openvla_ros.dataset.synthetic import write_episode_bag
+
     scene = TabletopScene(SceneConfig() if num_blocks is None else SceneConfig(num_blocks=num_blocks))
     renderer = TabletopRenderer()
     config = ExpertConfig() if expert_noise is None else ExpertConfig(noise=expert_noise)
     written = []
-    for number, seed in enumerate(seeds):
+    for number, seed in numbered:
         episode = scene.reset(seed=seed, task=task)
         expert = ScriptedExpert(config, seed=None)
         expert.reset(seed=seed)
@@ -94,5 +118,5 @@ def record_expert_episodes(out_dir: str | Path, seeds: Sequence[tuple[int, ...]]
         path = out_dir / f"episode_{number:04d}"
         write_episode_bag(path, images, actions, episode.instruction, states=states, encoding="jpeg",
                           start_ns=1_700_000_000_000_000_000 + number * 1_000_000_000_000)
-        written.append(DemoEpisode(path, tuple(seed), episode.instruction, len(actions), success))
+        written.append(DemoEpisode(path, seed, episode.instruction, len(actions), success))
     return written

@@ -115,6 +115,17 @@ class LocalisationLoss(nn.Module):
         return self.patch_weight * patch_ce + self.point_weight * point_l1
 
 
+HEADS_SEED_OFFSET = 991
+
+
+def heads_seed(training_seed: int) -> int:
+    """The seed of the heads' initial weights for a build trained with ``training_seed``.
+
+    Offset from the training seed so the heads never start from the same draws as the model's own layers.
+    """
+    return training_seed + HEADS_SEED_OFFSET
+
+
 def localisation_loss(patch_weight: float, point_weight: float, seed: int
                       ) -> Callable[[OpenVLAOFT, Any, ImageSettings], LocalisationLoss]:
     """Returns the factory the trainer calls with its model, tokenizer and image settings."""
