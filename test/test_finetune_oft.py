@@ -351,3 +351,24 @@ def test_an_auxiliary_loss_trains_beside_the_model_is_kept_in_checkpoints_and_re
     with pytest.raises(TrainingError, match="needs the OFT chunk head"):
         Trainer(_config(tiny_checkpoint, dataset_dir, tmp_path / "tokens", action_head="tokens", chunk=0,
                         use_proprio=False, num_images=1), auxiliary=auxiliary)
+
+
+def test_under_torchrun_the_auxiliary_heads_stay_equal_on_every_rank(tiny_checkpoint: Path, dataset_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """The heads live outside the DDP wrapper, so their gradients are averaged by hand; a rank whose batch
+    added nothing to them still takes part (with zeros), or the other rank would wait for it forever."""
+    import os
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(REPO / "test" / "ddp_auxiliary_worker.py"), str(tiny_checkpoint), str(dataset_dir), NAME, str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(out / f"auxiliary_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for key in ("head.weight", "head.bias"):
+        torch.testing.assert_close(ranks[0]["initial"][key], ranks[1]["initial"][key], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[1]["final"][key], ranks[0]["final"][key], rtol=0, atol=0)
+    assert not torch.allclose(ranks[1]["final"]["head.weight"], ranks[1]["initial"]["head.weight"]), \
+        "rank 1's head learns from rank 0's batches through the average"
+    assert (out / "merged" / HEAD_NAME).is_file()
