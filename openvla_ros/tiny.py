@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     pretrain.add_argument("--tasks", default="", help="task families, comma-separated (default: reach)")
     pretrain.add_argument("--episodes", type=int, default=0, help=f"expert episodes (default {defaults.episodes})")
     pretrain.add_argument("--steps", type=int, default=0, help=f"training steps (default {defaults.steps})")
+    pretrain.add_argument("--batch-size", type=int, default=0,
+                          help=f"samples per training step (default {defaults.batch_size})")
     pretrain.add_argument("--learning-rate", type=float, default=0.0,
                           help=f"peak learning rate of the cosine schedule (default {defaults.learning_rate:g})")
     pretrain.add_argument("--block-counts", default="",
@@ -189,7 +191,7 @@ def _pretrain_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         given["size"] = args.size
     if args.tasks:
         given["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    for name in ("episodes", "steps", "learning_rate"):
+    for name in ("episodes", "steps", "batch_size", "learning_rate"):
         if getattr(args, name):
             given[name] = getattr(args, name)
     if args.block_counts:

@@ -79,3 +79,30 @@ def test_recording_in_several_processes_writes_the_same_bags_in_the_same_order(t
     assert _bag_bytes(tmp_path / "two") == _bag_bytes(tmp_path / "one")
     with pytest.raises(ValueError, match="workers must be >= 1"):
         record_expert_episodes(tmp_path / "none", seeds, workers=0)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_every_recording_process_at_once(tmp_path: Path, signal_name: str) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from process_helpers import signal_when
+
+    out = tmp_path / "bags"
+    script = ("import sys\nfrom openvla_ros.interrupts import termination_as_interrupt\n"
+              "from openvla_ros.sim.demos import record_expert_episodes\n"
+              "with termination_as_interrupt():\n"
+              f"    record_expert_episodes({str(out)!r}, [(0, n) for n in range(400)], workers=2)\n")
+    log = tmp_path / "record.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    signal_when(process, lambda: out.is_dir() and len(list(out.iterdir())) >= 4, getattr(signal, signal_name),
+                "once the workers are writing bags", log.read_text)
+    assert process.returncode != 0, "stopped before its 400 episodes"
+    time.sleep(1.0)
+    written = sorted(p.name for p in out.iterdir())
+    time.sleep(3.0)
+    assert sorted(p.name for p in out.iterdir()) == written, "no worker went on writing after the caller stopped"
+    assert len(written) < 200

@@ -82,14 +82,21 @@ def record_expert_episodes(out_dir: str | Path, seeds: Sequence[tuple[int, ...]]
     if workers <= 1:
         return _record_numbered(out_dir, numbered, *options)
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    # spawn: the caller may hold torch's thread pools, which a forked child must not inherit
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = [pool.submit(_record_numbered, out_dir, numbered[start::workers], *options)
+    # spawn: the caller may hold torch's thread pools, which a forked child must not inherit. Leaving the
+    # block on an error or a signal (SIGTERM, Ctrl-C) terminates the workers at once.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_leave_interrupts_to_the_caller) as pool:
+        parts = [pool.apply_async(_record_numbered, (out_dir, numbered[start::workers], *options))
                  for start in range(workers)]
-        written = [episode for part in parts for episode in part.result()]
+        written = [episode for part in parts for episode in part.get()]
     return sorted(written, key=lambda episode: int(episode.path.name.rsplit("_", 1)[1]))
+
+
+def _leave_interrupts_to_the_caller() -> None:
+    """A worker ignores Ctrl-C (sent to the whole process group): the caller handles it and ends the pool."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _record_numbered(out_dir: Path, numbered: Sequence[tuple[int, tuple[int, ...]]], task: str,
