@@ -180,6 +180,7 @@ def test_no_film_is_a_pretrain_option(tmp_path, capsys) -> None:
     (["--block-counts", "1,x"], "--block-counts takes whole numbers separated by commas"),
     (["--block-counts", "0"], "block_counts must be within 1..4"),
     (["--learning-rate", "-1"], "learning_rate must be > 0"),
+    (["--batch-size", "-1"], "batch_size must be >= 1"),
     (["--locate-weights", "0.1"], "--locate-weights takes two numbers separated by a comma"),
     (["--locate-weights=-1,0"], "locate_patch_weight must be >= 0"),
 ])
