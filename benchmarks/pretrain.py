@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cached", type=Path, help="a finished base: print its recorded figures")
     parser.add_argument("--episodes", type=int, default=PretrainSettings.episodes)
     parser.add_argument("--steps", type=int, default=PretrainSettings.steps)
+    parser.add_argument("--batch-size", type=int, default=PretrainSettings.batch_size)
     parser.add_argument("--tasks", default=",".join(PretrainSettings.tasks))
     parser.add_argument("--eval-episodes", type=int, default=PretrainSettings.eval_episodes)
     parser.add_argument("--by-blocks", type=int, default=0, metavar="N",
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = verify_pretrained(args.cached)
         else:
             settings = PretrainSettings(tasks=tuple(args.tasks.split(",")), episodes=args.episodes, steps=args.steps,
-                                        eval_episodes=args.eval_episodes)
+                                        batch_size=args.batch_size, eval_episodes=args.eval_episodes)
             with tempfile.TemporaryDirectory() as scratch:
                 manifest = build_pretrained(Path(scratch) / "base", settings)
     except PretrainError as exc:

@@ -1,8 +1,8 @@
 """Auxiliary localisation losses for pretraining on the tabletop: where the named block is, taught directly.
 
-Trained on the action loss alone, the tiny base spends 2,000-2,500 of its 4,000 steps on a plateau
-(see docs/results.md) before it learns where a block is at all, and where in that range it leaves
-decides whether the build ends up good. The scene's colours are known, so the named block's pixels
+Trained on the action loss alone, the tiny base spent 2,000-2,500 of its 4,000 steps (batch 16) on a
+plateau (see docs/results.md) before it learned where a block is at all, and where in that range it
+left decided whether the build ended up good. The scene's colours are known, so the named block's pixels
 can be found in every training image and two small heads can be taught from them beside the action
 loss:
 
