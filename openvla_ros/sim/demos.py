@@ -66,7 +66,7 @@ def record_expert_episodes(out_dir: str | Path, seeds: Sequence[tuple[int, ...]]
     /camera/image_raw/compressed, one step per 0.1 s (the pipeline's 10 Hz). ``num_blocks`` overrides
     the scene's number of blocks on the table (default: :class:`~openvla_ros.sim.scene.SceneConfig`'s).
     ``workers`` > 1 records in that many processes; each episode depends on its seed alone, so the
-    bags and the returned list (in seed order) are the same for any number of workers.
+    bags and the returned list (in the order of ``seeds``) are the same for any number of workers.
 
     Raises:
         SceneError: for an unknown task.
