@@ -127,6 +127,11 @@ class PretrainSettings:
         if ema_decay_problem(self.ema_decay):
             raise PretrainError(ema_decay_problem(self.ema_decay))
 
+    @property
+    def localises(self) -> bool:
+        """Whether training adds the localisation losses (either weight above 0)."""
+        return bool(self.locate_patch_weight or self.locate_point_weight)
+
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["tasks"] = list(self.tasks)
@@ -242,10 +247,12 @@ def determinism_record(settings: PretrainSettings) -> dict[str, Any]:
     import numpy
     import torch
 
+    from openvla_ros.sim.localisation import heads_seed
+
     return {"torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
             "seeds": {"model": settings.seed, "training": settings.seed,
-                      "localisation_heads": localisation_seed(settings),
+                      "localisation_heads": heads_seed(settings.seed),
                       "episodes": f"({settings.seed}, 7000, 0..{settings.episodes - 1})",
                       "validation": [f"({settings.seed}, {8000 + n}, 0..{settings.select_episodes - 1})"
                                      for n in range(len(settings.tasks))],
@@ -457,22 +464,15 @@ def _train(stages: _Stages, settings: PretrainSettings, progress: Callable[[str]
 
         selection = ClosedLoopSelection(validate, settings.select_every, directory / "selection")
     auxiliary = None
-    if settings.locate_patch_weight or settings.locate_point_weight:
-        from openvla_ros.sim.localisation import localisation_loss
+    if settings.localises:
+        from openvla_ros.sim.localisation import heads_seed, localisation_loss
 
         auxiliary = localisation_loss(settings.locate_patch_weight, settings.locate_point_weight,
-                                      localisation_seed(settings))
+                                      heads_seed(settings.seed))
     start = time.monotonic()
     last = Trainer(config, selection=selection, auxiliary=auxiliary).run()
     return {"steps": settings.steps, "batch_size": settings.batch_size, "seconds": round(time.monotonic() - start, 1),
             "last": {k: v for k, v in last.items() if k != "selected"}, "selection": last.get("selected")}
-
-
-def localisation_seed(settings: PretrainSettings) -> int:
-    """The seed of the auxiliary localisation heads' initial weights."""
-    from openvla_ros.sim.localisation import heads_seed
-
-    return heads_seed(settings.seed)
 
 
 def rollout_success(policy: Any, seeds: Sequence[tuple[int, ...]], task: str,

@@ -70,7 +70,7 @@ def run(settings: PipelineSettings) -> Report:
     if settings.energy_steps and not oft:
         raise PipelineError(f"--energy-steps refines OpenVLA-OFT chunks; {settings.base} is a token-by-token model "
                             f"(use an OFT base such as {DEFAULT_PRETRAINED}, or --energy-steps 0)")
-    if (settings.locate_patch_weight or settings.locate_point_weight) and not oft:
+    if settings.localises and not oft:
         raise PipelineError(f"--locate-weights trains beside an OpenVLA-OFT chunk head; {settings.base} is a "
                             "token-by-token model (use an OFT base, or --locate-weights 0,0)")
 
@@ -82,7 +82,7 @@ def run(settings: PipelineSettings) -> Report:
                               messages=recording["messages"], expert_steps=recording["expert_steps"],
                               expert_failures=recording["expert_failures"])
     head = "L1 chunk head" if oft else "token head"
-    if settings.locate_patch_weight or settings.locate_point_weight:
+    if settings.localises:
         head += f", localisation losses {settings.locate_patch_weight:g},{settings.locate_point_weight:g}"
     adapted = f"LoRA rank {settings.lora_rank}" if settings.lora_rank else "every weight"
     with stage(report, "finetune", f"fine-tuning {settings.base} ({adapted}, {head})"):
@@ -135,7 +135,7 @@ def determinism(settings: PipelineSettings) -> dict[str, Any]:
     from openvla_ros.sim.localisation import heads_seed
 
     seeds: dict[str, Any] = {"training": settings.train_seed}
-    if settings.locate_patch_weight or settings.locate_point_weight:
+    if settings.localises:
         seeds["localisation_heads"] = heads_seed(settings.train_seed)
     seeds.update({name: f"({values[0][0]}, 0..{len(values) - 1})" if values else "none"
                   for name, values in episode_seed_sets(settings).items()})

@@ -74,6 +74,11 @@ class PipelineSettings:
     locate_patch_weight: float = 0.0
     locate_point_weight: float = 0.0
 
+    @property
+    def localises(self) -> bool:
+        """Whether training adds the localisation losses (either weight above 0)."""
+        return bool(self.locate_patch_weight or self.locate_point_weight)
+
     def __post_init__(self) -> None:
         from openvla_ros.sim import TASKS
 

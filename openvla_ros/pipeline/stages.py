@@ -167,7 +167,7 @@ def finetune(settings: PipelineSettings, spec: Any, data_dir: Path, out: Path) -
 
         selection = ClosedLoopSelection(validate, settings.select_every, out / "selection")
     auxiliary = None
-    if settings.locate_patch_weight or settings.locate_point_weight:
+    if settings.localises:
         if spec is None:  # run() refuses this before recording
             raise PipelineError(f"--locate-weights needs an OpenVLA-OFT base; {settings.base} is a token model")
         from openvla_ros.sim.localisation import heads_seed, localisation_loss
