@@ -2,46 +2,19 @@
 
 Importing this module confines DDS discovery to this machine and reserves a ROS domain for the test
 run (unless the environment already sets one), so it must be imported before rclpy. Domains are
-reserved with a lock file per id, so test runs side by side on one machine never share a domain, and
-stay within 1-100 (higher ids can collide with Linux's ephemeral ports).
+reserved as the package's apps reserve theirs (``reserve_domain_id``: a lock file per id), so test runs
+and apps side by side on one machine never share a domain.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-DOMAIN_IDS = range(1, 101)
-_reserved: list[int] = []  # lock file descriptors, held for the life of the process
-
-
-def reserve_domain_id() -> int:
-    """Returns a ROS domain id in 1-100 that no other process on this machine has reserved.
-
-    The reservation is an exclusive lock on a file per id, held until this process exits.
-    """
-    lock_dir = Path(tempfile.gettempdir()) / "openvla_ros_test_domains"
-    lock_dir.mkdir(exist_ok=True)
-    candidates = list(DOMAIN_IDS)
-    random.SystemRandom().shuffle(candidates)
-    for domain_id in candidates:
-        descriptor = os.open(lock_dir / f"{domain_id}.lock", os.O_CREAT | os.O_RDWR, 0o666)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(descriptor)
-            continue
-        _reserved.append(descriptor)
-        return domain_id
-    raise RuntimeError(f"every ROS domain id in {DOMAIN_IDS} is reserved by another test run")
-
+from openvla_ros.ros.child_nodes import reserve_domain_id
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 if not os.environ.get("ROS_DOMAIN_ID"):

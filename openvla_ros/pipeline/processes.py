@@ -38,13 +38,14 @@ class ChildProcess(ChildNode):
 class RosSession:
     """An rclpy context, one node spun on a background thread, and helpers to call services."""
 
-    def __init__(self, node_name: str) -> None:
+    def __init__(self, node_name: str, domain_id: int | None = None) -> None:
+        """Starts the session on ``domain_id`` (None: the environment's ROS_DOMAIN_ID)."""
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.signals import SignalHandlerOptions
 
         self.context = rclpy.Context()
-        rclpy.init(context=self.context, signal_handler_options=SignalHandlerOptions.NO)
+        rclpy.init(context=self.context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node(node_name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)

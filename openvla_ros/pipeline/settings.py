@@ -27,6 +27,7 @@ OFT_LORA_RANK = 0
 # (docs/results.md, 2026-12-07).
 OFT_LOCATE_WEIGHTS = (0.1, 0.5)
 SIM_NODE = "sim_scene"
+MAX_RECORD_LANES = 8
 TRAINER_LOGGER = "openvla_ros.finetune.trainer"
 QUICK = {"episodes": 3, "eval_episodes": 2, "steps": 3, "batch_size": 2, "node_episodes": 0, "select_episodes": 1}
 
@@ -62,6 +63,9 @@ class PipelineSettings:
     # Demonstrations go on after the success until the expert comes to rest (the sim's expert_settle_steps)
     expert_settle_steps: int = 10
     record_seed: int = 0
+    # Sims recording side by side, each in a ROS domain of its own (the bags do not depend on it). The
+    # recording is real time and a sim with its recorder uses about 0.4 of a core: 3 leave room on 2 cores.
+    record_lanes: int = 3
     eval_seed: int = 1  # the node check uses eval_seed + 1
     train_seed: int = 7
     # Closed-loop checkpoint selection during fine-tuning: episodes (select_seed, k), never recorded or reported.
@@ -103,6 +107,9 @@ class PipelineSettings:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.threads < 1:
             raise PipelineError(f"threads must be >= 1, got {self.threads}")
+        if not 1 <= self.record_lanes <= MAX_RECORD_LANES:
+            raise PipelineError(f"record_lanes must be 1-{MAX_RECORD_LANES} (each takes a ROS domain and about 0.4 "
+                                f"of a CPU core), got {self.record_lanes}")
         for name in ("locate_patch_weight", "locate_point_weight"):
             if not getattr(self, name) >= 0:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -152,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("steps", "fine-tuning optimizer steps"),
         ("batch_size", "fine-tuning batch size"),
         ("record_seed", "sim seed of the recorded episodes"),
+        ("record_lanes", "sims recording side by side, each in a ROS domain of its own (the bags are the same "
+                         "for any count)"),
         ("eval_seed", "sim seed of the evaluation episodes (must differ; the node check uses eval_seed + 1)"),
         ("select_every", "fine-tuning steps between closed-loop validations; the best weights are kept "
                          "(0: the last weights)"),
@@ -218,6 +227,7 @@ def settings_from_args(args: argparse.Namespace) -> PipelineSettings:
         "eval_episodes": args.eval_episodes, "node_episodes": args.node_episodes, "steps": args.steps,
         "batch_size": args.batch_size,
         "image_aug": args.image_aug, "expert_rate_hz": args.expert_rate, "record_seed": args.record_seed,
+        "record_lanes": args.record_lanes,
         "eval_seed": args.eval_seed, "energy_steps": args.energy_steps, "select_every": args.select_every,
         "select_episodes": args.select_episodes, "select_seed": args.select_seed, "threads": args.threads,
         "energy_train_steps": args.energy_train_steps, "camera_upside_down": upside_down,

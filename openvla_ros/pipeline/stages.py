@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,18 +17,133 @@ from openvla_ros.pipeline.processes import ChildProcess, RosSession, wait_for
 from openvla_ros.pipeline.settings import REPO, SIM_NODE, TRAINER_LOGGER, PipelineError, PipelineSettings
 
 
+class _LaneStoppedError(Exception):
+    """Raised inside a recording lane when another lane failed or the run was interrupted."""
+
+
+class EpisodeBook:
+    """The episodes that several recording lanes recorded, by sim episode number, and when to stop.
+
+    The kept demonstrations are the first ``wanted`` successful episodes in number order, whatever
+    the lane count, so the dataset is the one a single sim recording episode after episode gives.
+    """
+
+    def __init__(self, wanted: int, max_failures: int) -> None:
+        self.wanted = wanted
+        self.max_failures = max_failures
+        self.stopped = threading.Event()
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._results: dict[int, dict[str, Any] | None] = {}  # number -> facts of a success, None: failed
+
+    def needs(self, number: int) -> bool:
+        """Whether episode ``number`` may still be among the kept ones (False once ``wanted`` successes
+        have lower numbers: every later number can then be left out)."""
+        with self._lock:
+            below = sum(1 for known, facts in self._results.items() if known < number and facts is not None)
+        return below < self.wanted
+
+    def add(self, number: int, facts: dict[str, Any] | None) -> None:
+        """Records episode ``number``'s outcome (``None``: the expert failed).
+
+        Raises:
+            PipelineError: when more than ``max_failures`` episodes failed (the sim or expert is broken).
+        """
+        with self._lock:
+            self._results[number] = facts
+            failures = sum(1 for value in self._results.values() if value is None)
+        if failures > self.max_failures:
+            raise PipelineError(f"the expert failed {failures} episodes (last: episode {number}); the sim or the "
+                                "expert is broken")
+
+    def fail(self, error: BaseException) -> None:
+        """Keeps a lane's error and tells every lane to stop."""
+        if not isinstance(error, _LaneStoppedError):
+            with self._lock:
+                self.errors.append(error)
+        self.stopped.set()
+
+    def check(self) -> None:
+        """Raises _LaneStoppedError once a lane failed or the run was interrupted."""
+        if self.stopped.is_set():
+            raise _LaneStoppedError()
+
+    def outcome(self) -> tuple[list[tuple[int, dict[str, Any]]], list[int], int]:
+        """Returns (kept (number, facts) in number order, numbers recorded beyond them, expert failures)."""
+        with self._lock:
+            successes = sorted((number, facts) for number, facts in self._results.items() if facts is not None)
+            failures = sum(1 for facts in self._results.values() if facts is None)
+        return successes[:self.wanted], [number for number, _ in successes[self.wanted:]], failures
+
+
 def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: Path,
                           env: dict[str, str]) -> dict[str, Any]:
-    """Records ``settings.episodes`` expert episodes through the sim node, one bag each.
+    """Records ``settings.episodes`` expert episodes through sim nodes, one bag each.
+
+    ``settings.record_lanes`` sims run side by side, each in a ROS domain of its own with its own
+    recorder: lane i records the sim episodes i, i + lanes, i + 2 lanes, ... The bag of sim episode k
+    is ``episode_<k>``. A demonstration the expert fails is not kept (its bag is deleted), and the
+    kept ones are the first ``settings.episodes`` successes by episode number, so the bags do not
+    depend on the lane count. More than ``max(3, episodes // 5)`` failures end the stage.
 
     Returns the recording facts (bags, steps, expert successes, messages, megabytes).
 
-    A demonstration the expert fails is not kept (its bag is deleted and a new episode is recorded);
-    more than ``max(3, episodes // 5)`` failures end the stage.
-
     Raises:
-        PipelineError: when the sim fails, a topic never appears or the expert fails too often.
+        PipelineError: when a sim fails, a topic never appears or the expert fails too often.
     """
+    from openvla_ros.ros.child_nodes import reserved_domain_ids
+
+    book = EpisodeBook(settings.episodes, max(3, settings.episodes // 5))
+    lanes = min(settings.record_lanes, settings.episodes)
+    own_domain = int(env["ROS_DOMAIN_ID"])
+    with reserved_domain_ids(lanes - 1, exclude=(own_domain,)) as more_domains:
+        domains = [own_domain, *more_domains]
+
+        def lane_main(lane: int) -> None:
+            try:
+                _record_lane(settings, lane, lanes, domains[lane], bags_dir, log_dir, env, book)
+            except BaseException as error:  # noqa: BLE001 -- handed to the caller's thread by the book
+                book.fail(error)
+
+        threads = [threading.Thread(target=lane_main, args=(lane,), name=f"record-lane-{lane}", daemon=True)
+                   for lane in range(lanes)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)
+        finally:
+            book.stopped.set()  # an interrupt here stops every lane, and each stops its sim
+            for thread in threads:
+                thread.join()
+    if book.errors:
+        raise book.errors[0]
+    kept, beyond, failures = book.outcome()
+    for number in beyond:
+        shutil.rmtree(bags_dir / _bag_name(number), ignore_errors=True)
+    if beyond:
+        print(f"  left out {len(beyond)} episode(s) recorded beyond the first {settings.episodes} successes "
+              f"(the lanes ran ahead): {', '.join(_bag_name(number) for number in beyond)}", flush=True)
+    facts: dict[str, Any] = {
+        "bags": [str(bags_dir / _bag_name(number)) for number, _ in kept],
+        "expert_steps": [episode["steps"] for _, episode in kept],
+        "messages": sum(episode["messages"] for _, episode in kept),
+        "topics": list(kept[0][1]["topics"]) if kept else [],
+        "expert_failures": failures,
+        "lanes": lanes,
+    }
+    facts["megabytes"] = round(sum(f.stat().st_size for f in bags_dir.rglob("*") if f.is_file()) / 1e6, 2)
+    return facts
+
+
+def _bag_name(number: int) -> str:
+    return f"episode_{number:03d}"
+
+
+def _record_lane(settings: PipelineSettings, lane: int, lanes: int, domain_id: int, bags_dir: Path, log_dir: Path,
+                 env: dict[str, str], book: EpisodeBook) -> None:
+    """Records sim episodes lane, lane + lanes, ... through a sim of its own until the book needs no more."""
     from std_srvs.srv import SetBool, Trigger
 
     from openvla_ros.ros.record import BagRecorder, load_record_settings
@@ -35,24 +151,28 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
     record_settings = load_record_settings(settings.config)
     topics = list(record_settings.topics)
     image_topic = topics[0]
-    sim = ChildProcess(SIM_NODE, "openvla_ros.sim_scene_node", [
+    sim = ChildProcess(SIM_NODE if lane == 0 else f"{SIM_NODE}_lane{lane}", "openvla_ros.sim_scene_node", [
         "-p", f"task:={settings.task}", "-p", f"seed:={settings.record_seed}", "-p", "reset_on_start:=false",
+        "-p", f"first_episode:={lane}", "-p", f"episode_stride:={lanes}",
         "-p", "publish_compressed:=true", "-p", f"expert_rate_hz:={settings.expert_rate_hz}",
         "-p", f"expert_settle_steps:={settings.expert_settle_steps}",
         "-p", f"camera_upside_down:={str(settings.camera_upside_down).lower()}",
-    ], log_dir, env)
-    session = RosSession("pipeline_recorder")
-    alive = sim.check_alive
-    facts: dict[str, Any] = {"bags": [], "expert_steps": [], "messages": 0, "topics": topics, "expert_failures": 0}
-    max_failures = max(3, settings.episodes // 5)
-    episode = -1
+    ], log_dir, dict(env, ROS_DOMAIN_ID=str(domain_id)))
+    session = None
+
+    def alive() -> None:
+        sim.check_alive()
+        book.check()
+
     try:
-        while len(facts["bags"]) < settings.episodes:
-            episode += 1
+        session = RosSession("pipeline_recorder", domain_id=domain_id)
+        number = lane
+        while book.needs(number):
+            book.check()
             reset = session.call(f"/{SIM_NODE}/reset", Trigger, Trigger.Request(), 60.0, alive)
-            wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode), 10.0,
-                     f"the task state of episode {episode}", alive)
-            path = bags_dir / f"episode_{len(facts['bags']):03d}"
+            wait_for(lambda number=number: session.task_state.get("episode") == str(number), 10.0,
+                     f"the task state of episode {number}", alive)
+            path = bags_dir / _bag_name(number)
             recorder = BagRecorder(session.node, topics, path, record_settings.storage)
             recorder.start()
             try:
@@ -62,35 +182,29 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
                          20.0, f"the recorder to receive {', '.join(topics)}", alive)
                 session.call(f"/{SIM_NODE}/expert", SetBool, SetBool.Request(data=True), 10.0, alive)
                 budget_s = 90 / settings.expert_rate_hz + 10.0
-                wait_for(lambda episode=episode: session.task_state.get("episode") == str(episode)
+                wait_for(lambda number=number: session.task_state.get("episode") == str(number)
                          and session.task_state.get("status") != "running"
                          and session.task_state.get("expert") == "false",
-                         budget_s, f"the end of expert episode {episode}", alive)
+                         budget_s, f"the end of expert episode {number}", alive)
                 time.sleep(2.5 / settings.expert_rate_hz)  # the last step's window closes on later frames
             finally:
                 summary = recorder.stop()
             state = dict(session.task_state)
             if state.get("status") != "success":
-                facts["expert_failures"] += 1
                 shutil.rmtree(path, ignore_errors=True)
-                print(f"  sim episode {episode}: the expert failed ({reset.message!r}, {state.get('status')}); "
+                print(f"  sim episode {number}: the expert failed ({reset.message!r}, {state.get('status')}); "
                       "not kept", flush=True)
-                if facts["expert_failures"] > max_failures:
-                    raise PipelineError(
-                        f"the expert failed {facts['expert_failures']} episodes (last: {reset.message!r}, {state}); "
-                        "the sim or the expert is broken"
-                    )
-                continue
-            facts["bags"].append(str(path))
-            facts["expert_steps"].append(int(state.get("steps", 0)))
-            facts["messages"] += summary.message_count
-            print(f"  {path.name}: {reset.message!r}, expert success in {state.get('steps')} steps, "
-                  f"{summary.message_count} messages", flush=True)
+                book.add(number, None)
+            else:
+                print(f"  {path.name}: {reset.message!r}, expert success in {state.get('steps')} steps, "
+                      f"{summary.message_count} messages", flush=True)
+                book.add(number, {"steps": int(state.get("steps", 0)), "messages": summary.message_count,
+                                  "topics": topics})
+            number += lanes
     finally:
-        session.close()
+        if session is not None:
+            session.close()
         sim.stop()
-    facts["megabytes"] = round(sum(f.stat().st_size for f in bags_dir.rglob("*") if f.is_file()) / 1e6, 2)
-    return facts
 
 
 def convert(settings: PipelineSettings, bags: list[str], data_dir: Path) -> dict[str, Any]:

@@ -3,18 +3,72 @@ that keeps their DDS traffic on this machine."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Domains this package picks for itself: 1-100 (higher ids can collide with Linux's ephemeral ports).
+DOMAIN_IDS = range(1, 101)
+_DOMAIN_LOCKS = Path(tempfile.gettempdir()) / "openvla_ros_domains"
+_held: dict[int, int] = {}  # domain id -> lock file descriptor, for the domains this process holds
+
+
+def reserve_domain_id(exclude: tuple[int, ...] = ()) -> int:
+    """Returns a ROS domain id in 1-100 that no other process of this package on this machine holds.
+
+    The reservation is an exclusive lock on a file per id, held until :func:`release_domain_id` or
+    the end of this process, so apps and test runs side by side never share a domain.
+
+    Raises:
+        RuntimeError: when every id is held (or excluded).
+    """
+    _DOMAIN_LOCKS.mkdir(exist_ok=True)
+    candidates = [domain_id for domain_id in DOMAIN_IDS if domain_id not in exclude and domain_id not in _held]
+    random.SystemRandom().shuffle(candidates)
+    for domain_id in candidates:
+        descriptor = os.open(_DOMAIN_LOCKS / f"{domain_id}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            continue
+        _held[domain_id] = descriptor
+        return domain_id
+    raise RuntimeError(f"every ROS domain id in 1-100 is held by another process of this package ({_DOMAIN_LOCKS}); "
+                       "set ROS_DOMAIN_ID, or stop some of them")
+
+
+def release_domain_id(domain_id: int) -> None:
+    """Gives back a domain id this process reserved (nothing when it holds none of that id)."""
+    descriptor = _held.pop(domain_id, None)
+    if descriptor is not None:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def reserved_domain_ids(count: int, exclude: tuple[int, ...] = ()) -> Iterator[list[int]]:
+    """Reserves ``count`` domain ids (none of ``exclude``) for the ``with`` block."""
+    domain_ids: list[int] = []
+    try:
+        for _ in range(count):
+            domain_ids.append(reserve_domain_id(exclude))
+        yield domain_ids
+    finally:
+        for domain_id in domain_ids:
+            release_domain_id(domain_id)
+
 
 def local_ros_environment() -> dict[str, str]:
-    """Returns the environment for DDS traffic kept on this machine, on a random domain unless one is set.
+    """Returns the environment for DDS traffic kept on this machine, on a reserved domain unless one is set.
 
     Also sets both variables in this process (before rclpy creates its participant), and unbuffers the
     children's output so their logs are current.
@@ -22,7 +76,7 @@ def local_ros_environment() -> dict[str, str]:
     env = dict(os.environ, RCUTILS_LOGGING_BUFFERED_STREAM="0", PYTHONUNBUFFERED="1")
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     if not env.get("ROS_DOMAIN_ID"):
-        env["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
+        env["ROS_DOMAIN_ID"] = str(reserve_domain_id())
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = env["ROS_AUTOMATIC_DISCOVERY_RANGE"]
     os.environ["ROS_DOMAIN_ID"] = env["ROS_DOMAIN_ID"]
     return env

@@ -129,6 +129,19 @@ PARAMETERS: tuple[SimParameter, ...] = (
         read_only=False,
         integer_range=(0, 2**31 - 1),
     ),
+    SimParameter(
+        "first_episode",
+        0,
+        "Number k of the first episode; each ~/reset after it adds episode_stride.",
+        integer_range=(0, 2**31 - 1),
+    ),
+    SimParameter(
+        "episode_stride",
+        1,
+        "Step between episode numbers: sims started with first_episode 0..n-1 and stride n share out one "
+        "seed's episodes.",
+        integer_range=(1, 1024),
+    ),
     SimParameter("expert_rate_hz", 5.0, "Rate of the scripted expert's actions.", float_range=(1.0, 30.0)),
     SimParameter(
         "expert_noise",
@@ -228,7 +241,10 @@ class SimSceneNode(Node):
 
     def reset_episode(self) -> str:
         """Starts the next episode, publishes its instruction and returns it."""
-        self.episode += 1
+        if self.episode < 0:
+            self.episode = int(self._value("first_episode"))
+        else:
+            self.episode += int(self._value("episode_stride"))
         seed = (int(self._value("seed")), self.episode)
         task = self.scene.reset(seed=seed, task=self._value("task"))
         self.expert.reset(seed=seed)
