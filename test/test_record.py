@@ -141,6 +141,46 @@ def test_recorder_writes_a_sqlite3_bag_with_latched_and_late_topics(ros_node: An
     assert qos["/rec_test/instruction"][0]["durability"] == "transient_local"  # as offered
 
 
+def test_a_callback_run_late_keeps_the_time_its_message_arrived(ros_node: Any, tmp_path: Path) -> None:
+    """The recorder's executor is held back while two messages 0.4 s apart arrive, then runs both callbacks
+    at once: the bag keeps their spacing and order (the middleware's receive time), which stamping at the
+    callback would squeeze to the same instant, reordering them against other topics."""
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("record_late_recorder", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    bag = tmp_path / "late"
+    recorder = BagRecorder(node, ["/rec_late/action"], bag)
+    publisher = ros_node.create_publisher(Float64MultiArray, "/rec_late/action", 10)
+
+    def spin_until(condition: Any, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            executor.spin_once(timeout_sec=0.05)
+
+    try:
+        recorder.start()
+        spin_until(lambda: publisher.get_subscription_count() > 0 and recorder.subscribed_topics(),
+                   "the recorder's subscription")
+        publisher.publish(Float64MultiArray(data=[1.0] * 7))
+        time.sleep(0.4)  # the recorder's executor does not run: its callbacks wait
+        publisher.publish(Float64MultiArray(data=[2.0] * 7))
+        time.sleep(0.1)
+        spin_until(lambda: recorder.counts().get("/rec_late/action", 0) == 2, "both messages")
+    finally:
+        recorder.stop()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+    with AnyReader([bag]) as reader:
+        stamped = [(timestamp, reader.deserialize(raw, connection.msgtype).data[0])
+                   for connection, timestamp, raw in reader.messages()]
+    assert [value for _, value in stamped] == [1.0, 2.0]
+    assert stamped[1][0] - stamped[0][0] > 0.2e9, f"spacing {(stamped[1][0] - stamped[0][0]) / 1e9:.3f} s"
+
+
 # ---------------------------------------------------------------------------------------- with the sim
 
 

@@ -8,7 +8,8 @@ For machines without ``ros2 bag record`` (ROS 2 from PyPI wheels); on a full ROS
 ``ros2 launch openvla_ros record.launch.py`` does the same. The topics are those of the config file's
 ``topics`` section plus ``record.extra_topics``, the bag goes to ``<output_dir>/<episode>`` in
 ``record.storage`` (mcap by default), as ``ros2 bag record`` would write it: serialized CDR messages
-stamped with their receive time, each topic with its type, type hash and the publishers' offered
+stamped with their receive time (the time the middleware received each one, so a busy recorder does
+not shift or reorder them), each topic with its type, type hash and the publishers' offered
 QoS in ``metadata.yaml`` (version 9). Topics are picked up whenever their first publisher appears;
 subscriptions take the publishers' reliability and durability, so a latched instruction published
 before the recorder started is still recorded. Stop with Ctrl-C, SIGTERM or ``--duration``; the bag
@@ -43,7 +44,10 @@ class BagRecorder:
 
     Use ``start()`` once, spin the node (any executor), then ``stop()``. Subscriptions are made on
     the node as each topic's first publisher is discovered; messages stay serialized (raw CDR) and
-    are written with the node clock's receive time.
+    are written with their receive time: the time the middleware received the message, so that a
+    callback the executor runs late (a busy machine, a slow callback before it) keeps the time and
+    the order in which messages arrived. Under simulated time (``use_sim_time``), or where the
+    middleware gives no receive time, the node clock at the callback is used.
     """
 
     def __init__(self, node: Any, topics: Iterable[str], path: str | Path, storage: str = "mcap") -> None:
@@ -131,18 +135,29 @@ class BagRecorder:
             self._connections[topic] = connection
             self._records[topic] = TopicRecord(topic, msgtype)
 
-        def on_message(data: bytes, topic: str = topic) -> None:
-            self._write(topic, data)
-
         self._subscriptions.append(
             self.node.create_subscription(
-                message_type, topic, on_message, subscription_qos(profiles), raw=True
+                message_type, topic, self._writer_of(topic), subscription_qos(profiles), raw=True
             )
         )
         self.node.get_logger().info(f"recording {topic} ({msgtype})")
 
-    def _write(self, topic: str, data: bytes) -> None:
-        now_ns = self.node.get_clock().now().nanoseconds
+    def _writer_of(self, topic: str) -> Any:
+        """The subscription callback of ``topic``: it takes the message info (two parameters) for the receive time."""
+
+        def on_message(data: bytes, info: Any) -> None:
+            self._write(topic, data, int(info.get("received_timestamp") or 0))
+
+        return on_message
+
+    def _receive_time_ns(self, received_ns: int) -> int:
+        clock = self.node.get_clock()
+        if received_ns > 0 and not getattr(clock, "ros_time_is_active", False):  # the middleware's is system time
+            return received_ns
+        return clock.now().nanoseconds
+
+    def _write(self, topic: str, data: bytes, received_ns: int = 0) -> None:
+        now_ns = self._receive_time_ns(received_ns)
         with self._lock:
             if self._writer is None:
                 return
