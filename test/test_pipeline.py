@@ -107,6 +107,90 @@ def test_report_has_success_rates_timings_and_plots(quick_run: tuple[Path, str])
     assert "fine_tuned        success" in stdout and "stage timings" in stdout
 
 
+def _steps_by_bag(data_dir: Path) -> dict[str, tuple[str, list[list[np.ndarray]]]]:
+    """Returns {bag name: (split, every step's action, instruction and observations)} of a sim_reach dataset."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("sim_reach", data_dir=str(data_dir))
+    found = {}
+    for split in ("train", "val"):
+        for episode in tfds.as_numpy(builder.as_dataset(split=split)):
+            name = Path(episode["episode_metadata"]["file_path"].decode()).name
+            found[name] = (split, [[np.asarray(step["action"]), np.asarray(step["language_instruction"]),
+                                    *(np.asarray(step["observation"][key]) for key in sorted(step["observation"]))]
+                                   for step in episode["steps"]])
+    return found
+
+
+def test_one_sim_records_the_steps_that_three_lanes_recorded(quick_run: tuple[Path, str], tmp_path: Path) -> None:
+    """The quick run records with three sims side by side; one sim, episode after episode, gives the
+    same bags and dataset steps (the stamps differ, the steps do not)."""
+    from openvla_ros.pipeline.settings import QUICK, PipelineSettings
+    from openvla_ros.pipeline.stages import convert, record_demonstrations
+    from openvla_ros.ros.child_nodes import local_ros_environment
+
+    out, stdout = quick_run
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["record_lanes"] == 3 and report["dataset"]["record_lanes"] == 3
+    assert (out / "logs" / "sim_scene_lane2.log").is_file()
+    settings = PipelineSettings(out=tmp_path, episodes=QUICK["episodes"], record_lanes=1)
+    recording = record_demonstrations(settings, tmp_path / "bags", tmp_path / "logs", local_ros_environment())
+    assert [Path(bag).name for bag in recording["bags"]] == ["episode_000", "episode_001", "episode_002"]
+    assert recording["expert_steps"] == report["dataset"]["expert_steps"]
+    convert(settings, recording["bags"], tmp_path / "data")
+    one, three = _steps_by_bag(tmp_path / "data"), _steps_by_bag(out / "data")
+    assert sorted(one) == sorted(three) == ["episode_000", "episode_001", "episode_002"]
+    for name, (split, steps) in one.items():
+        assert split == three[name][0] and len(steps) == len(three[name][1]) > 0, name
+        for step, other in zip(steps, three[name][1], strict=True):
+            assert all(np.array_equal(a, b) for a, b in zip(step, other, strict=True)), name
+
+
+def test_the_episode_book_keeps_the_first_successes_by_episode_number() -> None:
+    """Lanes finish episodes out of order; the kept ones are the first successes by number, and a lane
+    stops once enough successes have lower numbers than its next episode."""
+    from openvla_ros.pipeline import PipelineError
+    from openvla_ros.pipeline.stages import EpisodeBook
+
+    book = EpisodeBook(wanted=3, max_failures=2)
+    book.add(1, {"steps": 11})
+    book.add(0, None)  # the expert failed episode 0
+    book.add(4, {"steps": 14})
+    assert book.needs(5), "episodes 2 and 3 are not known yet: 5 may still be needed"
+    book.add(2, {"steps": 12})
+    assert not book.needs(5) and not book.needs(6), "1, 2 and 4 succeeded: nothing from 5 on is kept"
+    assert book.needs(3), "only 1 and 2 are below 3"
+    book.add(3, {"steps": 13})
+    kept, beyond, failures = book.outcome()
+    assert [number for number, _ in kept] == [1, 2, 3] and [facts["steps"] for _, facts in kept] == [11, 12, 13]
+    assert beyond == [4] and failures == 1
+    book.add(7, None)
+    with pytest.raises(PipelineError, match="the expert failed 3 episodes"):
+        book.add(8, None)
+
+
+def test_apps_and_test_runs_reserve_ros_domains_no_other_process_holds() -> None:
+    from openvla_ros.ros.child_nodes import reserved_domain_ids
+
+    probe = ("import fcntl, os, sys\n"
+             "from openvla_ros.ros.child_nodes import _DOMAIN_LOCKS\n"
+             "for domain_id in sys.argv[1:]:\n"
+             "    fd = os.open(_DOMAIN_LOCKS / f'{domain_id}.lock', os.O_RDWR)\n"
+             "    try:\n"
+             "        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "        print('free')\n"
+             "    except OSError:\n"
+             "        print('held')\n")
+    own = int(os.environ["ROS_DOMAIN_ID"])
+    with reserved_domain_ids(2, exclude=(own,)) as domain_ids:
+        assert len(set(domain_ids)) == 2 and own not in domain_ids
+        held = subprocess.run([sys.executable, "-c", probe, *map(str, domain_ids)], cwd=REPO, capture_output=True,
+                              text=True, timeout=60, check=True).stdout.split()
+    released = subprocess.run([sys.executable, "-c", probe, *map(str, domain_ids)], cwd=REPO, capture_output=True,
+                              text=True, timeout=60, check=True).stdout.split()
+    assert held == ["held", "held"] and released == ["free", "free"]
+
+
 def test_refuses_an_output_directory_it_did_not_create(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     result = subprocess.run(
@@ -281,19 +365,19 @@ def test_a_wait_that_times_out_is_told_apart_from_a_dead_process() -> None:
     wait_for(lambda: True, 0.0, "something already true", dead)
 
 
-def _processes_in_domain(domain_id: str) -> list[str]:
-    """Returns the command lines of the running processes whose environment has ROS_DOMAIN_ID=domain_id."""
-    found = []
+def _child_nodes(parent: int) -> dict[int, str]:
+    """Returns {pid: command line} of the running node processes (``--ros-args``) started by ``parent``."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
+            parent_id = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+        except (OSError, IndexError, ValueError):
             continue
-        if f"ROS_DOMAIN_ID={domain_id}".encode() in environ:
-            found.append(cmdline)
+        if parent_id == parent and "--ros-args" in cmdline:
+            found[int(entry.name)] = cmdline
     return found
 
 
@@ -314,17 +398,20 @@ def test_sigterm_stops_the_children_and_says_what_is_left(tiny_checkpoint: Path,
             cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT,
         )
     bags = out / "bags"
+    children: dict[int, str] = {}
 
-    def recording() -> bool:  # a bag is being written and the stage's child nodes run
-        return bags.is_dir() and any(bags.iterdir()) and any("--ros-args" in line
-                                                             for line in _processes_in_domain(domain))
+    def recording() -> bool:  # a bag is being written and every recording lane's sim runs
+        running = _child_nodes(process.pid)
+        children.update(running)
+        return bags.is_dir() and any(bags.iterdir()) and len(running) == 3
 
-    signal_when(process, recording, signal.SIGTERM, "to recording with its child nodes", log.read_text)
+    signal_when(process, recording, signal.SIGTERM, "to recording with its three sims", log.read_text)
     output = log.read_text()
     assert process.returncode == 143, output[-3000:]
     assert f"interrupted (SIGTERM): the child processes are stopped; {out} holds a partial run" in output
     assert not (out / "report.json").exists()
-    assert [line for line in _processes_in_domain(domain) if "--ros-args" in line] == []
+    assert all("sim_scene_node" in line for line in children.values())
+    assert [line for pid, line in children.items() if Path(f"/proc/{pid}").exists()] == []
     prepare_out_dir(out)  # the next run takes the directory over
     assert [path.name for path in out.iterdir()] == [MARKER]
 

@@ -80,7 +80,8 @@ def run(settings: PipelineSettings) -> Report:
         report.dataset = convert(settings, recording["bags"], out / "data")
         report.dataset.update(bags=len(recording["bags"]), bag_megabytes=recording["megabytes"],
                               messages=recording["messages"], expert_steps=recording["expert_steps"],
-                              expert_failures=recording["expert_failures"])
+                              expert_failures=recording["expert_failures"],
+                              record_lanes=recording["lanes"])
     head = "L1 chunk head" if oft else "token head"
     if settings.localises:
         head += f", localisation losses {settings.locate_patch_weight:g},{settings.locate_point_weight:g}"
