@@ -191,6 +191,21 @@ def test_apps_and_test_runs_reserve_ros_domains_no_other_process_holds() -> None
     assert held == ["held", "held"] and released == ["free", "free"]
 
 
+def test_when_no_domain_is_free_for_a_lane_the_recording_says_so_before_it_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openvla_ros.pipeline import PipelineError
+    from openvla_ros.pipeline.settings import PipelineSettings
+    from openvla_ros.pipeline.stages import record_demonstrations
+    from openvla_ros.ros import child_nodes
+
+    own = int(os.environ["ROS_DOMAIN_ID"])
+    monkeypatch.setattr(child_nodes, "DOMAIN_IDS", range(own, own + 1))  # the run's own domain alone
+    settings = PipelineSettings(out=tmp_path, episodes=4, record_lanes=2)
+    with pytest.raises(PipelineError, match=r"every ROS domain id .* is held.*--record-lanes 1"):
+        record_demonstrations(settings, tmp_path / "bags", tmp_path / "logs", dict(os.environ))
+    assert not (tmp_path / "logs").exists(), "no sim was started"
+
+
 def test_refuses_an_output_directory_it_did_not_create(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     result = subprocess.run(

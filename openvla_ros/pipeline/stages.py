@@ -91,11 +91,38 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
     Raises:
         PipelineError: when a sim fails, a topic never appears or the expert fails too often.
     """
-    from openvla_ros.ros.child_nodes import reserved_domain_ids
+    from openvla_ros.ros.child_nodes import DomainsTakenError
 
     book = EpisodeBook(settings.episodes, max(3, settings.episodes // 5))
     lanes = min(settings.record_lanes, settings.episodes)
     own_domain = int(env["ROS_DOMAIN_ID"])
+    try:
+        _record_lanes(settings, lanes, own_domain, bags_dir, log_dir, env, book)
+    except DomainsTakenError as exc:
+        raise PipelineError(f"{exc}; or record in one lane (--record-lanes 1)") from None
+    kept, beyond, failures = book.outcome()
+    for number in beyond:
+        shutil.rmtree(bags_dir / _bag_name(number), ignore_errors=True)
+    if beyond:
+        print(f"  left out {len(beyond)} episode(s) recorded beyond the first {settings.episodes} successes "
+              f"(the lanes ran ahead): {', '.join(_bag_name(number) for number in beyond)}", flush=True)
+    facts: dict[str, Any] = {
+        "bags": [str(bags_dir / _bag_name(number)) for number, _ in kept],
+        "expert_steps": [episode["steps"] for _, episode in kept],
+        "messages": sum(episode["messages"] for _, episode in kept),
+        "topics": list(kept[0][1]["topics"]) if kept else [],
+        "expert_failures": failures,
+        "lanes": lanes,
+    }
+    facts["megabytes"] = round(sum(f.stat().st_size for f in bags_dir.rglob("*") if f.is_file()) / 1e6, 2)
+    return facts
+
+
+def _record_lanes(settings: PipelineSettings, lanes: int, own_domain: int, bags_dir: Path, log_dir: Path,
+                  env: dict[str, str], book: EpisodeBook) -> None:
+    """Runs the lanes, each on a thread of its own, until the book needs no more; raises a lane's error."""
+    from openvla_ros.ros.child_nodes import reserved_domain_ids
+
     with reserved_domain_ids(lanes - 1, exclude=(own_domain,)) as more_domains:
         domains = [own_domain, *more_domains]
 
@@ -119,22 +146,6 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
                 thread.join()
     if book.errors:
         raise book.errors[0]
-    kept, beyond, failures = book.outcome()
-    for number in beyond:
-        shutil.rmtree(bags_dir / _bag_name(number), ignore_errors=True)
-    if beyond:
-        print(f"  left out {len(beyond)} episode(s) recorded beyond the first {settings.episodes} successes "
-              f"(the lanes ran ahead): {', '.join(_bag_name(number) for number in beyond)}", flush=True)
-    facts: dict[str, Any] = {
-        "bags": [str(bags_dir / _bag_name(number)) for number, _ in kept],
-        "expert_steps": [episode["steps"] for _, episode in kept],
-        "messages": sum(episode["messages"] for _, episode in kept),
-        "topics": list(kept[0][1]["topics"]) if kept else [],
-        "expert_failures": failures,
-        "lanes": lanes,
-    }
-    facts["megabytes"] = round(sum(f.stat().st_size for f in bags_dir.rglob("*") if f.is_file()) / 1e6, 2)
-    return facts
 
 
 def _bag_name(number: int) -> str:

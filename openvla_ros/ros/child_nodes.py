@@ -22,6 +22,10 @@ _DOMAIN_LOCKS = Path(tempfile.gettempdir()) / "openvla_ros_domains"
 _held: dict[int, int] = {}  # domain id -> lock file descriptor, for the domains this process holds
 
 
+class DomainsTakenError(RuntimeError):
+    """Every ROS domain id this package picks from is held by another of its processes."""
+
+
 def reserve_domain_id(exclude: tuple[int, ...] = ()) -> int:
     """Returns a ROS domain id in 1-100 that no other process of this package on this machine holds.
 
@@ -29,7 +33,7 @@ def reserve_domain_id(exclude: tuple[int, ...] = ()) -> int:
     the end of this process, so apps and test runs side by side never share a domain.
 
     Raises:
-        RuntimeError: when every id is held (or excluded).
+        DomainsTakenError: when every id is held (or excluded).
     """
     _DOMAIN_LOCKS.mkdir(exist_ok=True)
     candidates = [domain_id for domain_id in DOMAIN_IDS if domain_id not in exclude and domain_id not in _held]
@@ -43,8 +47,8 @@ def reserve_domain_id(exclude: tuple[int, ...] = ()) -> int:
             continue
         _held[domain_id] = descriptor
         return domain_id
-    raise RuntimeError(f"every ROS domain id in 1-100 is held by another process of this package ({_DOMAIN_LOCKS}); "
-                       "set ROS_DOMAIN_ID, or stop some of them")
+    raise DomainsTakenError(f"every ROS domain id in {DOMAIN_IDS.start}-{DOMAIN_IDS.stop - 1} is held by another "
+                            f"process of this package ({_DOMAIN_LOCKS}); set ROS_DOMAIN_ID, or stop some of them")
 
 
 def release_domain_id(domain_id: int) -> None:
