@@ -647,6 +647,31 @@ def _start_and_signal(data_dir: Path, bag: Path, signal_number: int, point: str)
     return process
 
 
+@pytest.mark.parametrize("where", ["mark_owner", "open"])
+def test_an_interrupt_while_the_writer_sets_up_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              where: str) -> None:
+    """A Ctrl-C just after the staging directory is made (``__exit__`` does not run when ``__enter__``
+    raises): the writer removes what it made before the interrupt goes on."""
+    import builtins
+
+    from openvla_ros.dataset import rlds_writer
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    if where == "mark_owner":
+        monkeypatch.setattr(rlds_writer, "mark_owner", interrupted)
+    else:
+        real_open = builtins.open
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: interrupted() if str(path).endswith(
+            "episodes.staging") else real_open(path, *a, **k))
+    data_dir = tmp_path / "data"
+    with pytest.raises(KeyboardInterrupt):
+        with rlds_writer.RldsWriter(data_dir, "setup", image_keys=["image"]):
+            pass
+    assert not data_dir.exists(), leftovers(data_dir)
+
+
 @pytest.mark.parametrize(
     ("signal_number", "point"),
     [(signal.SIGINT, "early"), (signal.SIGTERM, "early"), (signal.SIGTERM, "late"), (signal.SIGHUP, "late")],

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import shutil
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,12 +225,18 @@ class RldsWriter:
         self._check_destination()
         self._created_data_dir = not self.data_dir.exists()
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._temp_root = Path(tempfile.mkdtemp(prefix=f".{self.name}-incomplete-", dir=self.data_dir))
-            mark_owner(self._temp_root)
-        except OSError as exc:
-            raise DatasetError(f"cannot write into {self.data_dir}: {exc.strerror or exc}") from exc
-        self._staging = open(self._temp_root / "episodes.staging", "w+b")  # noqa: SIM115 - closed in finish/abort
+            try:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                # Named before it is made, so that an interrupt at any point after the mkdir finds it to remove.
+                self._temp_root = self.data_dir / f".{self.name}-incomplete-{secrets.token_hex(6)}"
+                self._temp_root.mkdir()
+                mark_owner(self._temp_root)
+            except OSError as exc:
+                raise DatasetError(f"cannot write into {self.data_dir}: {exc.strerror or exc}") from exc
+            self._staging = open(self._temp_root / "episodes.staging", "w+b")  # noqa: SIM115 - closed in finish/abort
+        except BaseException:  # Ctrl-C or SIGTERM included: __exit__ does not run when __enter__ raises
+            self.abort()
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
