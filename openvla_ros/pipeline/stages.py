@@ -92,12 +92,14 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
         PipelineError: when a sim fails, a topic never appears or the expert fails too often.
     """
     from openvla_ros.ros.child_nodes import DomainsTakenError
+    from openvla_ros.ros.record import load_record_settings
 
+    record_settings = load_record_settings(settings.config)
     book = EpisodeBook(settings.episodes, max(3, settings.episodes // 5))
     lanes = min(settings.record_lanes, settings.episodes)
     own_domain = int(env["ROS_DOMAIN_ID"])
     try:
-        _record_lanes(settings, lanes, own_domain, bags_dir, log_dir, env, book)
+        _record_lanes(settings, record_settings, lanes, own_domain, bags_dir, log_dir, env, book)
     except DomainsTakenError as exc:
         raise PipelineError(f"{exc}; or record in one lane (--record-lanes 1)") from None
     kept, beyond, failures = book.outcome()
@@ -110,7 +112,7 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
         "bags": [str(bags_dir / _bag_name(number)) for number, _ in kept],
         "expert_steps": [episode["steps"] for _, episode in kept],
         "messages": sum(episode["messages"] for _, episode in kept),
-        "topics": list(kept[0][1]["topics"]) if kept else [],
+        "topics": list(record_settings.topics),
         "expert_failures": failures,
         "lanes": lanes,
     }
@@ -118,8 +120,8 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
     return facts
 
 
-def _record_lanes(settings: PipelineSettings, lanes: int, own_domain: int, bags_dir: Path, log_dir: Path,
-                  env: dict[str, str], book: EpisodeBook) -> None:
+def _record_lanes(settings: PipelineSettings, record_settings: Any, lanes: int, own_domain: int, bags_dir: Path,
+                  log_dir: Path, env: dict[str, str], book: EpisodeBook) -> None:
     """Runs the lanes, each on a thread of its own, until the book needs no more; raises a lane's error."""
     from openvla_ros.ros.child_nodes import reserved_domain_ids
 
@@ -128,7 +130,7 @@ def _record_lanes(settings: PipelineSettings, lanes: int, own_domain: int, bags_
 
         def lane_main(lane: int) -> None:
             try:
-                _record_lane(settings, lane, lanes, domains[lane], bags_dir, log_dir, env, book)
+                _record_lane(settings, record_settings, lane, lanes, domains[lane], bags_dir, log_dir, env, book)
             except BaseException as error:  # noqa: BLE001 -- handed to the caller's thread by the book
                 book.fail(error)
 
@@ -152,14 +154,13 @@ def _bag_name(number: int) -> str:
     return f"episode_{number:03d}"
 
 
-def _record_lane(settings: PipelineSettings, lane: int, lanes: int, domain_id: int, bags_dir: Path, log_dir: Path,
-                 env: dict[str, str], book: EpisodeBook) -> None:
+def _record_lane(settings: PipelineSettings, record_settings: Any, lane: int, lanes: int, domain_id: int,
+                 bags_dir: Path, log_dir: Path, env: dict[str, str], book: EpisodeBook) -> None:
     """Records sim episodes lane, lane + lanes, ... through a sim of its own until the book needs no more."""
     from std_srvs.srv import SetBool, Trigger
 
-    from openvla_ros.ros.record import BagRecorder, load_record_settings
+    from openvla_ros.ros.record import BagRecorder
 
-    record_settings = load_record_settings(settings.config)
     topics = list(record_settings.topics)
     image_topic = topics[0]
     sim = ChildProcess(SIM_NODE if lane == 0 else f"{SIM_NODE}_lane{lane}", "openvla_ros.sim_scene_node", [
@@ -209,13 +210,14 @@ def _record_lane(settings: PipelineSettings, lane: int, lanes: int, domain_id: i
             else:
                 print(f"  {path.name}: {reset.message!r}, expert success in {state.get('steps')} steps, "
                       f"{summary.message_count} messages", flush=True)
-                book.add(number, {"steps": int(state.get("steps", 0)), "messages": summary.message_count,
-                                  "topics": topics})
+                book.add(number, {"steps": int(state.get("steps", 0)), "messages": summary.message_count})
             number += lanes
     finally:
-        if session is not None:
-            session.close()
-        sim.stop()
+        try:
+            if session is not None:
+                session.close()
+        finally:
+            sim.stop()  # also when closing the session failed: no sim outlives its lane
 
 
 def convert(settings: PipelineSettings, bags: list[str], data_dir: Path) -> dict[str, Any]:

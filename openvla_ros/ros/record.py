@@ -156,7 +156,7 @@ class BagRecorder:
             return received_ns
         return clock.now().nanoseconds
 
-    def _write(self, topic: str, data: bytes, received_ns: int = 0) -> None:
+    def _write(self, topic: str, data: bytes, received_ns: int) -> None:
         now_ns = self._receive_time_ns(received_ns)
         with self._lock:
             if self._writer is None:
