@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,44 @@ def termination_as_interrupt() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def run_to_the_end(jobs: Sequence[Callable[[], None]], stop: threading.Event, name: str = "job") -> None:
+    """Runs each job on a thread of its own and returns once every one has returned.
+
+    An interrupt (Ctrl-C, or :class:`Terminated`) while they run sets ``stop``, waits until every job
+    has returned (each is expected to watch ``stop`` and clean up, a child process stopped for
+    instance), and then goes on up. Later interrupts during that wait are logged and do not cut it
+    short. The wait is on an event each job sets when it returns, not on ``Thread.join``: Python 3.11
+    marks a thread as finished when an interrupt lands inside its ``join``, so a later ``join``
+    returns at once while the thread still runs, and a daemon thread then dies mid clean-up at exit.
+    Exceptions of the jobs are theirs to hand on (through ``stop`` and a shared record, say).
+    """
+    finished = [threading.Event() for _ in jobs]
+
+    def run(job: Callable[[], None], done: threading.Event) -> None:
+        try:
+            job()
+        finally:
+            done.set()
+
+    threads = [threading.Thread(target=run, args=(job, done), name=f"{name}-{number}", daemon=True)
+               for number, (job, done) in enumerate(zip(jobs, finished, strict=True))]
+    try:
+        for thread in threads:
+            thread.start()
+        for done in finished:
+            while not done.wait(0.2):
+                pass
+    finally:
+        stop.set()
+        pending = [done for thread, done in zip(threads, finished, strict=True) if thread.ident is not None]
+        while pending:
+            try:
+                pending[0].wait(0.2)
+                pending = [done for done in pending if not done.is_set()]
+            except KeyboardInterrupt:
+                logger.warning("interrupted again: waiting for the %s threads to clean up", name)
 
 
 def mark_owner(staging: Path) -> None:

@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from openvla_ros.interrupts import (
     interrupt_name,
     mark_owner,
     remove_stale_staging,
+    run_to_the_end,
     termination_as_interrupt,
 )
 
@@ -40,6 +43,42 @@ def test_a_termination_signal_becomes_an_interrupt_and_later_ones_are_ignored(si
 
 def test_ctrl_c_keeps_its_own_status_and_name() -> None:
     assert interrupt_exit_status(KeyboardInterrupt()) == 130 and interrupt_name(KeyboardInterrupt()) == "Ctrl-C"
+
+
+def test_an_interrupt_waits_until_every_thread_has_cleaned_up() -> None:
+    stop = threading.Event()
+    cleaned: list[int] = []
+
+    def job(number: int) -> None:
+        while not stop.wait(0.01):
+            pass
+        time.sleep(0.7 - 0.2 * number)  # a child process taking its time to stop, the first one longest
+        cleaned.append(number)
+
+    def again(_number: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # as a second Ctrl-C would
+
+    previous = signal.signal(signal.SIGUSR1, again)
+    timers = [threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)),
+              threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1))]  # while the jobs clean up
+    try:
+        with pytest.raises(Terminated), termination_as_interrupt():
+            for timer in timers:
+                timer.start()
+            # Thread.join would be cut by the signal and take the first thread for finished.
+            run_to_the_end([lambda n=n: job(n) for n in range(3)], stop, "test")
+    finally:
+        for timer in timers:
+            timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert sorted(cleaned) == [0, 1, 2]
+
+
+def test_the_jobs_run_to_the_end_without_an_interrupt() -> None:
+    stop = threading.Event()
+    results: list[int] = []
+    run_to_the_end([lambda n=n: results.append(n * n) for n in range(4)], stop)
+    assert sorted(results) == [0, 1, 4, 9] and stop.is_set()
 
 
 def test_stale_staging_is_removed_unless_its_owner_runs(tmp_path: Path) -> None:

@@ -380,19 +380,29 @@ def test_a_wait_that_times_out_is_told_apart_from_a_dead_process() -> None:
     wait_for(lambda: True, 0.0, "something already true", dead)
 
 
-def _child_nodes(parent: int) -> dict[int, str]:
-    """Returns {pid: command line} of the running node processes (``--ros-args``) started by ``parent``."""
+def _start_time(pid: int) -> str | None:
+    """Returns when process ``pid`` started (clock ticks since boot), None when it is gone: a pid reused
+    by a later process starts later."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _child_nodes(parent: int) -> dict[int, tuple[str, str]]:
+    """Returns {pid: (start time, command line)} of the running node processes (``--ros-args``) started
+    by ``parent``."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            parent_id = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError, ValueError):
             continue
-        if parent_id == parent and "--ros-args" in cmdline:
-            found[int(entry.name)] = cmdline
+        if int(fields[1]) == parent and "--ros-args" in cmdline:
+            found[int(entry.name)] = (fields[19], cmdline)
     return found
 
 
@@ -413,7 +423,7 @@ def test_sigterm_stops_the_children_and_says_what_is_left(tiny_checkpoint: Path,
             cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT,
         )
     bags = out / "bags"
-    children: dict[int, str] = {}
+    children: dict[int, tuple[str, str]] = {}
 
     def recording() -> bool:  # a bag is being written and every recording lane's sim runs
         running = _child_nodes(process.pid)
@@ -425,8 +435,8 @@ def test_sigterm_stops_the_children_and_says_what_is_left(tiny_checkpoint: Path,
     assert process.returncode == 143, output[-3000:]
     assert f"interrupted (SIGTERM): the child processes are stopped; {out} holds a partial run" in output
     assert not (out / "report.json").exists()
-    assert all("sim_scene_node" in line for line in children.values())
-    assert [line for pid, line in children.items() if Path(f"/proc/{pid}").exists()] == []
+    assert all("sim_scene_node" in line for _, line in children.values())
+    assert [line for pid, (start, line) in children.items() if _start_time(pid) == start] == []
     prepare_out_dir(out)  # the next run takes the directory over
     assert [path.name for path in out.iterdir()] == [MARKER]
 

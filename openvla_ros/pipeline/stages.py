@@ -123,6 +123,7 @@ def record_demonstrations(settings: PipelineSettings, bags_dir: Path, log_dir: P
 def _record_lanes(settings: PipelineSettings, record_settings: Any, lanes: int, own_domain: int, bags_dir: Path,
                   log_dir: Path, env: dict[str, str], book: EpisodeBook) -> None:
     """Runs the lanes, each on a thread of its own, until the book needs no more; raises a lane's error."""
+    from openvla_ros.interrupts import run_to_the_end
     from openvla_ros.ros.child_nodes import reserved_domain_ids
 
     with reserved_domain_ids(lanes - 1, exclude=(own_domain,)) as more_domains:
@@ -134,18 +135,8 @@ def _record_lanes(settings: PipelineSettings, record_settings: Any, lanes: int, 
             except BaseException as error:  # noqa: BLE001 -- handed to the caller's thread by the book
                 book.fail(error)
 
-        threads = [threading.Thread(target=lane_main, args=(lane,), name=f"record-lane-{lane}", daemon=True)
-                   for lane in range(lanes)]
-        for thread in threads:
-            thread.start()
-        try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.2)
-        finally:
-            book.stopped.set()  # an interrupt here stops every lane, and each stops its sim
-            for thread in threads:
-                thread.join()
+        # An interrupt sets book.stopped: every lane then stops its sim before this returns.
+        run_to_the_end([lambda lane=lane: lane_main(lane) for lane in range(lanes)], book.stopped, "record-lane")
     if book.errors:
         raise book.errors[0]
 
