@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -111,6 +112,23 @@ def run_to_the_end(jobs: Sequence[Callable[[], None]], stop: threading.Event, na
                 pending = [done for done in pending if not done.is_set()]
             except KeyboardInterrupt:
                 logger.warning("interrupted again: waiting for the %s threads to clean up", name)
+
+
+@contextmanager
+def fresh_directory(parent: Path, prefix: str) -> Iterator[Path]:
+    """Yields a new empty directory ``parent/<prefix><random>``; whatever is left of it when the block
+    ends (returned, raised or interrupted) is removed, so a block that keeps its work renames it away.
+
+    The name is chosen before the directory is made and the making happens inside the clean-up, so an
+    interrupt at any point leaves nothing behind (``tempfile.mkdtemp`` followed by a ``try`` leaves a
+    window between the two).
+    """
+    path = Path(parent) / f"{prefix}{secrets.token_hex(6)}"
+    try:
+        path.mkdir()
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def mark_owner(staging: Path) -> None:

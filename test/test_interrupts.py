@@ -15,6 +15,7 @@ import pytest
 from openvla_ros.interrupts import (
     OWNER_FILE,
     Terminated,
+    fresh_directory,
     interrupt_exit_status,
     interrupt_name,
     mark_owner,
@@ -79,6 +80,33 @@ def test_the_jobs_run_to_the_end_without_an_interrupt() -> None:
     results: list[int] = []
     run_to_the_end([lambda n=n: results.append(n * n) for n in range(4)], stop)
     assert sorted(results) == [0, 1, 4, 9] and stop.is_set()
+
+
+@pytest.mark.parametrize("where", ["making", "inside"])
+def test_a_fresh_directory_is_gone_after_an_interrupt_wherever_it_lands(tmp_path: Path, where: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+    original = Path.mkdir
+
+    def mkdir_then_interrupt(self: Path, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+        raise KeyboardInterrupt  # as a Ctrl-C landing right after the directory appeared
+
+    if where == "making":
+        monkeypatch.setattr(Path, "mkdir", mkdir_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), fresh_directory(tmp_path, ".staging-") as staging:
+        made.append(staging)
+        (staging / "half-written").write_text("x")
+        raise KeyboardInterrupt
+    assert made and made[0].name.startswith(".staging-") and list(tmp_path.iterdir()) == []
+
+
+def test_a_fresh_directory_renamed_away_is_kept(tmp_path: Path) -> None:
+    with fresh_directory(tmp_path, ".staging-") as staging:
+        (staging / "weights").write_text("w")
+        staging.rename(tmp_path / "final")
+    assert [p.name for p in tmp_path.iterdir()] == ["final"] and (tmp_path / "final" / "weights").read_text() == "w"
 
 
 def test_stale_staging_is_removed_unless_its_owner_runs(tmp_path: Path) -> None:

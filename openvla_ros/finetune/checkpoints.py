@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from openvla_ros.errors import TrainingError
-from openvla_ros.interrupts import remove_stale_staging
+from openvla_ros.interrupts import fresh_directory, remove_stale_staging
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
@@ -74,13 +73,9 @@ def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], keep: 
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     if not final.exists():
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
-        try:
+        with fresh_directory(root, STAGING_PREFIX) as staging:  # removed unless renamed (interrupts too)
             write(staging)
             staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

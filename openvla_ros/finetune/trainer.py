@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +56,7 @@ from openvla_ros.finetune.data import (
 )
 from openvla_ros.finetune.ema import WeightAverage
 from openvla_ros.finetune.selection import ClosedLoopSelection, SelectionPoint
-from openvla_ros.interrupts import remove_stale_staging
+from openvla_ros.interrupts import fresh_directory, remove_stale_staging
 from openvla_ros.model.action_codec import ACTION_DIM
 from openvla_ros.model.loading import (
     load_model,
@@ -709,11 +708,11 @@ class Trainer:
             merged = self.model.to("cpu")
         else:
             adapter_dir = self.out / "adapter"
-            staging = Path(tempfile.mkdtemp(prefix=ADAPTER_STAGING_PREFIX, dir=self.out))
-            self.model.save_pretrained(str(staging))
-            if adapter_dir.exists():
-                shutil.rmtree(adapter_dir)
-            staging.rename(adapter_dir)
+            with fresh_directory(self.out, ADAPTER_STAGING_PREFIX) as staging:  # removed unless renamed
+                self.model.save_pretrained(str(staging))
+                if adapter_dir.exists():
+                    shutil.rmtree(adapter_dir)
+                staging.rename(adapter_dir)
             merged_dtype = "float32" if self.device.type == "cpu" else "bfloat16"
             base, _ = load_base(self.config, self.checkpoint_dir, "cpu", quantization="none", dtype=merged_dtype)
             merged = attach_adapter(base, adapter_dir, merge=True)

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from openvla_ros.errors import CheckpointError, QuantizationError
+from openvla_ros.interrupts import fresh_directory
 from openvla_ros.model.configuration_openvla import OpenVLAConfig
 from openvla_ros.model.memory import (
     LOAD_GROUP_BYTES,
@@ -134,11 +134,8 @@ def scratch_beside(out_dir: Path, tag: str = "") -> Iterator[Path]:
     plus ``tag``); it is removed when the block ends, whether it returned or raised. What the block
     writes there reaches ``out_dir`` only through :func:`move_into_place`."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir) + tag, dir=out_dir.parent))
-    try:
+    with fresh_directory(out_dir.parent, staging_prefix(out_dir) + tag) as scratch:
         yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def move_into_place(written: Path, out_dir: Path) -> None:
