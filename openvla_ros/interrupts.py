@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -55,6 +55,11 @@ def termination_as_interrupt() -> Iterator[None]:
 
     Does nothing outside the main thread (Python delivers signals there only). The previous handlers
     are restored on leaving the block.
+
+    Python runs a signal handler wherever the main thread is, also inside code whose exceptions it
+    ignores (a weakref callback of the import machinery, a ``__del__``): an interrupt raised there is
+    reported as "Exception ignored" and lost, and the job would run on. Such a lost interrupt (this
+    one, or a Ctrl-C) is sent again, so it lands in the job's own code.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -68,10 +73,23 @@ def termination_as_interrupt() -> Iterator[None]:
         raised.set()
         raise Terminated(signal_number)
 
+    previous_hook = sys.unraisablehook
+
+    def lost(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            number = getattr(unraisable.exc_value, "signal_number", signal.SIGINT)
+            raised.clear()
+            # From another thread, a moment later: sent from here, the handler would run (and be lost) here.
+            threading.Timer(0.01, os.kill, (os.getpid(), number)).start()
+            return
+        previous_hook(unraisable)
+
     previous = {number: signal.signal(number, handle) for number in TERMINATION_SIGNALS}
+    sys.unraisablehook = lost
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for number, handler in previous.items():
             signal.signal(number, handler)
 
@@ -112,23 +130,6 @@ def run_to_the_end(jobs: Sequence[Callable[[], None]], stop: threading.Event, na
                 pending = [done for done in pending if not done.is_set()]
             except KeyboardInterrupt:
                 logger.warning("interrupted again: waiting for the %s threads to clean up", name)
-
-
-@contextmanager
-def fresh_directory(parent: Path, prefix: str) -> Iterator[Path]:
-    """Yields a new empty directory ``parent/<prefix><random>``; whatever is left of it when the block
-    ends (returned, raised or interrupted) is removed, so a block that keeps its work renames it away.
-
-    The name is chosen before the directory is made and the making happens inside the clean-up, so an
-    interrupt at any point leaves nothing behind (``tempfile.mkdtemp`` followed by a ``try`` leaves a
-    window between the two).
-    """
-    path = Path(parent) / f"{prefix}{secrets.token_hex(6)}"
-    try:
-        path.mkdir()
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def mark_owner(staging: Path) -> None:

@@ -15,7 +15,6 @@ import pytest
 from openvla_ros.interrupts import (
     OWNER_FILE,
     Terminated,
-    fresh_directory,
     interrupt_exit_status,
     interrupt_name,
     mark_owner,
@@ -23,6 +22,7 @@ from openvla_ros.interrupts import (
     run_to_the_end,
     termination_as_interrupt,
 )
+from openvla_ros.model.loading import fresh_directory
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP])
@@ -40,6 +40,29 @@ def test_a_termination_signal_becomes_an_interrupt_and_later_ones_are_ignored(si
     assert interrupt_exit_status(caught.value) == 128 + signal_number
     assert interrupt_name(caught.value) == signal.Signals(signal_number).name
     assert signal.getsignal(signal_number) == before  # handlers restored on leaving
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupt_lost_in_a_callback_that_ignores_exceptions_is_delivered_again(signal_number: int) -> None:
+    import weakref
+
+    class Referent:
+        pass
+
+    def callback(_reference: object) -> None:  # Python ignores what a weakref callback raises
+        os.kill(os.getpid(), signal_number)
+        for _ in range(100_000):  # the handler runs here, and its exception is "ignored"
+            pass
+
+    referent = Referent()
+    reference = weakref.ref(referent, callback)
+    with pytest.raises(KeyboardInterrupt) as caught, termination_as_interrupt():
+        del referent  # runs the callback
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the job's own code: the interrupt must land here
+            pass
+    assert reference() is None
+    assert interrupt_exit_status(caught.value) == 128 + signal_number
 
 
 def test_ctrl_c_keeps_its_own_status_and_name() -> None:

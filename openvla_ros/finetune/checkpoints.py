@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from openvla_ros.errors import TrainingError
-from openvla_ros.interrupts import fresh_directory, remove_stale_staging
+from openvla_ros.interrupts import remove_stale_staging
+from openvla_ros.model.loading import fresh_directory
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")

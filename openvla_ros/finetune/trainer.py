@@ -56,9 +56,10 @@ from openvla_ros.finetune.data import (
 )
 from openvla_ros.finetune.ema import WeightAverage
 from openvla_ros.finetune.selection import ClosedLoopSelection, SelectionPoint
-from openvla_ros.interrupts import fresh_directory, remove_stale_staging
+from openvla_ros.interrupts import remove_stale_staging
 from openvla_ros.model.action_codec import ACTION_DIM
 from openvla_ros.model.loading import (
+    fresh_directory,
     load_model,
     load_tokenizer,
     read_config,

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,6 @@ import torch
 from torch import nn
 
 from openvla_ros.errors import CheckpointError, QuantizationError
-from openvla_ros.interrupts import fresh_directory
 from openvla_ros.model.configuration_openvla import OpenVLAConfig
 from openvla_ros.model.memory import (
     LOAD_GROUP_BYTES,
@@ -126,6 +126,23 @@ def staging_prefix(out_dir: Path) -> str:
     """Returns the name prefix of the directory beside ``out_dir`` that a checkpoint is written into
     before it is renamed to ``out_dir`` (what a killed write leaves behind)."""
     return f".{out_dir.name}."
+
+
+@contextmanager
+def fresh_directory(parent: Path, prefix: str) -> Iterator[Path]:
+    """Yields a new empty directory ``parent/<prefix><random>``; whatever is left of it when the block
+    ends (returned, raised or interrupted) is removed, so a block that keeps its work renames it away.
+
+    The name is chosen before the directory is made and the making happens inside the clean-up, so an
+    interrupt at any point leaves nothing behind (``tempfile.mkdtemp`` followed by a ``try`` leaves a
+    window between the two).
+    """
+    path = Path(parent) / f"{prefix}{secrets.token_hex(6)}"
+    try:
+        path.mkdir()
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
