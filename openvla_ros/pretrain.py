@@ -81,7 +81,7 @@ class PretrainSettings:
 
     tasks: tuple[str, ...] = ("reach",)
     episodes: int = 2000
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 16
     learning_rate: float = 1e-3
     chunk: int = 8
