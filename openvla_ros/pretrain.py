@@ -15,7 +15,8 @@ stages a user's data goes through:
    rates and the SHA-256 of every file.
 
 All stages work in ``OUT.build/``. Each finished stage leaves a marker, so an interrupted build picks up
-at the first unfinished stage (training from its last checkpoint). ``OUT`` appears only when
+at the first unfinished stage (training from its last checkpoint); one resumed with other settings
+keeps the finished stages those settings do not touch (:data:`STAGE_INPUTS`). ``OUT`` appears only when
 everything is done (one rename), so a half-written base is never taken for finished; a cached base
 whose files no longer match ``pretrain.json`` is reported as corrupt and rebuilt by
 :func:`ensure_pretrained`. Deterministic for a seed on a given machine and thread count.
@@ -187,6 +188,19 @@ def verify_pretrained(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+# The stages in order, each with the settings its output depends on besides the stages before it. A
+# build resumed with other settings keeps the finished stages up to the first one whose settings changed
+# (another --steps keeps the demos and the dataset); that stage and every later one start over.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "base": ("size", "seed"),
+    "demos": ("tasks", "episodes", "expert_noise", "block_counts"),  # not threads: the bags are the same
+    "data": (),
+    "train": ("steps", "batch_size", "learning_rate", "chunk", "film", "select_every", "select_episodes",
+              "threads", "ema_decay", "locate_patch_weight", "locate_point_weight"),
+    "eval": ("eval_episodes",),
+}
+
+
 class _Stages:
     """Markers of the finished stages of one build directory, tied to the settings they were made with."""
 
@@ -196,13 +210,32 @@ class _Stages:
         wanted = settings.as_dict()
         state = json.loads(self.file.read_text()) if self.file.exists() else {}
         if state.get("settings") != wanted:
-            if build.exists():
-                logger.info("discarding %s: it was started with other settings", build)
-                shutil.rmtree(build)
-            state = {"settings": wanted, "done": {}}
+            state = self._keep_unchanged(state, wanted)
         build.mkdir(parents=True, exist_ok=True)
         self.state = state
         self._save()
+
+    def _keep_unchanged(self, state: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+        """Returns the state with only the finished stages that the new settings leave as they were."""
+        before = state.get("settings")
+        kept: dict[str, Any] = {}
+        named = {key for inputs in STAGE_INPUTS.values() for key in inputs}
+        if isinstance(before, dict) and set(before) == set(wanted) == named:  # else: an unknown layout, nothing kept
+            changed = {key for key in wanted if before[key] != wanted[key]}
+            for name, inputs in STAGE_INPUTS.items():
+                if name not in state.get("done", {}) or changed & set(inputs):
+                    break
+                kept[name] = state["done"][name]
+        if self.build.exists():
+            if kept:
+                logger.info("%s was started with other settings: keeping its %s", self.build, ", ".join(kept))
+            else:
+                logger.info("discarding %s: it was started with other settings", self.build)
+            for child in list(self.build.iterdir()):
+                if child.name not in kept and child.name != self.file.name:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elapsed = {name: seconds for name, seconds in state.get("elapsed_s", {}).items() if name in kept}
+        return {"settings": wanted, "done": kept, "elapsed_s": elapsed}
 
     def _save(self) -> None:
         scratch = self.file.with_suffix(".tmp")

@@ -231,6 +231,39 @@ def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tm
                                                                       for done in kept]
 
 
+def test_other_settings_keep_the_stages_they_do_not_touch(tmp_path) -> None:
+    """Another --steps keeps the base, the demos and the dataset (and drops the old training, which would
+    otherwise resume with the old settings); another episode count keeps only the base; another seed nothing."""
+    from dataclasses import replace
+
+    out = tmp_path / "base"
+    build = out.parent / "base.build"
+
+    def run_until(settings: PretrainSettings, stage: str) -> list[str]:
+        seen: list[str] = []
+
+        def stop(message: str) -> None:
+            seen.append(message)
+            if message == f"[pretrain] {stage} ...":
+                raise InterruptError
+
+        with pytest.raises(InterruptError):
+            build_pretrained(out, settings, progress=stop)
+        return [m.split()[1].rstrip(":") for m in seen if m.endswith("done before, kept")]
+
+    assert run_until(SMALL, "eval") == []
+    assert (build / "train" / "checkpoints").is_dir()
+    longer = replace(SMALL, steps=SMALL.steps + 1)
+    assert run_until(longer, "train") == ["base", "demos", "data"]
+    assert not (build / "train").exists(), "a training of other settings must not be resumed"
+    assert json.loads((build / "stages.json").read_text())["settings"]["steps"] == longer.steps
+    more = replace(longer, episodes=SMALL.episodes + 1)
+    assert run_until(more, "demos") == ["base"]
+    assert not (build / "data").exists() and (build / "base").is_dir()
+    assert run_until(replace(more, seed=SMALL.seed + 1), "base") == []
+    assert sorted(p.name for p in build.iterdir()) == ["stages.json"]
+
+
 def test_the_manifest_records_the_selection_threads_and_seeds(built) -> None:
     """What the base depends on besides its settings is in pretrain.json: torch threads (fixed by the settings),
     versions and every seed; the closed-loop selection curve and its plot come with it."""
