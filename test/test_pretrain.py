@@ -29,6 +29,20 @@ class InterruptError(Exception):
     pass
 
 
+def kept_stages_until(out: Path, settings: PretrainSettings, stage: str) -> list[str]:
+    """Runs a build until ``stage`` starts, then interrupts it; returns the stages it kept from before."""
+    seen: list[str] = []
+
+    def stop(message: str) -> None:
+        seen.append(message)
+        if message == f"[pretrain] {stage} ...":
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        build_pretrained(out, settings, progress=stop)
+    return [m.split()[1].rstrip(":") for m in seen if m.endswith("done before, kept")]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, list[str], dict]:
     """Builds a small base, interrupted once just before its evaluation, then finished by a second call."""
@@ -218,17 +232,8 @@ def test_sigterm_keeps_the_finished_stages_and_the_next_run_resumes_from_them(tm
     assert f"interrupted (SIGTERM): finished stages kept in {build} ({', '.join(kept)})" in text, text[-3000:]
     assert not out.exists(), "an interrupted build must not leave a base that looks finished"
 
-    resumed: list[str] = []
-
-    def stop_at_training(message: str) -> None:
-        resumed.append(message)
-        if message == f"[pretrain] {stage} ...":
-            raise InterruptError
-
-    with pytest.raises(InterruptError):
-        build_pretrained(out, PretrainSettings(episodes=4, steps=400, eval_episodes=1, select_episodes=1), progress=stop_at_training)
-    assert [m for m in resumed if m.endswith("done before, kept")] == [f"[pretrain] {done}: done before, kept"
-                                                                      for done in kept]
+    settings = PretrainSettings(episodes=4, steps=400, eval_episodes=1, select_episodes=1)
+    assert kept_stages_until(out, settings, stage) == list(kept)
 
 
 def test_other_settings_keep_the_stages_they_do_not_touch(tmp_path) -> None:
@@ -239,28 +244,16 @@ def test_other_settings_keep_the_stages_they_do_not_touch(tmp_path) -> None:
     out = tmp_path / "base"
     build = out.parent / "base.build"
 
-    def run_until(settings: PretrainSettings, stage: str) -> list[str]:
-        seen: list[str] = []
-
-        def stop(message: str) -> None:
-            seen.append(message)
-            if message == f"[pretrain] {stage} ...":
-                raise InterruptError
-
-        with pytest.raises(InterruptError):
-            build_pretrained(out, settings, progress=stop)
-        return [m.split()[1].rstrip(":") for m in seen if m.endswith("done before, kept")]
-
-    assert run_until(SMALL, "eval") == []
+    assert kept_stages_until(out, SMALL, "eval") == []
     assert (build / "train" / "checkpoints").is_dir()
     longer = replace(SMALL, steps=SMALL.steps + 1)
-    assert run_until(longer, "train") == ["base", "demos", "data"]
+    assert kept_stages_until(out, longer, "train") == ["base", "demos", "data"]
     assert not (build / "train").exists(), "a training of other settings must not be resumed"
     assert json.loads((build / "stages.json").read_text())["settings"]["steps"] == longer.steps
     more = replace(longer, episodes=SMALL.episodes + 1)
-    assert run_until(more, "demos") == ["base"]
+    assert kept_stages_until(out, more, "demos") == ["base"]
     assert not (build / "data").exists() and (build / "base").is_dir()
-    assert run_until(replace(more, seed=SMALL.seed + 1), "base") == []
+    assert kept_stages_until(out, replace(more, seed=SMALL.seed + 1), "base") == []
     assert sorted(p.name for p in build.iterdir()) == ["stages.json"]
 
 
