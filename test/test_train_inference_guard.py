@@ -71,13 +71,15 @@ def merged(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     out = root / "run"
     # Two torch threads whatever the worker's setting: the thread count changes the floating-point order,
     # and this short run learns the left/right cue with two (the order the check was set up with) but not
-    # always with one. The check is of the chain, so its training is kept fixed.
+    # always with one. The check is of the chain, so its training is kept fixed. At 3e-3 the loss jumped
+    # mid-run and seed 1 missed the left/right cue for red on another VM (seeds 0 and 2 learned it); at
+    # 1e-3 seeds 0, 1 and 2 with two threads and 0 and 1 with one all learn it.
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         run_finetune(FinetuneConfig(
             vla_path=str(tiny_checkpoint), data_dir=str(root / "data"), dataset_name=NAME, out=str(out),
-            max_steps=STEPS, batch_size=8, learning_rate=3e-3, lora_rank=16, save_steps=STEPS, eval_steps=0,
+            max_steps=STEPS, batch_size=8, learning_rate=1e-3, lora_rank=16, save_steps=STEPS, eval_steps=0,
             log_steps=50, image_aug=False, device="cpu", seed=1, action_head="l1", chunk=2,
         ))
     finally:
