@@ -232,8 +232,12 @@ class _Stages:
             else:
                 logger.info("discarding %s: it was started with other settings", self.build)
             for child in list(self.build.iterdir()):
-                if child.name not in kept and child.name != self.file.name:
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                if child.name in kept or child.name == self.file.name:
+                    continue
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         elapsed = {name: seconds for name, seconds in state.get("elapsed_s", {}).items() if name in kept}
         return {"settings": wanted, "done": kept, "elapsed_s": elapsed}
 
